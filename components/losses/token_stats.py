@@ -1,0 +1,76 @@
+"""Per-position statistics of a model's next-token distribution, computed in chunks of positions.
+
+Vocabularies reach 262k rows, so a full fp32 [B, T, V] log-softmax is never materialised: the output
+head runs on a slice of positions at a time, in fp32, and only [B, T] (or [B, T, k]) results are kept.
+With gradients enabled each slice is checkpointed, so its logits are recomputed in the backward pass
+instead of being stored.
+
+Row convention (shared with the stored teacher logits): row `j` describes the distribution *after* token
+`j`, i.e. the prediction of token `j + 1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class NextTokenStats:
+    token_logprobs: torch.Tensor  # [B, T] log p(x_{j+1} | x_{<=j}); the last row is 0 (nothing to predict)
+    boundary_logprobs: torch.Tensor  # [B, T] log P(token j+1 starts a word or is special)
+    topk_ids: torch.Tensor | None = None  # [B, T, k]
+    topk_logprobs: torch.Tensor | None = None  # [B, T, k]
+
+
+def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states -> logits, including the final soft-capping some families (Gemma) apply."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        return lambda hidden: torch.tanh(head(hidden) / cap) * cap
+    return head
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final (normed) hidden states, without running the output head over the whole sequence."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _slice_stats(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+    vocab_size: int, boundary: torch.Tensor, temperature: float, top_k: int,
+) -> tuple[torch.Tensor, ...]:
+    # Padded embedding rows (Qwen2.5: 151,936 rows for a smaller tokenizer) are sliced off before the
+    # softmax, or probability mass would leak to tokens that do not exist.
+    logits = head(hidden)[..., :vocab_size].float() / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)
+    token = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    on_boundary = torch.logsumexp(logits.masked_fill(~boundary[:vocab_size], float("-inf")), dim=-1) - log_norm
+    outputs = (token.clamp(max=0.0), on_boundary.clamp(max=0.0))
+    if top_k:
+        values, ids = logits.topk(top_k, dim=-1)
+        outputs += (ids, (values - log_norm.unsqueeze(-1)).clamp(max=0.0))
+    return outputs
+
+
+def next_token_stats(
+    hidden: torch.Tensor, input_ids: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+    vocab_size: int, boundary_mask: torch.Tensor, temperature: float = 1.0, top_k: int = 0, chunk_size: int = 128,
+) -> NextTokenStats:
+    """Next-token log-probs of the observed tokens, boundary log-probs and optional top-k, chunk by chunk."""
+    targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+    boundary = boundary_mask.to(hidden.device)
+    parts = []
+    for start in range(0, hidden.shape[1], chunk_size):
+        args = (hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            parts.append(checkpoint(_slice_stats, *args, head, vocab_size, boundary, temperature, top_k, use_reentrant=False))
+        else:
+            parts.append(_slice_stats(*args, head, vocab_size, boundary, temperature, top_k))
+    merged = [torch.cat(items, dim=1) for items in zip(*parts)]
+    merged[0][:, -1] = 0.0
+    return NextTokenStats(*merged) if top_k else NextTokenStats(merged[0], merged[1])

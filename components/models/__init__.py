@@ -1,0 +1,75 @@
+"""Model sources (local HF dir, GGUF shipped in a PyPI package, tiny random) and loading.
+
+`materialize` turns a model spec from params.yaml into a HF directory at a fixed path: the `models` stage's
+output, which every later stage reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from components.config import GgufModelSpec, HfModelSpec, ModelSpec
+from components.io import atomic_path, read_json, sha256_file, write_json
+
+MODEL_CARD = "tokenbridge.json"
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Copy a model directory using hard links where possible (no extra disk for multi-GB weights)."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)
+
+
+def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> dict:
+    """Write the model named by `spec` as a HF directory at `out_dir`; returns its model card."""
+    with atomic_path(out_dir) as temporary:
+        if isinstance(spec, GgufModelSpec):
+            from components.models.gguf import convert_gguf
+
+            _link_tree(convert_gguf(spec.name, cache_dir), temporary)
+            name = spec.name
+        elif isinstance(spec, HfModelSpec):
+            source = Path(spec.path).expanduser()
+            if not (source / "config.json").exists():
+                raise FileNotFoundError(f"models: {source} is not a HF model directory (no config.json); fix its path in params.yaml")
+            _link_tree(source, temporary)
+            name = source.name
+        else:
+            from components.models.tiny import build_tiny_model
+
+            build_tiny_model(spec, temporary)
+            name = f"tiny-{spec.tokenizer}-{spec.vocab_size}"
+        tokenizer = AutoTokenizer.from_pretrained(temporary)
+        card = {
+            "name": name,
+            "spec": spec.model_dump(),
+            "tokenizer_sha256": sha256_file(temporary / "tokenizer.json"),
+            "tokenizer_size": len(tokenizer),
+            "eos_token": tokenizer.eos_token,
+        }
+        write_json(temporary / MODEL_CARD, card)
+    return card
+
+
+def model_card(model_dir: Path) -> dict:
+    return read_json(Path(model_dir) / MODEL_CARD)
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_model(model_dir: Path, dtype: str | torch.dtype = torch.float32) -> torch.nn.Module:
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+

@@ -1,0 +1,33 @@
+"""Stage `distill`: train the student with ALM (chunks aligned on byte offsets, binarised chunk-likelihood
+divergence with temperature) plus next-token cross-entropy, from stored teacher logits (offline) or a live
+teacher (online). Checkpoints every `distill.checkpoint_every` steps; a rerun resumes from the last one.
+
+Inputs: data/prepared, data/teacher_logits (offline) or models/teacher (online), models/student;
+params `distill.*`. Outputs: models/distilled/ (HF directory), metrics/distill_history.csv (loss curves),
+metrics/distill.json, checkpoints/distill/. Loss curves also go to MLflow.
+Run alone: python -m flows.distill   (or: dvc repro distill)
+"""
+
+from prefect import flow
+
+from components import tracking
+from components.distill import train
+from components.io import write_json
+from components.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, PREPARED_DIR,
+                              STUDENT_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR)
+from flows.common import stage_cli, tracked_stage
+
+
+@flow(name="distill", log_prints=True)
+def distill(params_file: str = "params.yaml") -> dict:
+    with tracked_stage("distill", params_file, ("distill",)) as params:
+        summary = train(PREPARED_DIR, STUDENT_DIR, DISTILLED_DIR, CHECKPOINT_DIR, DISTILL_HISTORY,
+                        params.distill, params.teacher_logits, TEACHER_DIR, TEACHER_LOGITS_DIR,
+                        log_metrics=tracking.log_metrics)
+        write_json(DISTILL_METRICS, summary)
+        tracking.log_artifact(DISTILL_HISTORY)
+        return summary
+
+
+if __name__ == "__main__":
+    stage_cli(distill, __doc__)

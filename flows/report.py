@@ -1,0 +1,47 @@
+"""Stage `report`: a Markdown and an HTML report (metrics table, loss curves, metrics by model), and the
+Model Registry: the distilled student is registered with alias `candidate`; alias `champion` moves to it
+only when it beats the current champion on `tracking.primary_metric`.
+
+Inputs: metrics/eval.json, metrics/distill_history.csv, models/distilled; params `tracking.*`.
+Outputs: reports/ (report.md, report.html, plots/, registry.json); MLflow artifacts and a model version.
+Run alone: python -m flows.report   (or: dvc repro report)
+"""
+
+import platform
+
+import psutil
+from prefect import flow
+
+from components import tracking
+from components.io import read_json, write_json
+from components.models import model_card
+from components.paths import DISTILL_HISTORY, DISTILLED_DIR, EVAL_METRICS, REPORT_DIR, TEACHER_DIR
+from components.report import render_report
+from flows.common import stage_cli, tracked_stage
+
+
+@flow(name="report", log_prints=True)
+def report(params_file: str = "params.yaml") -> dict:
+    with tracked_stage("report", params_file, ("tracking",)) as params:
+        metrics = read_json(EVAL_METRICS)
+        primary = params.tracking.primary_metric
+        value = metrics["models"]["student_after"][primary]
+        registry = tracking.register_candidate(DISTILLED_DIR, params.tracking.registered_model, primary, value,
+                                               params.tracking.higher_is_better)
+        print(f"registry: version {registry['version']} is '{tracking.CANDIDATE}'; {registry['reason']}")
+        write_json(REPORT_DIR / "registry.json", registry)
+        context = {
+            "teacher": model_card(TEACHER_DIR)["name"], "student": model_card(DISTILLED_DIR)["name"],
+            "profile": params.profile, **tracking.revision_tags(),
+            "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps,
+            "registry": registry, "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
+        }
+        files = render_report({"primary_metric": primary, **metrics}, DISTILL_HISTORY, context, REPORT_DIR)
+        tracking.log_artifact(REPORT_DIR, "report")
+        tracking.log_metrics({f"student_after.{primary}": value})
+        return {name: str(path) for name, path in files.items()}
+
+
+if __name__ == "__main__":
+    stage_cli(report, __doc__)

@@ -1,0 +1,67 @@
+"""params.yaml validation: bad input stops the run before any work, naming the key's path and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ParamsError, load_params
+
+ROOT = Path(__file__).parents[1]
+
+
+def _write(tmp_path, edit) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_shipped_params_are_valid_for_every_profile():
+    assert load_params(ROOT / "params.yaml").profile == "default"
+    tiny = load_params(ROOT / "params.yaml", profile="tiny")
+    assert tiny.models.teacher.source == "tiny" and tiny.distill.steps < load_params(ROOT / "params.yaml").distill.steps
+
+
+def test_an_unknown_key_is_named_with_its_path(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["distill"]["alm"].update(binarisation_temp=5))
+    with pytest.raises(ParamsError, match=r"distill\.alm\.binarisation_temp: unknown key"):
+        load_params(path)
+
+
+def test_a_bad_value_names_the_key_and_what_is_allowed(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["distill"].update(teacher_mode="sometimes"))
+    with pytest.raises(ParamsError, match=r"distill\.teacher_mode: .*'offline' or 'online'.*sometimes"):
+        load_params(path)
+
+
+def test_a_bad_value_inside_a_profile_is_caught_even_when_another_profile_is_selected(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["profiles"]["tiny"]["distill"].update(steps=0))
+    with pytest.raises(ParamsError, match=r"profiles\.tiny\.distill\.steps: .*greater than or equal to 1"):
+        load_params(path)
+
+
+def test_an_unknown_profile_lists_the_known_ones(tmp_path):
+    path = _write(tmp_path, lambda raw: raw.update(profile="huge"))
+    with pytest.raises(ParamsError, match="unknown profile 'huge'; allowed: default, tiny"):
+        load_params(path)
+
+
+def test_jsonl_source_requires_both_files(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["prepare"].update(source="jsonl", train_jsonl="train.jsonl"))
+    with pytest.raises(ParamsError, match="needs both train_jsonl and test_jsonl"):
+        load_params(path)
+
+
+def test_a_stage_command_refuses_bad_params_before_any_work(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["evaluate"].update(limit=-1))
+    result = subprocess.run([sys.executable, "-m", "flows.distill", "--params", str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "evaluate.limit" in result.stderr and "greater than or equal to 1" in result.stderr
+    assert not (tmp_path / "mlruns.db").exists()

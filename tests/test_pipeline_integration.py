@@ -1,0 +1,122 @@
+"""The whole chain with real parts: `dvc repro` (driven by the Prefect pipeline flow) on the tiny profile in
+a temporary git + DVC repo, Prefect's temporary local API, MLflow on sqlite, lm-eval's real harness."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+STAGES = ["models", "prepare", "teacher_logits", "distill", "evaluate", "report"]
+OUTPUTS = [
+    "models/teacher/config.json", "models/student/tokenizer.json", "data/prepared/manifest.json",
+    "data/teacher_logits/manifest.json", "models/distilled/model.safetensors", "metrics/distill.json",
+    "metrics/distill_history.csv", "metrics/eval.json", "data/eval/samples.student_after.jsonl",
+    "reports/report.md", "reports/report.html", "reports/registry.json",
+]
+
+pytestmark = pytest.mark.integration
+
+
+def _run(command: list[str], cwd: Path, env: dict) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-6000:]}"
+    return output
+
+
+def _stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set_param(repo: Path, edit) -> None:
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    edit(raw)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "HF_HOME": str(repo.parent / "hf"), "TOKENBRIDGE_CACHE": str(repo.parent / "cache"),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "TOKENBRIDGE_PARENT_RUN_ID", "TOKENBRIDGE_PIPELINE_ID"):
+        env.pop(key, None)
+    _set_param(repo, lambda raw: raw.update(profile="tiny"))
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny"], repo, env)
+    first = _run([sys.executable, "-m", "flows.pipeline"], repo, env)
+    return repo, env, first
+
+
+def test_every_stage_runs_and_writes_its_outputs(repo):
+    path, _, first = repo
+    assert _stages_run(first) == set(STAGES)
+    missing = [name for name in OUTPUTS if not (path / name).exists()]
+    assert not missing
+    metrics = json.loads((path / "metrics/eval.json").read_text())["models"]
+    assert set(metrics) == {"teacher", "student_before", "student_after"}
+    for scores in metrics.values():
+        assert 0 <= scores["gsm_exact_match"] <= 1 and scores["bits_per_byte"] > 0
+
+
+def test_mlflow_holds_each_stage_run_grouped_under_the_pipeline(repo):
+    path, _, _ = repo
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("tokenbridge")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("tokenbridge.stage") == "pipeline"][0]
+    stages = {r.data.tags["tokenbridge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(stages) == set(STAGES)
+    group = parent.data.tags["tokenbridge.pipeline_id"]
+    assert all(r.data.tags["tokenbridge.pipeline_id"] == group for r in stages.values())
+    assert all(len(r.data.tags["git_commit"]) == 40 for r in stages.values())
+    assert "sft_loss" in stages["distill"].data.metrics and "alm_loss" in stages["distill"].data.metrics
+    history = client.get_metric_history(stages["distill"].info.run_id, "loss")
+    assert len(history) == yaml.safe_load((path / "params.yaml").read_text())["profiles"]["tiny"]["distill"]["steps"]
+    assert "student_after.gsm_exact_match" in stages["evaluate"].data.metrics
+    assert stages["prepare"].data.params["prepare.n_train"]
+    version = client.get_model_version_by_alias("tokenbridge-student", "candidate")
+    assert version.version == "1" and version.run_id == stages["report"].info.run_id
+    assert client.get_model_version_by_alias("tokenbridge-student", "champion").version == "1"
+    del mlflow
+
+
+def test_a_second_repro_is_a_no_op(repo):
+    path, env, _ = repo
+    output = _run(["dvc", "repro"], path, env)
+    assert _stages_run(output) == set(), output
+
+
+def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
+    path, env, _ = repo
+    _set_param(path, lambda raw: raw["profiles"]["tiny"]["distill"].update(learning_rate=5.0e-4))
+    output = _run(["dvc", "repro"], path, env)
+    assert _stages_run(output) == {"distill", "evaluate", "report"}, output
+    registry = json.loads((path / "reports/registry.json").read_text())
+    assert registry["version"] == 2 and registry["candidate"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlruns.db'}")
+    assert client.get_model_version_by_alias("tokenbridge-student", "candidate").version == "2"
+    champion = client.get_model_version_by_alias("tokenbridge-student", "champion").version
+    assert champion == ("2" if registry["champion_moved"] else "1")
