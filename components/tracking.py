@@ -86,7 +86,7 @@ def stage_run(stage: str, experiment: str, profile: str, params: dict[str, Any])
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
         mlflow.log_params(_flatten(params))
         yield run
 
