@@ -1,0 +1,79 @@
+"""GSM-style maths with lm-eval's real harness, offline, on a local model directory.
+
+The task is generated at run time from lm-eval's stock `gsm8k` config (same filters, metric and stop
+strings), pointed at local JSONL files by absolute path (lm-eval resolves `data_files` against the CWD),
+with the question alone as the prompt: each model sees it as the user turn of its own chat template,
+exactly as in training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from components.data.gsm import final_answer
+from components.io import write_jsonl, write_text
+
+TASK_NAME = "tokenbridge_gsm"
+
+
+def _stock_gsm8k_config() -> dict:
+    import lm_eval
+
+    return yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
+
+
+def write_gsm_task(task_dir: Path, test_jsonl: Path, fewshot_jsonl: Path) -> str:
+    """Write `task_dir/<TASK_NAME>.yaml`; returns the task name."""
+    config = _stock_gsm8k_config()
+    config.pop("tag", None)
+    config.update(
+        task=TASK_NAME,
+        dataset_path="json",
+        dataset_name=None,
+        dataset_kwargs={"data_files": {"train": str(Path(fewshot_jsonl).resolve()), "test": str(Path(test_jsonl).resolve())}},
+        doc_to_text="{{question}}",
+    )
+    write_text(Path(task_dir) / f"{TASK_NAME}.yaml", yaml.safe_dump(config, sort_keys=False))
+    return TASK_NAME
+
+
+def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, max_gen_toks: int, batch_size: int,
+                 samples_path: Path | None = None) -> dict[str, float]:
+    """Greedy generation on `limit` test questions; exact match of the number after `####` (strict) and of
+    the last number in the answer (flexible), as the stock gsm8k task scores them."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"},
+        tasks=[TASK_NAME],
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        gen_kwargs={"max_gen_toks": max_gen_toks},
+        apply_chat_template=True,
+        fewshot_as_multiturn=num_fewshot > 0,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+    )
+    scores = results["results"][TASK_NAME]
+    samples = results["samples"][TASK_NAME]
+    if samples_path is not None:
+        by_question: dict[int, dict] = {}
+        for sample in samples:
+            record = by_question.setdefault(sample["doc_id"], {
+                "question": sample["doc"]["question"], "target": final_answer(sample["doc"]["answer"]),
+                "generation": sample["resps"][0][0]})
+            record[sample["filter"]] = {"extracted": sample["filtered_resps"][0], "correct": bool(sample["exact_match"])}
+        write_jsonl(samples_path, by_question.values())
+    return {
+        "gsm_exact_match": float(scores["exact_match,strict-match"]),
+        "gsm_exact_match_flexible": float(scores["exact_match,flexible-extract"]),
+        "gsm_n": float(len({sample["doc_id"] for sample in samples})),
+    }
