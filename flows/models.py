@@ -22,6 +22,8 @@ def models(params_file: str = "params.yaml") -> dict:
         for role, out_dir in (("teacher", TEACHER_DIR), ("student", STUDENT_DIR)):
             cards[role] = materialize(getattr(params.models, role), out_dir, default_cache_dir())
             tracking.log_artifact(out_dir / MODEL_CARD, role)
+            tracking.log_metrics({f"{role}_parameters": cards[role]["parameters"],
+                                  f"{role}_tokenizer_size": cards[role]["tokenizer_size"]})
             print(f"{role}: {cards[role]['name']} -> {out_dir}")
         return cards
 

@@ -6,6 +6,7 @@ output, which every later stage reads.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,17 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, target, copy_function=link_or_copy)
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Number of stored weights, read from the safetensors headers (tied weights are stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
 
 
 def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> dict:
@@ -55,6 +67,7 @@ def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> dict:
             "spec": spec.model_dump(),
             "tokenizer_sha256": sha256_file(temporary / "tokenizer.json"),
             "tokenizer_size": len(tokenizer),
+            "parameters": parameter_count(temporary),
             "eos_token": tokenizer.eos_token,
         }
         write_json(temporary / MODEL_CARD, card)
