@@ -10,6 +10,12 @@ TEACHER_LOGITS_DIR = Path("data/teacher_logits")
 CHECKPOINT_DIR = Path("checkpoints/distill")
 DISTILL_HISTORY = Path("metrics/distill_history.csv")
 DISTILL_METRICS = Path("metrics/distill.json")
-EVAL_DIR = Path("data/eval")
-EVAL_METRICS = Path("metrics/eval.json")
+EVAL_DIR = Path("data/eval")  # data/eval/<model>/: generated lm-eval task, per-question samples
+EVAL_METRICS_DIR = Path("metrics/eval")  # metrics/eval/<model>.json
+# The models the evaluate stage compares, in report order: name -> (directory, tokenization of the test set).
+EVAL_MODELS = {
+    "teacher": (TEACHER_DIR, "teacher"),
+    "student_before": (STUDENT_DIR, "student"),
+    "student_after": (DISTILLED_DIR, "student"),
+}
 REPORT_DIR = Path("reports")

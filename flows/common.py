@@ -21,15 +21,20 @@ def tracked_stage(name: str, params_file: str, sections: tuple[str, ...]) -> Ite
         yield params
 
 
-def stage_cli(flow: Callable[..., object], doc: str | None) -> None:
-    """`python -m flows.<stage> [--params FILE]`: validate params before any work, then run the flow."""
+def stage_cli(flow: Callable[..., object], doc: str | None, **options: dict) -> None:
+    """`python -m flows.<stage> [--params FILE] [--OPTION ...]`: validate params before any work, then run the flow.
+
+    Each keyword names an extra flow argument and gives its `argparse.add_argument` settings.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m {flow.__module__}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    for name, settings in options.items():
+        parser.add_argument(f"--{name}", **settings)
     args = parser.parse_args()
     try:
         load_params(Path(args.params))
     except ParamsError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
-    flow(params_file=args.params)
+    flow(params_file=args.params, **{name: getattr(args, name) for name in options})

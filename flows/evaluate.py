@@ -1,30 +1,32 @@
-"""Stage `evaluate`: lm-eval (real harness, local GSM-style test set, `evaluate.limit` questions) and
-held-out bits-per-byte for the teacher, the student before and the student after distillation.
+"""Stage `evaluate@<model>` for model in teacher, student_before, student_after: lm-eval's real harness
+on the local GSM-style test set (`evaluate.limit` questions) and held-out bits-per-byte.
 
-Inputs: data/prepared, models/teacher, models/student, models/distilled; params `evaluate.*`.
-Outputs: metrics/eval.json (DVC metrics), data/eval/ (generated lm-eval task, per-question samples).
-Run alone: python -m flows.evaluate   (or: dvc repro evaluate)
+Inputs: data/prepared and the model's directory (models/teacher, models/student or models/distilled);
+params `evaluate.*`. Outputs: metrics/eval/<model>.json (DVC metrics), data/eval/<model>/ (generated
+lm-eval task, per-question samples).
+Run alone: python -m flows.evaluate --model student_after   (or: dvc repro evaluate@student_after)
 """
 
 from prefect import flow
 
 from components import tracking
 from components.evaluate import run_evaluate
-from components.paths import DISTILLED_DIR, EVAL_DIR, EVAL_METRICS, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
+from components.paths import EVAL_DIR, EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR
 from flows.common import stage_cli, tracked_stage
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(params_file: str = "params.yaml") -> dict:
-    with tracked_stage("evaluate", params_file, ("evaluate",)) as params:
-        models = {"teacher": TEACHER_DIR, "student_before": STUDENT_DIR, "student_after": DISTILLED_DIR}
-        metrics = run_evaluate(PREPARED_DIR, models, EVAL_DIR, EVAL_METRICS, params.evaluate)
-        for name, scores in metrics["models"].items():
-            tracking.log_metrics({f"{name}.{key}": value for key, value in scores.items()})
-        tracking.log_artifact(EVAL_METRICS)
-        tracking.log_artifact(EVAL_DIR, "eval")
-        return metrics
+def evaluate(params_file: str = "params.yaml", model: str = "student_after") -> dict:
+    with tracked_stage(f"evaluate@{model}", params_file, ("evaluate",)) as params:
+        model_dir, tokenization = EVAL_MODELS[model]
+        metrics_path = EVAL_METRICS_DIR / f"{model}.json"
+        scores = run_evaluate(PREPARED_DIR, model_dir, tokenization, EVAL_DIR / model, metrics_path, params.evaluate)
+        tracking.log_metrics({f"{model}.{key}": value for key, value in scores.items()})
+        tracking.log_artifact(metrics_path)
+        tracking.log_artifact(EVAL_DIR / model, "eval")
+        return scores
 
 
 if __name__ == "__main__":
-    stage_cli(evaluate, __doc__)
+    stage_cli(evaluate, __doc__, model={"choices": list(EVAL_MODELS), "default": "student_after",
+                                        "help": "which model to evaluate (default: student_after)"})

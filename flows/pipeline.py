@@ -19,8 +19,8 @@ from prefect import flow
 
 from components import tracking
 from components.config import ParamsError, load_params
-from components.io import read_json
-from components.paths import EVAL_METRICS, REPORT_DIR
+from components.evaluate import collect_metrics
+from components.paths import EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR
 
 
 @flow(name="tokenbridge-pipeline", log_prints=True)
@@ -30,12 +30,11 @@ def pipeline(params_file: str = "params.yaml", repro_args: list[str] | None = No
         command = ["dvc", "repro", *(repro_args or [])]
         print("running:", " ".join(command))
         subprocess.run(command, check=True)
-        metrics = read_json(EVAL_METRICS) if EVAL_METRICS.exists() else {"models": {}}
-        for name, scores in metrics["models"].items():
+        models = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        for name, scores in models.items():
             tracking.log_metrics({f"{name}.{key}": value for key, value in scores.items()})
-        if (REPORT_DIR / "report.html").exists():
-            tracking.log_artifact(REPORT_DIR / "report.html")
-        return metrics
+        tracking.log_artifact(REPORT_DIR / "report.html")
+        return models
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 Model Registry: the distilled student is registered with alias `candidate`; alias `champion` moves to it
 only when it beats the current champion on `tracking.primary_metric`.
 
-Inputs: metrics/eval.json, metrics/distill_history.csv, models/distilled; params `tracking.*`.
+Inputs: metrics/eval/*.json, metrics/distill_history.csv, models/distilled; params `tracking.*`.
 Outputs: reports/ (report.md, report.html, plots/, registry.json); MLflow artifacts and a model version.
 Run alone: python -m flows.report   (or: dvc repro report)
 """
@@ -13,9 +13,10 @@ import psutil
 from prefect import flow
 
 from components import tracking
-from components.io import read_json, write_json
+from components.evaluate import collect_metrics
+from components.io import write_json
 from components.models import model_card
-from components.paths import DISTILL_HISTORY, DISTILLED_DIR, EVAL_METRICS, REPORT_DIR, TEACHER_DIR
+from components.paths import DISTILL_HISTORY, DISTILLED_DIR, EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR, TEACHER_DIR
 from components.report import render_report
 from flows.common import stage_cli, tracked_stage
 
@@ -23,9 +24,9 @@ from flows.common import stage_cli, tracked_stage
 @flow(name="report", log_prints=True)
 def report(params_file: str = "params.yaml") -> dict:
     with tracked_stage("report", params_file, ("tracking",)) as params:
-        metrics = read_json(EVAL_METRICS)
+        models = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
         primary = params.tracking.primary_metric
-        value = metrics["models"]["student_after"][primary]
+        value = models["student_after"][primary]
         registry = tracking.register_candidate(DISTILLED_DIR, params.tracking.registered_model, primary, value,
                                                params.tracking.higher_is_better)
         print(f"registry: version {registry['version']} is '{tracking.CANDIDATE}'; {registry['reason']}")
@@ -37,7 +38,7 @@ def report(params_file: str = "params.yaml") -> dict:
             "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps,
             "registry": registry, "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
         }
-        files = render_report({"primary_metric": primary, **metrics}, DISTILL_HISTORY, context, REPORT_DIR)
+        files = render_report({"primary_metric": primary, "models": models}, DISTILL_HISTORY, context, REPORT_DIR)
         tracking.log_artifact(REPORT_DIR, "report")
         tracking.log_metrics({f"student_after.{primary}": value})
         return {name: str(path) for name, path in files.items()}

@@ -15,11 +15,13 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parents[1]
-STAGES = ["models", "prepare", "teacher_logits", "distill", "evaluate", "report"]
+EVALUATED = ["teacher", "student_before", "student_after"]
+STAGES = ["models", "prepare", "teacher_logits", "distill", *(f"evaluate@{model}" for model in EVALUATED), "report"]
 OUTPUTS = [
     "models/teacher/config.json", "models/student/tokenizer.json", "data/prepared/manifest.json",
     "data/teacher_logits/manifest.json", "models/distilled/model.safetensors", "metrics/distill.json",
-    "metrics/distill_history.csv", "metrics/eval.json", "data/eval/samples.student_after.jsonl",
+    "metrics/distill_history.csv", "metrics/eval/teacher.json", "metrics/eval/student_after.json",
+    "data/eval/student_after/samples.jsonl", "data/eval/teacher/task/tokenbridge_gsm.yaml",
     "reports/report.md", "reports/report.html", "reports/registry.json",
 ]
 
@@ -70,9 +72,8 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     assert _stages_run(first) == set(STAGES)
     missing = [name for name in OUTPUTS if not (path / name).exists()]
     assert not missing
-    metrics = json.loads((path / "metrics/eval.json").read_text())["models"]
-    assert set(metrics) == {"teacher", "student_before", "student_after"}
-    for scores in metrics.values():
+    for model in EVALUATED:
+        scores = json.loads((path / f"metrics/eval/{model}.json").read_text())
         assert 0 <= scores["gsm_exact_match"] <= 1 and scores["bits_per_byte"] > 0
 
 
@@ -89,10 +90,11 @@ def test_mlflow_holds_each_stage_run_grouped_under_the_pipeline(repo):
     group = parent.data.tags["tokenbridge.pipeline_id"]
     assert all(r.data.tags["tokenbridge.pipeline_id"] == group for r in stages.values())
     assert all(len(r.data.tags["git_commit"]) == 40 for r in stages.values())
+    assert all(r.data.metrics and r.data.params for r in stages.values()), "every stage run logs params and metrics"
     assert "sft_loss" in stages["distill"].data.metrics and "alm_loss" in stages["distill"].data.metrics
     history = client.get_metric_history(stages["distill"].info.run_id, "loss")
     assert len(history) == yaml.safe_load((path / "params.yaml").read_text())["profiles"]["tiny"]["distill"]["steps"]
-    assert "student_after.gsm_exact_match" in stages["evaluate"].data.metrics
+    assert "student_after.gsm_exact_match" in stages["evaluate@student_after"].data.metrics
     assert stages["prepare"].data.params["prepare.n_train"]
     version = client.get_model_version_by_alias("tokenbridge-student", "candidate")
     assert str(version.version) == "1" and version.run_id == stages["report"].info.run_id
@@ -109,7 +111,7 @@ def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
     path, env, _ = repo
     _set_param(path, lambda raw: raw["profiles"]["tiny"]["distill"].update(learning_rate=5.0e-4))
     output = _run(["dvc", "repro"], path, env)
-    assert _stages_run(output) == {"distill", "evaluate", "report"}, output
+    assert _stages_run(output) == {"distill", "evaluate@student_after", "report"}, output
     registry = json.loads((path / "reports/registry.json").read_text())
     assert registry["version"] == 2 and registry["candidate"]
     from mlflow.tracking import MlflowClient

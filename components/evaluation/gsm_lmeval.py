@@ -41,7 +41,7 @@ def write_gsm_task(task_dir: Path, test_jsonl: Path, fewshot_jsonl: Path) -> str
 
 
 def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, max_gen_toks: int, batch_size: int,
-                 samples_path: Path | None = None) -> dict[str, float]:
+                 dtype: str = "float32", samples_path: Path | None = None) -> dict[str, float | int]:
     """Greedy generation on `limit` test questions; exact match of the number after `####` (strict) and of
     the last number in the answer (flexible), as the stock gsm8k task scores them."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,7 +51,7 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
 
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"},
+        model_args={"pretrained": str(model_dir), "dtype": dtype, "device": "cpu"},
         tasks=[TASK_NAME],
         num_fewshot=num_fewshot,
         limit=limit,
@@ -75,5 +75,5 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
     return {
         "gsm_exact_match": float(scores["exact_match,strict-match"]),
         "gsm_exact_match_flexible": float(scores["exact_match,flexible-extract"]),
-        "gsm_n": float(len({sample["doc_id"] for sample in samples})),
+        "gsm_n": len({sample["doc_id"] for sample in samples}),
     }
