@@ -27,7 +27,7 @@ class GgufModelSpec(Strict):
     """A real model shipped as GGUF inside a PyPI package, converted once to a HF directory."""
 
     source: Literal["gguf"]
-    name: Literal["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
+    name: Literal["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
 
 
 class HfModelSpec(Strict):

@@ -45,13 +45,14 @@ def vocab_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
     """The byte string of every token id in the tokenizer (len == len(tokenizer))."""
     byte_level = is_byte_level(tokenizer)
     unicode_to_byte = _gpt2_unicode_to_byte()
-    special = {token.content for token in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()}
+    # Added tokens are matched as literal text; in SentencePiece vocabularies some are runs of "▁" (spaces).
+    added = {token.content for token in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()}
     table: list[bytes] = [b""] * len(tokenizer)
     for piece, index in tokenizer.get_vocab().items():
         if index >= len(table):
             continue
-        if piece in special:
-            table[index] = piece.encode("utf-8")
+        if piece in added:
+            table[index] = (piece if byte_level else piece.replace("▁", " ")).encode("utf-8")
         elif byte_level:
             table[index] = bytes(unicode_to_byte[char] for char in piece)
         elif match := _BYTE_PIECE.match(piece):
