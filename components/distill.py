@@ -11,12 +11,13 @@ The whole training loop is `train` below: batch -> teacher signals -> student si
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Batch:
     teacher_boundary_rows: torch.Tensor | None = None
 
 
-def _pad_values(rows: list[list], width: int, fill) -> torch.Tensor:
+def _pad_values(rows: list[Sequence | torch.Tensor], width: int, fill: int | float) -> torch.Tensor:
     out = torch.full((len(rows), width), fill, dtype=torch.long if isinstance(fill, int) else torch.float32)
     for index, row in enumerate(rows):
         out[index, : len(row)] = torch.as_tensor(row, dtype=out.dtype)
@@ -73,20 +74,22 @@ def make_batch(students: list[Encoded], teachers: list[Encoded], stored: list[di
         _pad_values(teacher_chunks, teacher_ids.shape[1], -1), _pad_values(student_chunks, student_ids.shape[1], -1),
     )
     if stored is not None:
-        batch.teacher_token_rows = _pad_values([s["token_logprobs"].tolist() for s in stored], teacher_ids.shape[1], 0.0)
-        batch.teacher_boundary_rows = _pad_values([s["boundary_logprobs"].tolist() for s in stored], teacher_ids.shape[1], 0.0)
+        batch.teacher_token_rows = _pad_values([s["token_logprobs"] for s in stored], teacher_ids.shape[1], 0.0)
+        batch.teacher_boundary_rows = _pad_values([s["boundary_logprobs"] for s in stored], teacher_ids.shape[1], 0.0)
     return batch
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n_examples))
+    random.Random(seed + epoch).shuffle(order)
+    return tuple(order)
 
 
 def batch_indices(step: int, batch_size: int, n_examples: int, seed: int) -> list[int]:
     """Example indices of a step: a fresh seeded permutation each epoch, so a resumed run sees the same data."""
-    indices = []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, n_examples)
-        order = list(range(n_examples))
-        random.Random(seed + epoch).shuffle(order)
-        indices.append(order[offset])
-    return indices
+    return [_epoch_order(n_examples, seed, position // n_examples)[position % n_examples]
+            for position in range(step * batch_size, (step + 1) * batch_size)]
 
 
 def learning_rate(step: int, params: DistillParams) -> float:
