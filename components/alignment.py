@@ -1,15 +1,18 @@
 """ALM chunk alignment (spec section 1.5, "unconstrained" chunks) on common byte spans.
 
 A chunk is a minimal pair of contiguous token spans, one per tokenizer, that cover exactly the same bytes.
-We walk both token lists by their byte ends: when the ends agree, the tokens since the last agreement form
-a chunk. Tokens without a span (template text, dropped specials) belong to no chunk; a chunk that would
-have to step over such a gap on either side is discarded (the spec's `check=True` validation), so every
-emitted chunk is byte-exact by construction.
+Every token carries its span on the common byte stream (`components.data.chat`); tokens without one
+(template text, dropped specials) belong to no chunk. A chunk starts where both sides start a token and
+ends at the first byte offset where both sides end one, walking only over consecutive tokens whose spans
+touch: a chunk never steps over a gap, so every chunk is byte-exact by construction (the spec's
+`check=True` validation cannot fail).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from components.data.chat import Encoded
 
 Span = tuple[int, int] | None
 
@@ -26,61 +29,54 @@ class Chunk:
     b1: int
 
 
-def _spanned(spans: list[Span]) -> list[int]:
-    return [index for index, span in enumerate(spans) if span is not None]
+def _starts(spans: list[Span]) -> dict[int, int]:
+    """Byte offset -> index of the token starting there (spans are non-empty and ordered, so offsets are unique)."""
+    return {span[0]: index for index, span in enumerate(spans) if span is not None}
 
 
-def _contiguous(spans: list[Span], indices: list[int]) -> bool:
-    """The tokens are consecutive in the sequence and each starts where the previous one ended."""
-    return all(
-        b == a + 1 and spans[a][1] == spans[b][0]  # type: ignore[index]
-        for a, b in zip(indices, indices[1:])
-    )
+def _next_contiguous(spans: list[Span], index: int) -> int | None:
+    """The token after `index` when it continues the byte run without a gap, else None."""
+    following = index + 1
+    if following < len(spans) and spans[following] is not None and spans[following][0] == spans[index][1]:  # type: ignore[index]
+        return following
+    return None
 
 
 def align_chunks(teacher_spans: list[Span], student_spans: list[Span]) -> list[Chunk]:
-    """Minimal byte-exact chunks between two tokenizations of the same common byte stream, in order."""
-    teacher, student = _spanned(teacher_spans), _spanned(student_spans)
+    """All minimal byte-exact chunks between two tokenizations of the same common byte stream, in order."""
+    teacher_starts, student_starts = _starts(teacher_spans), _starts(student_spans)
     chunks: list[Chunk] = []
-    i = j = 0
-    i0 = j0 = 0
-    while i < len(teacher) and j < len(student):
-        t_end = teacher_spans[teacher[i]][1]  # type: ignore[index]
-        s_end = student_spans[student[j]][1]  # type: ignore[index]
+    # Chunks come out disjoint: a common start inside a chunk is a common end too, where the walk stops.
+    for start in sorted(teacher_starts.keys() & student_starts.keys()):
+        i, j = teacher_starts[start], student_starts[start]
+        t_end, s_end = teacher_spans[i][1], student_spans[j][1]  # type: ignore[index]
+        while t_end != s_end:
+            step = _next_contiguous(teacher_spans, i) if t_end < s_end else _next_contiguous(student_spans, j)
+            if step is None:
+                break
+            if t_end < s_end:
+                i, t_end = step, teacher_spans[step][1]  # type: ignore[index]
+            else:
+                j, s_end = step, student_spans[step][1]  # type: ignore[index]
         if t_end == s_end:
-            t_tokens, s_tokens = teacher[i0 : i + 1], student[j0 : j + 1]
-            start = teacher_spans[t_tokens[0]][0]  # type: ignore[index]
-            if (
-                start == student_spans[s_tokens[0]][0]  # type: ignore[index]
-                and _contiguous(teacher_spans, t_tokens)
-                and _contiguous(student_spans, s_tokens)
-            ):
-                chunks.append(Chunk(t_tokens[0], t_tokens[-1] + 1, s_tokens[0], s_tokens[-1] + 1, start, t_end))
-            i, j = i + 1, j + 1
-            i0, j0 = i, j
-        elif t_end < s_end:
-            i += 1
-        else:
-            j += 1
+            chunks.append(Chunk(teacher_starts[start], i + 1, student_starts[start], j + 1, start, t_end))
     return chunks
 
 
-def chunk_ids(chunks: list[Chunk], teacher_length: int, student_length: int,
-              teacher_loss_mask: list[bool], student_loss_mask: list[bool]) -> tuple[list[int], list[int]]:
-    """Per-token chunk index (-1 for none) for each side, keeping only chunks that are training targets.
+def example_chunks(teacher: Encoded, student: Encoded) -> tuple[list[int], list[int], list[bool]]:
+    """Per-token chunk ids of one example (-1: in no chunk) and, per chunk, whether it is a training target.
 
-    A chunk takes part in the loss when every token in it, on both sides, is a target and none of them is
-    the sequence's first token (which no model predicts). Chunks are renumbered densely from 0.
+    Every chunk counts except one holding either side's token 0, which no model predicts; chunks are numbered
+    densely in order. A chunk is a target when all its tokens, on both sides, are (answer and end of turn).
     """
-    teacher_ids = [-1] * teacher_length
-    student_ids = [-1] * student_length
-    kept = 0
-    for chunk in chunks:
+    teacher_ids = [-1] * len(teacher.input_ids)
+    student_ids = [-1] * len(student.input_ids)
+    is_target: list[bool] = []
+    for chunk in align_chunks(teacher.spans, student.spans):
         if chunk.t0 == 0 or chunk.s0 == 0:
             continue
-        if not (all(teacher_loss_mask[chunk.t0 : chunk.t1]) and all(student_loss_mask[chunk.s0 : chunk.s1])):
-            continue
-        teacher_ids[chunk.t0 : chunk.t1] = [kept] * (chunk.t1 - chunk.t0)
-        student_ids[chunk.s0 : chunk.s1] = [kept] * (chunk.s1 - chunk.s0)
-        kept += 1
-    return teacher_ids, student_ids
+        index = len(is_target)
+        teacher_ids[chunk.t0 : chunk.t1] = [index] * (chunk.t1 - chunk.t0)
+        student_ids[chunk.s0 : chunk.s1] = [index] * (chunk.s1 - chunk.s0)
+        is_target.append(all(teacher.loss_mask[chunk.t0 : chunk.t1]) and all(student.loss_mask[chunk.s0 : chunk.s1]))
+    return teacher_ids, student_ids, is_target

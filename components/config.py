@@ -86,14 +86,79 @@ class TeacherLogitsParams(Strict):
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
 
+# Registered distillation losses (components/losses); `sft` alone is the next-token-only baseline.
+CROSS_TOKENIZER_LOSSES = ("alm", "uld", "mined", "multilevel_ot", "dskd")
+SAME_TOKENIZER_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+LOSS_NAMES = (*CROSS_TOKENIZER_LOSSES, *SAME_TOKENIZER_LOSSES, "sft")
+
+
+class TeacherTruncation(Strict):
+    """The teacher distribution distribution-matching losses see (pre-training distillation, spec 2.3):
+    keep the smallest top-p prefix, cap it at top-k, then renormalise softmax(z / temperature) over it."""
+
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: no cap (offline: every stored entry)")
+    temperature: float = Field(1.0, gt=0, description="applied after truncation, so it never changes the kept ids")
+
+
 class AlmParams(Strict):
     """ALM loss options (spec section 1.17); defaults are the paper's recommended configuration."""
 
     binarization_temp: float = Field(100.0, gt=0, description="tau: chunk probabilities are raised to 1/tau")
-    diff_fn: Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit"] = "binary_ce"
-    merge_by_space_prob: bool = True
-    append_space: bool = True
-    boundary_threshold: float = Field(0.1, description="gamma: merge chunks until the teacher's boundary prob > gamma")
+    diff_fn: Literal["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit",
+                     "joschu_k2", "joschu_k3"] = Field(
+        "binary_ce", description="per-chunk distance (spec 1.10); binary_ce has binary_kl's gradient")
+    chunks: Literal["unconstrained", "space"] = Field(
+        "unconstrained", description="unconstrained: minimal byte-exact chunks; space: merged into whole words")
+    merge_by_space_prob: bool = Field(True, description="merge chunks until the teacher's boundary prob > gamma")
+    append_space: bool = Field(True, description="debias: multiply each chunk's likelihood by P(a boundary follows)")
+    boundary_threshold: float = Field(0.1, description="gamma of merge_by_space_prob")
+    mask_prompt: bool = Field(True, description="only answer chunks count; false: prompt chunks count too")
+
+
+class UldParams(Strict):
+    """Universal Logit Distillation (spec 4.1): L1 between sorted next-token probabilities, index-paired."""
+
+    top_k: int = Field(256, ge=1, description="sorted probabilities kept per side, the rest as one tail term: "
+                       "exact when it covers both vocabularies, a lower bound otherwise; offline capped at the stored top-k")
+    skip_student_eos: bool = Field(True, description="drop the student's last answer target (its EOS) before pairing")
+
+
+class MinedParams(Strict):
+    """MinED (spec 1.19): KL through a minimum-edit-distance token mapping at 1:1 chunks, CE elsewhere."""
+
+    temperature: float = Field(2.0, gt=0, description="kd temperature T of both terms, as in tokenkit: the KL "
+                               "between softmax(z / T) at 1:1 chunks and the CE (one-hot KL) at the others")
+
+
+class MultiLevelOtParams(Strict):
+    """MultiLevelOT (spec 4.2-4.3), paper semantics: L = HAD + sl_weight * SL + sd_weight * SD."""
+
+    top_k: int = Field(50, ge=1, description="ranked vocabulary dimensions kept per side, not renormalised")
+    ranking: Literal["sequence", "token"] = Field(
+        "sequence", description="sequence: one order per example by mass summed over its answer (the student's "
+        "by its own mass); token: each position sorted on its own, as ULD")
+    sl_weight: float = Field(0.1, ge=0, description="beta: weight of the sequential log loss")
+    sd_weight: float = Field(0.1, ge=0, description="gamma: weight of the Sinkhorn distance")
+    sinkhorn_iterations: int = Field(20, ge=1, description="N: alternating row/column normalisations")
+    sinkhorn_lambda: float = Field(0.1, gt=0, description="lambda: kernel exp(-C / lambda)")
+    sd_temperature: float = Field(2.0, gt=0, description="softmax temperature of the vectors the Sinkhorn term compares")
+    skip_student_eos: bool = Field(True, description="drop the student's last answer target (its EOS) before pairing")
+
+
+class DskdParams(Strict):
+    """Dual-space KD (spec 1.19): cross-model attention projectors; needs the live teacher."""
+
+    kd_temperature: float = Field(2.0, gt=0, description="T of both KD terms (t2s and s2t); the CE_t2s is untempered")
+    skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed reverse KL (srkl) in KD_t2s")
+
+
+class JsdParams(Strict):
+    beta: float = Field(0.5, ge=0, le=1, description="0: forward KL, 1: reverse KL (exact endpoints)")
+
+
+class SkewParams(Strict):
+    weight: float = Field(0.1, gt=0, lt=1, description="lambda: mix of the own distribution into the other")
 
 
 class DistillParams(Strict):
@@ -106,17 +171,50 @@ class DistillParams(Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    alm_weight: float = Field(1.0, ge=0)
-    sft_weight: float = Field(1.0, ge=0)
+    loss: str | list[str] = Field("alm", description="registered loss name, or a list of names to combine")
+    loss_weights: dict[str, float] = Field(default_factory=dict, description="fixed weight per combined loss (default 1)")
+    combine: Literal["fixed", "gradmag"] = Field(
+        "fixed", description="fixed: weights and alpha; gradmag: equal last-layer gradient norm per term (spec 1.14)")
+    alpha: float = Field(0.5, ge=0, le=1, description="(1 - alpha) * next-token CE + alpha * distillation loss")
+    alpha_schedule: Literal["constant", "linear_increase", "linear_decrease", "wsd"] = "constant"
+    alpha_warmup: float = Field(0.1, ge=0, le=1, description="wsd: fraction of steps ramping alpha up from 0")
+    alpha_decay: float = Field(0.1, ge=0, le=1, description="wsd: fraction of steps decaying alpha to 0")
+    teacher: TeacherTruncation = TeacherTruncation()
     alm: AlmParams = AlmParams()
+    uld: UldParams = UldParams()
+    mined: MinedParams = MinedParams()
+    multilevel_ot: MultiLevelOtParams = MultiLevelOtParams()
+    dskd: DskdParams = DskdParams()
+    jsd: JsdParams = JsdParams()
+    skew: SkewParams = SkewParams()
     checkpoint_every: int = Field(ge=1)
     logits_chunk_size: int = Field(128, ge=1, description="positions per chunk of the vocabulary projection")
     seed: int = 1234
 
+    @property
+    def losses(self) -> list[str]:
+        return [self.loss] if isinstance(self.loss, str) else list(self.loss)
+
     @model_validator(mode="after")
-    def _some_loss(self) -> "DistillParams":
-        if self.alm_weight == 0 and self.sft_weight == 0:
-            raise ValueError("alm_weight and sft_weight are both 0: set at least one above 0")
+    def _losses_are_usable(self) -> "DistillParams":
+        names = self.losses
+        unknown = [name for name in names if name not in LOSS_NAMES]
+        if unknown or not names:
+            raise ValueError(f"loss: unknown loss {unknown or names}; allowed: {', '.join(LOSS_NAMES)}")
+        if "sft" in names and len(names) > 1:
+            raise ValueError("loss: 'sft' is the next-token term that alpha mixes in; list only distillation losses")
+        stray = sorted(set(self.loss_weights) - set(names))
+        if stray:
+            raise ValueError(f"loss_weights: {stray} not in loss {names}")
+        if self.alpha_warmup + self.alpha_decay > 1:
+            raise ValueError("alpha_warmup + alpha_decay must be at most 1 (fractions of the steps)")
+        if "dskd" in names and self.teacher_mode != "online":
+            raise ValueError("loss 'dskd' needs the live teacher's hidden states: set distill.teacher_mode: online")
+        full = self.teacher.top_p == 1 and self.teacher.top_k == 0 and self.teacher_mode == "online"
+        needs_full = [n for n in names if n == "reverse_kl" or (n == "jsd" and self.jsd.beta == 1)]
+        if needs_full and not full:
+            raise ValueError(f"{needs_full[0]} is infinite where a truncated teacher has zero probability: use "
+                             "teacher_mode: online with teacher.top_p: 1 and teacher.top_k: 0, or skew_reverse_kl / jsd with beta < 1")
         return self
 
 

@@ -1,11 +1,12 @@
-"""Stage `distill`: train the student with ALM + next-token cross-entropy across tokenizers.
+"""Stage `distill`: train the student with the distillation loss(es) `distill.loss` names, mixed with next-token
+cross-entropy, across tokenizers (or within one).
 
 Inputs: `data/prepared/` (both models' tokenizations of the training set), the teacher either as stored
 logits (`data/teacher_logits/`, offline) or as a model run at every step (online), the student directory.
 Outputs: the distilled student as a HF directory, a per-step history CSV, and checkpoints that let an
 interrupted run resume at its last checkpoint.
 
-The whole training loop is `train` below: batch -> teacher signals -> student signals -> losses -> step.
+The whole training loop is `train` below: batch -> teacher view -> student view -> loss terms -> combine -> step.
 """
 
 from __future__ import annotations
@@ -18,24 +19,25 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from components.alignment import align_chunks, chunk_ids
+from components.alignment import example_chunks
 from components.config import DistillParams, TeacherLogitsParams
 from components.data.chat import Encoded
 from components.io import atomic_path, fingerprint, read_jsonl, require_manifest, write_json, write_text
-from components.losses.alm import AlmOptions, alm_loss
-from components.losses.sft import sft_loss
+from components.losses.base import Alignment, LossSetup, StudentView, TeacherView
+from components.losses.combine import alpha_at, combine, term_weights
+from components.losses.registry import build_losses, teacher_fields
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import MODEL_CARD, load_model, load_tokenizer, model_card
+from components.models.gguf import default_cache_dir
 from components.models.token_bytes import boundary_mask
 from components.teacher_logits import Teacher, TeacherLogitsReader, pad_batch
 
-HISTORY_FIELDS = ("step", "loss", "alm_loss", "sft_loss", "learning_rate", "seconds")
 
 
 @dataclass
@@ -45,10 +47,9 @@ class Batch:
     student_loss_mask: torch.Tensor
     teacher_ids: torch.Tensor
     teacher_attention: torch.Tensor
-    teacher_chunks: torch.Tensor
-    student_chunks: torch.Tensor
-    teacher_token_rows: torch.Tensor | None = None  # stored teacher signals (offline mode)
-    teacher_boundary_rows: torch.Tensor | None = None
+    teacher_loss_mask: torch.Tensor
+    alignment: Alignment
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)  # stored teacher fields, padded (offline)
 
 
 def _pad_values(rows: list[Sequence | torch.Tensor], width: int, fill: int | float) -> torch.Tensor:
@@ -58,24 +59,40 @@ def _pad_values(rows: list[Sequence | torch.Tensor], width: int, fill: int | flo
     return out
 
 
-def make_batch(students: list[Encoded], teachers: list[Encoded], stored: list[dict] | None = None) -> Batch:
-    """Pad both tokenizations and compute each token's ALM chunk id from the common byte spans."""
-    teacher_chunks, student_chunks = [], []
-    for teacher, student in zip(teachers, students):
-        chunks = align_chunks(teacher.spans, student.spans)
-        t_ids, s_ids = chunk_ids(chunks, len(teacher.input_ids), len(student.input_ids), teacher.loss_mask, student.loss_mask)
-        teacher_chunks.append(t_ids)
-        student_chunks.append(s_ids)
+def _pad_topk(rows: list[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=dtype)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row.to(dtype)
+    return out
+
+
+def make_batch(students: list[Encoded], teachers: list[Encoded], word_starts: dict[str, torch.Tensor],
+               stored: list[dict] | None = None) -> Batch:
+    """Pad both tokenizations; align them into ALM chunks on the common byte spans; pad stored teacher data."""
+    per_example = [example_chunks(teacher, student) for teacher, student in zip(teachers, students)]
     student_ids, student_attention = pad_batch([s.input_ids for s in students])
     teacher_ids, teacher_attention = pad_batch([t.input_ids for t in teachers])
+    num_chunks = max(1, max(len(is_target) for _, _, is_target in per_example))
+    alignment = Alignment(
+        teacher_chunks=_pad_values([t for t, _, _ in per_example], teacher_ids.shape[1], -1),
+        student_chunks=_pad_values([s for _, s, _ in per_example], student_ids.shape[1], -1),
+        chunk_is_target=_pad_values([target for _, _, target in per_example], num_chunks, 0).bool(),
+        teacher_word_start=word_starts["teacher"][teacher_ids] & teacher_attention.bool(),
+        student_word_start=word_starts["student"][student_ids] & student_attention.bool(),
+    )
     batch = Batch(
         student_ids, student_attention, _pad_values([s.loss_mask for s in students], student_ids.shape[1], 0).bool(),
-        teacher_ids, teacher_attention,
-        _pad_values(teacher_chunks, teacher_ids.shape[1], -1), _pad_values(student_chunks, student_ids.shape[1], -1),
+        teacher_ids, teacher_attention, _pad_values([t.loss_mask for t in teachers], teacher_ids.shape[1], 0).bool(),
+        alignment,
     )
     if stored is not None:
-        batch.teacher_token_rows = _pad_values([s["token_logprobs"] for s in stored], teacher_ids.shape[1], 0.0)
-        batch.teacher_boundary_rows = _pad_values([s["boundary_logprobs"] for s in stored], teacher_ids.shape[1], 0.0)
+        width = teacher_ids.shape[1]
+        batch.stored = {
+            "token_logprobs": _pad_values([s["token_logprobs"] for s in stored], width, 0.0),
+            "boundary_logprobs": _pad_values([s["boundary_logprobs"] for s in stored], width, 0.0),
+            "topk_ids": _pad_topk([s["topk_ids"] for s in stored], width, torch.long),
+            "topk_logprobs": _pad_topk([s["topk_logprobs"] for s in stored], width, torch.float32),
+        }
     return batch
 
 
@@ -100,12 +117,29 @@ def learning_rate(step: int, params: DistillParams) -> float:
     return params.learning_rate * max(0.0, 1 - (step - params.warmup_steps) / max(1, remaining))
 
 
-def _history_csv(rows: list[dict]) -> str:
+def _history_csv(rows: list[dict], fields: Sequence[str]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS)
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def _teacher_view(batch: Batch, stored: bool, live: Teacher | None, vocab_size: int, params: DistillParams,
+                  temperature: float) -> TeacherView:
+    """The teacher's signals for this batch: padded stored data (offline) or a live forward pass (online)."""
+    common = dict(input_ids=batch.teacher_ids, attention_mask=batch.teacher_attention, loss_mask=batch.teacher_loss_mask,
+                  vocab_size=vocab_size, truncation=params.teacher)
+    if stored:
+        return TeacherView(**common, token_logprobs=batch.stored["token_logprobs"],
+                           boundary_logprobs=batch.stored["boundary_logprobs"], topk_ids=batch.stored["topk_ids"],
+                           topk_logprobs=batch.stored["topk_logprobs"], stored_temperature=temperature)
+    with torch.no_grad():
+        hidden = hidden_states(live.model, batch.teacher_ids, batch.teacher_attention)
+        signals = next_token_stats(hidden, batch.teacher_ids, output_head(live.model), live.vocab_size, live.boundary,
+                                   temperature, 0, params.logits_chunk_size)
+    return TeacherView(**common, token_logprobs=signals.token_logprobs, boundary_logprobs=signals.boundary_logprobs,
+                       model=live.model, hidden=hidden, head=output_head(live.model))
 
 
 def train(
@@ -116,14 +150,20 @@ def train(
     prepared = require_manifest(prepared_dir, "prepare")
     students = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.student.jsonl")]
     teachers = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.teacher.jsonl")]
+    student_card, teacher_card = model_card(student_dir), model_card(teacher_dir)
+    setup = LossSetup(teacher_dir, student_dir, teacher_card["tokenizer_sha256"] == student_card["tokenizer_sha256"],
+                      default_cache_dir())
+    term_names = params.losses if params.losses == ["sft"] else [*params.losses, "sft"]
+    losses = torch.nn.ModuleDict(build_losses(term_names, params, setup))
+    history_fields = ("step", "loss", *(f"{name}_loss" for name in term_names), "alpha", "learning_rate", "seconds")
+
     stored = live = None
     if params.teacher_mode == "offline":
-        stored = TeacherLogitsReader(teacher_logits_dir, ("token_logprobs", "boundary_logprobs"),
-                                     prepared["splits"]["train"]["sha256"]["teacher"])
-        temperature = stored.manifest["temperature"]
+        stored = TeacherLogitsReader(teacher_logits_dir, teacher_fields(losses), prepared["splits"]["train"]["sha256"]["teacher"])
+        temperature, teacher_vocab = stored.manifest["temperature"], stored.manifest["vocab_size"]
     else:
         live = Teacher.load(teacher_dir, teacher_params.dtype)
-        temperature = teacher_params.temperature
+        temperature, teacher_vocab = teacher_params.temperature, live.vocab_size
 
     torch.manual_seed(params.seed)
     tokenizer = load_tokenizer(student_dir)
@@ -131,17 +171,20 @@ def train(
     head = output_head(student)
     vocab_rows = student.get_output_embeddings().weight.shape[0]
     boundary = boundary_mask(tokenizer, vocab_rows)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
-    options = AlmOptions(**params.alm.model_dump())
+    teacher_tokenizer = load_tokenizer(teacher_dir)
+    word_starts = {"student": boundary, "teacher": boundary_mask(teacher_tokenizer, len(teacher_tokenizer))}
+    trainable = [*student.parameters(), *losses.parameters()]
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
 
     key = fingerprint({"params": params.model_dump(), "prepared": prepared["splits"]["train"]["sha256"],
-                       "student": model_card(student_dir), "teacher_temperature": temperature})
+                       "student": student_card, "teacher_temperature": temperature})
     state_path = checkpoint_dir / "state.pt"
     start_step, history = 0, []
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         if state["fingerprint"] == key:
             student.load_state_dict(state["model"])
+            losses.load_state_dict(state["losses"])
             optimizer.load_state_dict(state["optimizer"])
             start_step, history = state["step"], state["history"]
             print(f"distill: resuming from checkpoint at step {start_step}")
@@ -149,29 +192,28 @@ def train(
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # checkpoints of another configuration
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    bar = tqdm(range(start_step, params.steps), desc="distill", unit="step", initial=start_step, total=params.steps)
+    bar = tqdm(range(start_step, params.steps), desc=f"distill ({'+'.join(params.losses)})", unit="step",
+               initial=start_step, total=params.steps)
     for step in bar:
         started = time.perf_counter()
         indices = batch_indices(step, params.batch_size, len(students), params.seed)
-        batch = make_batch([students[i] for i in indices], [teachers[i] for i in indices],
+        batch = make_batch([students[i] for i in indices], [teachers[i] for i in indices], word_starts,
                            [stored[i] for i in indices] if stored else None)
-        if live is not None:
-            signals = live.stats(batch.teacher_ids, batch.teacher_attention, temperature, 0, params.logits_chunk_size)
-            batch.teacher_token_rows, batch.teacher_boundary_rows = signals.token_logprobs, signals.boundary_logprobs
-
+        teacher = _teacher_view(batch, stored is not None, live, teacher_vocab, params, temperature)
         hidden = hidden_states(student, batch.student_ids, batch.student_attention)
         signals = next_token_stats(hidden, batch.student_ids, head, len(tokenizer), boundary, chunk_size=params.logits_chunk_size)
-        metrics: dict[str, float] = {}
-        loss = torch.zeros(())
-        if params.alm_weight > 0:
-            alm = alm_loss(batch.teacher_token_rows, batch.teacher_boundary_rows, signals.token_logprobs,
-                           signals.boundary_logprobs, batch.teacher_chunks, batch.student_chunks, options)
-            loss = loss + params.alm_weight * alm.loss
-            metrics.update(alm_loss=alm.loss.item(), alm_chunks=float(alm.num_chunks))
-        if params.sft_weight > 0:
-            sft = sft_loss(signals.token_logprobs, batch.student_loss_mask)
-            loss = loss + params.sft_weight * sft
-            metrics["sft_loss"] = sft.item()
+        view = StudentView(student, hidden, head, len(tokenizer), batch.student_ids, batch.student_attention,
+                           batch.student_loss_mask, signals.token_logprobs, signals.boundary_logprobs,
+                           params.logits_chunk_size)
+
+        weights = term_weights(params, step)
+        terms, metrics = {}, {}
+        for name in weights:
+            output = losses[name](view, teacher, batch.alignment)
+            terms[name] = output.loss
+            metrics[f"{name}_loss"] = output.loss.item()
+            metrics.update({f"{name}.{key}": value for key, value in output.metrics.items()})
+        loss, used = combine(terms, weights, params.combine, [student.get_output_embeddings().weight])
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"distill: loss is {loss.item()} at step {step}; lower distill.learning_rate")
 
@@ -180,24 +222,28 @@ def train(
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), params.max_grad_norm).item()
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm).item()
         optimizer.step()
 
-        metrics.update(loss=loss.item(), learning_rate=rate, seconds=time.perf_counter() - started)
-        history.append({"step": step + 1, **{field: metrics.get(field, "") for field in HISTORY_FIELDS[1:]}})
+        metrics.update({f"weight.{name}": value for name, value in used.items()})
+        metrics.update(loss=loss.item(), alpha=alpha_at(step, params), learning_rate=rate,
+                       seconds=time.perf_counter() - started)
+        history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
         log_metrics(metrics, step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
             with atomic_path(state_path) as temporary:
                 torch.save({"fingerprint": key, "step": step + 1, "model": student.state_dict(),
-                            "optimizer": optimizer.state_dict(), "history": history}, temporary)
+                            "losses": losses.state_dict(), "optimizer": optimizer.state_dict(),
+                            "history": history}, temporary)
 
     with atomic_path(out_dir) as temporary:
         student.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
-        card = model_card(student_dir)
-        write_json(temporary / MODEL_CARD, {**card, "name": f"{card['name']}-distilled", "distilled_from": card["name"]})
-    write_text(history_path, _history_csv(history))
+        write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
+                                            "distilled_from": student_card["name"], "loss": params.losses})
+    write_text(history_path, _history_csv(history, history_fields))
     seconds = [row["seconds"] for row in history[start_step:]]
-    return {"steps": params.steps, "resumed_from_step": start_step, "final_loss": history[-1]["loss"],
+    return {"loss": "+".join(params.losses), "steps": params.steps, "resumed_from_step": start_step,
+            "final_loss": history[-1]["loss"],
             "median_seconds_per_step": sorted(seconds)[len(seconds) // 2] if seconds else float("nan")}

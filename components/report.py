@@ -30,8 +30,7 @@ MISSING = "–"
 PRIMARY_MARK = "★"
 PRIMARY_CLASS = ' class="primary"'
 DPI = 110
-LOSS_COLUMNS = ("loss", "alm_loss", "sft_loss")
-LOSS_LABELS = {"loss": "loss (total)", "alm_loss": "alm_loss", "sft_loss": "sft_loss"}
+TOTAL_LOSS = "loss"  # the history's total; each term has a `<name>_loss` column (alm_loss, sft_loss, ...)
 # Metric names containing one of these are better when smaller; every other metric is better when larger.
 LOWER_IS_BETTER = ("bits_per_byte", "loss", "perplexity")
 # Metric names containing one of these are fractions, plotted on a fixed [0, 1] axis so panels compare.
@@ -108,6 +107,52 @@ def render_report(eval_metrics: dict, history_csv: Path, context: dict, out_dir:
     write_text(paths["markdown"], _markdown(title, blocks))
     write_text(paths["html"], _html(title, blocks, {name: path.read_bytes() for name, path in plots.items()}))
     return {**paths, **plots}
+
+
+COMPARED = ("bits_per_byte", "gsm_exact_match", "gsm_exact_match_flexible")
+
+
+def render_comparison(methods: Mapping[str, Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]],
+                      context: Mapping[str, Any], out_dir: Path, stem: str = "comparison") -> dict[str, Path]:
+    """Distillation methods side by side: out_dir/<stem>.md, .html and plots/<stem>.png.
+
+    `methods` maps a loss name to the distilled student's scores plus its distill summary (`final_loss`,
+    `median_seconds_per_step`); `references` holds the teacher's and the untrained student's scores.
+    """
+    out_dir = Path(out_dir)
+    models = {**references, **methods}
+    metrics = [name for name in COMPARED if any(name in scores for scores in models.values())]
+    header = ["model", *metrics, "gsm_n", "final loss", "s / step"]
+    rows = [[name, *(format_value(scores.get(metric)) for metric in metrics), format_value(scores.get("gsm_n")),
+             format_value(scores.get("final_loss")), format_value(scores.get("median_seconds_per_step"))]
+            for name, scores in models.items()]
+    best = {metric: _best(methods, metric) for metric in metrics}
+    sentence = " ".join(f"Best {metric}: {', '.join(names)} ({format_value(methods[names[0]][metric])})."
+                        for metric, names in best.items() if names)
+    plot = out_dir / "plots" / f"{stem}.png"
+    _plot_metrics(models, metrics, None, plot)
+    blocks: list[_Block] = [
+        _Paragraph(f"{len(methods)} distillation methods, each trained with the same data, steps and seed, then "
+                   "evaluated on the same held-out questions. " + sentence),
+        _Table(header, rows, numbers=True),
+        _Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions). "
+                   "final loss values are not comparable across methods: each method has its own loss."),
+        _Image(stem, "Each metric by method; teacher and untrained student for reference."),
+        _Heading("Run"), _key_values(context, ["fact", "value"]),
+    ]
+    title = "tokenbridge: distillation methods compared"
+    paths = {"markdown": out_dir / f"{stem}.md", "html": out_dir / f"{stem}.html"}
+    write_text(paths["markdown"], _markdown(title, blocks))
+    write_text(paths["html"], _html(title, blocks, {stem: plot.read_bytes()}))
+    return {**paths, "plot": plot}
+
+
+def _best(methods: Mapping[str, Mapping[str, Any]], metric: str) -> list[str]:
+    values = {name: scores[metric] for name, scores in methods.items() if _is_finite(scores.get(metric))}
+    if not values:
+        return []
+    target = (min if lower_is_better(metric) else max)(values.values())
+    return [name for name, value in values.items() if value == target]
 
 
 def format_value(value: Any) -> str:
@@ -206,13 +251,19 @@ def _read_history(path: Path) -> dict[str, list[float]]:
     """Columns of the distill history as floats; an empty cell (a loss that was off) becomes NaN."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
+    columns = rows[0].keys() if rows else ("step", TOTAL_LOSS, "seconds")
     return {column: [float(row[column]) if row.get(column) not in (None, "") else math.nan for row in rows]
-            for column in ("step", *LOSS_COLUMNS, "seconds")}
+            for column in columns}
 
 
 def _logged(history: Mapping[str, list[float]]) -> dict[str, list[float]]:
-    """The loss series that have at least one number (alm_loss or sft_loss is empty when that loss is off)."""
-    return {name: history[name] for name in LOSS_COLUMNS if any(math.isfinite(v) for v in history[name])}
+    """The loss series (total, then each term) with at least one number (a term is empty while its weight is 0)."""
+    names = [name for name in history if name == TOTAL_LOSS or name.endswith("_loss")]
+    return {name: history[name] for name in names if any(math.isfinite(v) for v in history[name])}
+
+
+def _loss_label(name: str) -> str:
+    return "loss (total)" if name == TOTAL_LOSS else name
 
 
 def _training(history: Mapping[str, list[float]]) -> list[_Block]:
@@ -228,7 +279,7 @@ def _training(history: Mapping[str, list[float]]) -> list[_Block]:
     rows = []
     for name, values in _logged(history).items():
         finite = [value for value in values if math.isfinite(value)]
-        rows.append([LOSS_LABELS[name], format_value(finite[0]), format_value(finite[-1]), format_value(min(finite))])
+        rows.append([_loss_label(name), format_value(finite[0]), format_value(finite[-1]), format_value(min(finite))])
     return [_Paragraph(text + "."), _Table(["series", "first", "last", "min"], rows, numbers=True)]
 
 
@@ -361,7 +412,7 @@ def _plot_losses(history: Mapping[str, list[float]], path: Path) -> None:
     for name, values in series.items():
         # The total is drawn wide and pale underneath: with one loss on, it equals that component exactly.
         total = name == "loss"
-        axes.plot(history["step"], values, label=LOSS_LABELS[name], marker="o" if markers else None,
+        axes.plot(history["step"], values, label=_loss_label(name), marker="o" if markers else None,
                   markersize=7 if total else 3.5, linewidth=4 if total else 1.6, alpha=0.45 if total else 1.0,
                   zorder=1 if total else 2)
     if len(history["step"]) == 1:

@@ -1,5 +1,6 @@
-"""Stage `distill`: train the student with ALM (chunks aligned on byte offsets, binarised chunk-likelihood
-divergence with temperature) plus next-token cross-entropy, from stored teacher logits (offline) or a live
+"""Stage `distill`: train the student with the loss `distill.loss` names (ALM by default; also ULD, MinED,
+MultiLevelOT, DSKD across tokenizers, KL-family losses within one; README "Losses"), mixed with next-token
+cross-entropy by `distill.alpha` or balanced by GradMag, from stored teacher logits (offline) or a live
 teacher (online). Checkpoints every `distill.checkpoint_every` steps; a rerun resumes from the last one.
 
 Inputs: data/prepared, data/teacher_logits (offline) or models/teacher (online), models/student;

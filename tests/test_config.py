@@ -65,3 +65,28 @@ def test_a_stage_command_refuses_bad_params_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "evaluate.limit" in result.stderr and "greater than or equal to 1" in result.stderr
     assert not (tmp_path / "mlruns.db").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(loss="kl"), r"distill: .*unknown loss \['kl'\]; allowed: alm, uld"),
+    (lambda d: d.update(loss=["alm", "sft"]), r"'sft' is the next-token term that alpha mixes in"),
+    (lambda d: d.update(loss="dskd", teacher_mode="offline"), r"'dskd' needs the live teacher.*teacher_mode: online"),
+    (lambda d: d.update(loss="reverse_kl", teacher_mode="online", teacher={"top_k": 50}),
+     r"reverse_kl is infinite where a truncated teacher has zero probability"),
+    (lambda d: d.update(loss="jsd", jsd={"beta": 1.0}), r"jsd is infinite where a truncated teacher"),
+    (lambda d: d.update(loss=["alm", "uld"], loss_weights={"mined": 2.0}), r"loss_weights: \['mined'\] not in loss"),
+    (lambda d: d.update(alpha=1.5), r"distill\.alpha: .*less than or equal to 1"),
+    (lambda d: d.update(alpha_schedule="cosine"), r"distill\.alpha_schedule: .*'wsd'"),
+    (lambda d: d["uld"].update(topk=5), r"distill\.uld\.topk: unknown key"),
+])
+def test_loss_choices_that_cannot_work_are_refused_at_load_with_the_fix(tmp_path, edit, message):
+    path = _write(tmp_path, lambda raw: edit(raw["distill"]))
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_every_registered_loss_can_be_named_in_params_and_every_name_is_registered():
+    from components.config import LOSS_NAMES
+    from components.losses.registry import LOSSES
+
+    assert set(LOSSES) == set(LOSS_NAMES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -68,5 +69,69 @@ def test_both_loss_terms_are_logged_and_training_lowers_the_loss(inputs, tiny_pa
     logged = []
     _train(inputs, tiny_params, tiny_dirs, "logged", log_metrics=lambda metrics, step: logged.append(metrics), steps=8,
            learning_rate=3e-3)
-    assert all({"alm_loss", "sft_loss", "loss", "grad_norm", "learning_rate"} <= set(m) for m in logged)
+    assert all({"alm_loss", "sft_loss", "loss", "grad_norm", "learning_rate", "alpha"} <= set(m) for m in logged)
     assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+@pytest.mark.parametrize("loss, overrides", [
+    ("uld", {}), ("mined", {}), ("multilevel_ot", {}), ("sft", {}), (["alm", "uld"], {"combine": "gradmag"}),
+    ("dskd", {"teacher_mode": "online"}), ("alm", {"alpha_schedule": "wsd", "alpha_warmup": 0.5, "alpha_decay": 0.25}),
+])
+def test_every_cross_tokenizer_loss_trains_the_tiny_pair_and_logs_its_term(inputs, tiny_params, tiny_dirs, loss, overrides):
+    logged = []
+    name = "-".join(loss) if isinstance(loss, list) else loss
+    summary, _ = _train(inputs, tiny_params, tiny_dirs, f"loss-{name}", log_metrics=lambda m, step: logged.append(m),
+                        loss=loss, **overrides)
+    terms = loss if isinstance(loss, list) else [loss]
+    assert summary["loss"] == "+".join(terms)
+    for term in terms:
+        assert any(f"{term}_loss" in metrics for metrics in logged)
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in logged)
+    with open(inputs / f"loss-{name}" / "history.csv") as handle:
+        header = handle.readline().strip().split(",")
+    assert header[:2] == ["step", "loss"] and all(f"{term}_loss" in header for term in terms)
+    if overrides.get("combine") == "gradmag":
+        assert all(sum(v for k, v in m.items() if k.startswith("weight.")) == pytest.approx(1.0) for m in logged)
+
+
+def test_a_same_tokenizer_loss_with_two_tokenizers_is_refused_naming_the_alternatives(inputs, tiny_params, tiny_dirs):
+    with pytest.raises(ValueError, match=r"'forward_kl' .*different tokenizers.*use a cross-tokenizer loss \(alm, uld"):
+        _train(inputs, tiny_params, tiny_dirs, "refused", loss="forward_kl")
+    assert not (inputs / "refused" / "model").exists()
+
+
+@pytest.fixture(scope="module")
+def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
+    """A bigger random teacher that shares the student's tokenizer files (BPE training is not deterministic)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from components.config import HfModelSpec
+    from components.models import load_tokenizer, materialize
+
+    root = tmp_path_factory.mktemp("same_tokenizer")
+    config = AutoConfig.from_pretrained(tiny_dirs["student"])
+    config.hidden_size, config.intermediate_size = 48, 96
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "source")
+    load_tokenizer(tiny_dirs["student"]).save_pretrained(root / "source")
+    materialize(HfModelSpec(source="hf", path=str(root / "source")), root / "teacher", root / "cache")
+    dirs = {"teacher": root / "teacher", "student": tiny_dirs["student"]}
+    run_prepare(dirs, root / "prepared", tiny_params.prepare)
+    run_teacher_logits(root / "prepared", dirs["teacher"], root / "logits", tiny_params.teacher_logits)
+    return root, dirs
+
+
+@pytest.mark.parametrize("loss, overrides", [
+    ("forward_kl", {"teacher": {"top_p": 0.9, "top_k": 4, "temperature": 2.0}}), ("jsd", {}), ("tvd", {}),
+    ("skew_forward_kl", {}), ("skew_reverse_kl", {}), ("reverse_kl", {"teacher_mode": "online"}),
+    ("alm", {}), ("uld", {}),
+])
+def test_same_tokenizer_losses_train_a_pair_that_shares_the_tokenizer(same_tokenizer_pair, tiny_params, loss, overrides):
+    root, dirs = same_tokenizer_pair
+    params = tiny_params.distill.model_copy(update={"steps": 3, "checkpoint_every": 2, "loss": loss, "learning_rate": 3e-3})
+    params = type(params).model_validate({**params.model_dump(), **overrides})
+    logged = []
+    train(root / "prepared", dirs["student"], root / loss / "model", root / loss / "checkpoints", root / loss / "history.csv",
+          params, tiny_params.teacher_logits, dirs["teacher"], root / "logits", log_metrics=lambda m, step: logged.append(m))
+    assert all(math.isfinite(m[f"{loss}_loss"]) and m[f"{loss}_loss"] >= 0 for m in logged)
+    assert logged[-1][f"{loss}_loss"] != logged[0][f"{loss}_loss"]

@@ -120,3 +120,23 @@ def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
     assert str(client.get_model_version_by_alias("tokenbridge-student", "candidate").version) == "2"
     champion = str(client.get_model_version_by_alias("tokenbridge-student", "champion").version)
     assert champion == ("2" if registry["champion_moved"] else "1")
+
+
+def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_side(repo):
+    path, env, _ = repo
+    params_before = (path / "params.yaml").read_text()
+    output = _run([sys.executable, "-m", "flows.compare", "--losses", "sft", "alm", "--out", "results"], path, env)
+    # Upstream stages are shared: each experiment reruns only distill, the distilled student's evaluation, report.
+    assert _stages_run(output) <= {"distill", "evaluate@student_after", "report"}, output
+    assert (path / "params.yaml").read_text() == params_before
+    result = json.loads((path / "results/loss-comparison-tiny.json").read_text())
+    assert list(result["methods"]) == ["alm", "sft"]
+    for method in result["methods"].values():
+        assert method["bits_per_byte"] > 0 and 0 <= method["gsm_exact_match"] <= 1 and method["steps"] == 4
+    assert result["methods"]["alm"]["loss"] == "alm" and result["methods"]["sft"]["loss"] == "sft"
+    assert result["methods"]["alm"]["bits_per_byte"] != result["methods"]["sft"]["bits_per_byte"]
+    table = (path / "results/loss-comparison-tiny.md").read_text()
+    assert all(f"| {name} |" in table for name in ("teacher", "student_before", "alm", "sft"))
+    assert (path / "results/plots/loss-comparison-tiny.png").stat().st_size > 0
+    experiments = _run(["dvc", "exp", "list", "--name-only"], path, env).split()
+    assert sum(name.startswith("cmp-") for name in experiments) == 2

@@ -1,10 +1,15 @@
-"""Next-token cross-entropy on the student's own targets (spec 1.13a), from row-convention log-probs."""
+"""Next-token cross-entropy on the student's own targets (spec 1.13a), from row-convention log-probs.
+
+Registered as `sft`: alone it is the next-token-only baseline; it is also the term `alpha` mixes with any
+distillation loss.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from components.losses.alm import rows_to_tokens
+from components.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, register
+from components.losses.positions import rows_to_tokens
 
 
 def sft_loss(student_token_rows: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -13,3 +18,11 @@ def sft_loss(student_token_rows: torch.Tensor, loss_mask: torch.Tensor) -> torch
     targets[:, 0] = False
     nll = -rows_to_tokens(student_token_rows.float())
     return torch.where(targets, nll, 0.0).sum() / targets.sum().clamp(min=1)
+
+
+@register
+class NextTokenLoss(DistillLoss):
+    name = "sft"
+
+    def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:
+        return LossOutput(sft_loss(student.token_logprobs, student.loss_mask))

@@ -1,9 +1,8 @@
 """Per-position statistics of a model's next-token distribution, computed in chunks of positions.
 
 Vocabularies reach 262k rows, so a full fp32 [B, T, V] log-softmax is never materialised: the output
-head runs on a slice of positions at a time, in fp32, and only [B, T] (or [B, T, k]) results are kept.
-With gradients enabled each slice is checkpointed, so its logits are recomputed in the backward pass
-instead of being stored.
+head runs on a slice of positions at a time (`positions.map_positions`, checkpointed under gradients), in
+fp32, and only [B, T] (or [B, T, k]) results are kept.
 
 Row convention (shared with the stored teacher logits): row `j` describes the distribution *after* token
 `j`, i.e. the prediction of token `j + 1`.
@@ -15,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from components.losses.positions import map_positions
 
 
 @dataclass
@@ -63,14 +63,7 @@ def next_token_stats(
 ) -> NextTokenStats:
     """Next-token log-probs of the observed tokens, boundary log-probs and optional top-k, chunk by chunk."""
     targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
-    boundary = boundary_mask.to(hidden.device)
-    parts = []
-    for start in range(0, hidden.shape[1], chunk_size):
-        args = (hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size])
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            parts.append(checkpoint(_slice_stats, *args, head, vocab_size, boundary, temperature, top_k, use_reentrant=False))
-        else:
-            parts.append(_slice_stats(*args, head, vocab_size, boundary, temperature, top_k))
-    merged = [torch.cat(items, dim=1) for items in zip(*parts)]
+    merged = list(map_positions(_slice_stats, [hidden, targets], chunk_size, head, vocab_size,
+                                boundary_mask.to(hidden.device), temperature, top_k))
     merged[0][:, -1] = 0.0
-    return NextTokenStats(*merged) if top_k else NextTokenStats(merged[0], merged[1])
+    return NextTokenStats(*merged)
