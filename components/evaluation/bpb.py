@@ -15,7 +15,7 @@ import torch
 
 from components.data.chat import Encoded
 from components.io import read_jsonl
-from components.losses.alm import rows_to_tokens
+from components.losses.positions import rows_to_tokens
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import load_model, load_tokenizer
 from components.models.token_bytes import boundary_mask
