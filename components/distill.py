@@ -200,13 +200,15 @@ def train(
         batch = make_batch([students[i] for i in indices], [teachers[i] for i in indices], word_starts,
                            [stored[i] for i in indices] if stored else None)
         teacher = _teacher_view(batch, stored is not None, live, teacher_vocab, params, temperature)
+        weights = term_weights(params, step)
         hidden = hidden_states(student, batch.student_ids, batch.student_attention)
-        signals = next_token_stats(hidden, batch.student_ids, head, len(tokenizer), boundary, chunk_size=params.logits_chunk_size)
+        needs_boundary = any(losses[name].needs_student_boundary for name in weights)
+        signals = next_token_stats(hidden, batch.student_ids, head, len(tokenizer), boundary if needs_boundary else None,
+                                   chunk_size=params.logits_chunk_size)
         view = StudentView(student, hidden, head, len(tokenizer), batch.student_ids, batch.student_attention,
                            batch.student_loss_mask, signals.token_logprobs, signals.boundary_logprobs,
                            params.logits_chunk_size)
 
-        weights = term_weights(params, step)
         terms, metrics = {}, {}
         for name in weights:
             output = losses[name](view, teacher, batch.alignment)

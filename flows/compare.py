@@ -28,7 +28,7 @@ from components.config import CROSS_TOKENIZER_LOSSES, load_params
 from components.evaluate import collect_metrics
 from components.io import read_json, write_json
 from components.models import model_card
-from components.paths import DISTILL_METRICS, EVAL_METRICS_DIR, STUDENT_DIR, TEACHER_DIR
+from components.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from components.report import render_comparison
 from flows.common import stage_cli
 
@@ -68,8 +68,11 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
         "teacher": model_card(TEACHER_DIR)["name"], "student": model_card(STUDENT_DIR)["name"],
         "profile": params.profile, **tracking.revision_tags(),
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "steps": params.distill.steps, "batch_size": params.distill.batch_size, "alpha": params.distill.alpha,
-        "seed": params.distill.seed, "evaluate.limit": params.evaluate.limit, "overrides": overrides or [],
+        "train examples": read_json(PREPARED_DIR / "manifest.json")["splits"]["train"]["examples"],
+        "steps": params.distill.steps, "batch_size": params.distill.batch_size,
+        "learning_rate": params.distill.learning_rate, "alpha": params.distill.alpha, "seed": params.distill.seed,
+        "teacher_logits.top_k": params.teacher_logits.top_k, "evaluate.limit": params.evaluate.limit,
+        "overrides": overrides or [],
         "minutes per method": {loss: round(result["experiment_seconds"] / 60, 1) for loss, result in results.items()},
     }
     stem = f"loss-comparison-{params.profile}"

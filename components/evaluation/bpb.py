@@ -18,7 +18,6 @@ from components.io import read_jsonl
 from components.losses.positions import rows_to_tokens
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import load_model, load_tokenizer
-from components.models.token_bytes import boundary_mask
 from components.teacher_logits import pad_batch
 
 
@@ -27,14 +26,13 @@ def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, batch_s
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, torch.float32).eval()
     head = output_head(model)
-    boundary = boundary_mask(tokenizer, model.get_output_embeddings().weight.shape[0])
     examples = [Encoded.from_json(record) for record in read_jsonl(encoded_jsonl)[:n_examples]]
     nats = 0.0
     n_bytes = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         ids, attention = pad_batch([example.input_ids for example in batch])
-        stats = next_token_stats(hidden_states(model, ids, attention), ids, head, len(tokenizer), boundary)
+        stats = next_token_stats(hidden_states(model, ids, attention), ids, head, len(tokenizer), None)
         token_logprobs = rows_to_tokens(stats.token_logprobs)
         for row, example in enumerate(batch):
             for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):

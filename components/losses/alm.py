@@ -206,6 +206,7 @@ class AlmLoss(DistillLoss):
     name = "alm"
     params_field = "alm"
     teacher_fields = ("token_logprobs", "boundary_logprobs")
+    needs_student_boundary = True
 
     def __init__(self, params: AlmParams, setup: LossSetup):
         super().__init__(params, setup)

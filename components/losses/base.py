@@ -38,7 +38,8 @@ class StudentView:
     attention_mask: torch.Tensor  # [B, L_S]
     loss_mask: torch.Tensor  # [B, L_S] bool, token convention
     token_logprobs: torch.Tensor  # [B, L_S] rows: log p(x_{j+1} | x_{<=j}); padding rows 0
-    boundary_logprobs: torch.Tensor  # [B, L_S] rows: log P(next token starts a word or is special)
+    boundary_logprobs: torch.Tensor | None  # [B, L_S] rows: log P(next token starts a word or is special);
+    # computed only when a loss of the step declares `needs_student_boundary`
     chunk_size: int  # positions per slice of any vocabulary projection
 
 
@@ -102,6 +103,7 @@ class DistillLoss(torch.nn.Module):
     same_tokenizer_only: ClassVar[bool] = False
     online_only: ClassVar[bool] = False  # needs the live teacher (hidden states, weights)
     teacher_fields: ClassVar[tuple[str, ...]] = ()  # what stored teacher data must hold (offline)
+    needs_student_boundary: ClassVar[bool] = False  # reads StudentView.boundary_logprobs (ALM's debiasing)
 
     def __init__(self, params: BaseModel | None, setup: LossSetup):
         super().__init__()

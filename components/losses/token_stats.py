@@ -21,7 +21,7 @@ from components.losses.positions import map_positions
 @dataclass
 class NextTokenStats:
     token_logprobs: torch.Tensor  # [B, T] log p(x_{j+1} | x_{<=j}); the last row is 0 (nothing to predict)
-    boundary_logprobs: torch.Tensor  # [B, T] log P(token j+1 starts a word or is special)
+    boundary_logprobs: torch.Tensor | None  # [B, T] log P(token j+1 starts a word or is special); None: not asked
     topk_ids: torch.Tensor | None = None  # [B, T, k]
     topk_logprobs: torch.Tensor | None = None  # [B, T, k]
 
@@ -42,15 +42,19 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
 def _slice_stats(
     hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-    vocab_size: int, boundary: torch.Tensor, temperature: float, top_k: int,
+    vocab_size: int, boundary: torch.Tensor | None, temperature: float, top_k: int,
 ) -> tuple[torch.Tensor, ...]:
     # Padded embedding rows (Qwen2.5: 151,936 rows for a smaller tokenizer) are sliced off before the
     # softmax, or probability mass would leak to tokens that do not exist.
-    logits = head(hidden)[..., :vocab_size].float() / temperature
+    logits = head(hidden)[..., :vocab_size].float()
+    if temperature != 1:
+        logits = logits / temperature
     log_norm = torch.logsumexp(logits, dim=-1)
     token = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    on_boundary = torch.logsumexp(logits.masked_fill(~boundary[:vocab_size], float("-inf")), dim=-1) - log_norm
-    outputs = (token.clamp(max=0.0), on_boundary.clamp(max=0.0))
+    outputs: tuple[torch.Tensor, ...] = (token.clamp(max=0.0),)
+    if boundary is not None:
+        on_boundary = torch.logsumexp(logits.masked_fill(~boundary[:vocab_size], float("-inf")), dim=-1) - log_norm
+        outputs += (on_boundary.clamp(max=0.0),)
     if top_k:
         values, ids = logits.topk(top_k, dim=-1)
         outputs += (ids, (values - log_norm.unsqueeze(-1)).clamp(max=0.0))
@@ -59,11 +63,21 @@ def _slice_stats(
 
 def next_token_stats(
     hidden: torch.Tensor, input_ids: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-    vocab_size: int, boundary_mask: torch.Tensor, temperature: float = 1.0, top_k: int = 0, chunk_size: int = 128,
+    vocab_size: int, boundary_mask: torch.Tensor | None, temperature: float = 1.0, top_k: int = 0,
+    chunk_size: int = 128,
 ) -> NextTokenStats:
-    """Next-token log-probs of the observed tokens, boundary log-probs and optional top-k, chunk by chunk."""
+    """Next-token log-probs of the observed tokens, boundary log-probs (unless `boundary_mask` is None) and
+    optional top-k, chunk by chunk.
+
+    Ask for boundary log-probs only when a loss uses them: under gradients a checkpointed slice keeps the
+    recomputed tensors of every output until the graph is freed, so an unused output costs a slice of
+    [B, c, V] memory per slice.
+    """
     targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
-    merged = list(map_positions(_slice_stats, [hidden, targets], chunk_size, head, vocab_size,
-                                boundary_mask.to(hidden.device), temperature, top_k))
+    boundary = None if boundary_mask is None else boundary_mask.to(hidden.device)
+    merged = list(map_positions(_slice_stats, [hidden, targets], chunk_size, head, vocab_size, boundary,
+                                temperature, top_k))
     merged[0][:, -1] = 0.0
+    if boundary is None:
+        merged.insert(1, None)
     return NextTokenStats(*merged)
