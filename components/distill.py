@@ -134,12 +134,13 @@ def _teacher_view(batch: Batch, stored: bool, live: Teacher | None, vocab_size: 
         return TeacherView(**common, token_logprobs=batch.stored["token_logprobs"],
                            boundary_logprobs=batch.stored["boundary_logprobs"], topk_ids=batch.stored["topk_ids"],
                            topk_logprobs=batch.stored["topk_logprobs"], stored_temperature=temperature)
+    head = output_head(live.model)
     with torch.no_grad():
         hidden = hidden_states(live.model, batch.teacher_ids, batch.teacher_attention)
-        signals = next_token_stats(hidden, batch.teacher_ids, output_head(live.model), live.vocab_size, live.boundary,
-                                   temperature, 0, params.logits_chunk_size)
+        signals = next_token_stats(hidden, batch.teacher_ids, head, live.vocab_size, live.boundary, temperature, 0,
+                                   params.logits_chunk_size)
     return TeacherView(**common, token_logprobs=signals.token_logprobs, boundary_logprobs=signals.boundary_logprobs,
-                       model=live.model, hidden=hidden, head=output_head(live.model))
+                       model=live.model, hidden=hidden, head=head)
 
 
 def train(

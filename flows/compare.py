@@ -27,13 +27,13 @@ from components import tracking
 from components.config import CROSS_TOKENIZER_LOSSES, load_params
 from components.evaluate import collect_metrics
 from components.io import read_json, write_json
+from components.losses.registry import LOSSES
 from components.models import model_card
 from components.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from components.report import render_comparison
 from flows.common import stage_cli
 
-DEFAULT_LOSSES = [*(name for name in CROSS_TOKENIZER_LOSSES if name != "dskd"), "sft", "dskd"]
-ONLINE_ONLY = {"dskd"}
+DEFAULT_LOSSES = [*CROSS_TOKENIZER_LOSSES, "sft"]
 
 
 def _run(command: list[str]) -> None:
@@ -47,7 +47,7 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
     params_path = Path(params_file)
     saved = params_path.read_text()
     params = load_params(params_path)
-    losses = sorted(losses or DEFAULT_LOSSES, key=lambda name: name in ONLINE_ONLY)  # online runs last
+    losses = sorted(losses or DEFAULT_LOSSES, key=lambda name: LOSSES[name].online_only)  # online runs last
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict] = {}
     try:
@@ -55,7 +55,7 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
         references = collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"])
         for loss in losses:
             sets = [f"distill.loss={loss}", *(overrides or [])]
-            if loss in ONLINE_ONLY:
+            if LOSSES[loss].online_only:
                 sets.append("distill.teacher_mode=online")
             started = time.perf_counter()
             _run(["dvc", "exp", "run", "-n", f"cmp-{loss.replace('_', '-')}-{stamp}",
@@ -89,6 +89,6 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
 
 if __name__ == "__main__":
     stage_cli(compare, __doc__,
-              losses={"nargs": "+", "help": f"losses to compare (default: {' '.join(DEFAULT_LOSSES)})"},
+              losses={"nargs": "+", "help": f"losses to compare (default: {' '.join(DEFAULT_LOSSES)}; online-only ones run last)"},
               overrides={"nargs": "+", "metavar": "KEY=VALUE", "help": "extra `dvc exp run -S` overrides for every method"},
               out={"default": "docs/results", "help": "folder for the comparison files (default: docs/results)"})

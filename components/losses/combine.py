@@ -3,6 +3,7 @@ fixed per-loss weights, or GradMag balancing by last-layer gradient norm (spec 1
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,8 +47,8 @@ def gradmag_weights(losses: Sequence[torch.Tensor], last_layer: Sequence[torch.T
     inverse = []
     for loss in losses:
         grads = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 0.0)
-        inverse.append(1.0 / (float(norm) + 1e-8))
+        norm = math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
+        inverse.append(1.0 / (norm + 1e-8))
     total = sum(inverse)
     return [value / total for value in inverse]
 

@@ -22,7 +22,7 @@ Reduction: L_b = (HAD_b + sl_weight * SL_b + sd_weight * SD_b) / T_b, i.e. the p
 the loss is the mean of L_b over examples with at least one pair. The paper's overall factor alpha and the
 CE term belong to the training loop's weights.
 
-The teacher's probabilities come from `uld.teacher_probabilities`: offline at temperature 1 the stored ones
+The teacher's probabilities come from `teacher_distribution.teacher_probabilities`: offline at temperature 1 the stored ones
 (dimensions outside a position's stored top-K read 0, so keep the stored K at least `top_k`); at
 `sd_temperature` the stored support renormalised, since the full-vocabulary normaliser is unknown offline.
 The reference code's deviations (spec 4.3: double softmax, swapped SL, logit-std normalisation, batch-wide
@@ -36,8 +36,7 @@ import torch
 from components.config import MultiLevelOtParams
 from components.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, masked_mean, register
 from components.losses.positions import gather_rows, map_positions, paired_target_rows
-from components.losses.teacher_distribution import select_teacher_rows
-from components.losses.uld import teacher_probabilities
+from components.losses.teacher_distribution import select_teacher_rows, teacher_probabilities
 
 
 def column_mass(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,35 @@ def select_teacher_rows(teacher: TeacherView, rows: torch.Tensor) -> TeacherRows
     return TeacherRows(gather_rows(teacher.topk_ids.long(), rows), gather_rows(teacher.topk_logprobs, rows), None)
 
 
+@torch.no_grad()
+def _known_log_probs(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, hidden: torch.Tensor | None,
+                     teacher: TeacherView) -> tuple[torch.Tensor, float]:
+    """One slice of `TeacherRows` -> log-probs [B, c, V_T] normalised over the full vocabulary (-inf where the
+    stored top-k says nothing), and the temperature they are at."""
+    if hidden is not None:
+        return teacher.head(hidden)[..., : teacher.vocab_size].float().log_softmax(-1), 1.0
+    sparse = torch.full((*topk_ids.shape[:-1], teacher.vocab_size), float("-inf"), device=topk_ids.device)
+    return sparse.scatter(-1, topk_ids, topk_logprobs.float()), teacher.stored_temperature
+
+
 def teacher_log_probs(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, hidden: torch.Tensor | None,
                       teacher: TeacherView) -> torch.Tensor:
     """One slice of `TeacherRows` -> truncated, tempered teacher log-probs [B, c, V_T] (no gradient)."""
-    with torch.no_grad():
-        if hidden is not None:
-            full = teacher.head(hidden)[..., : teacher.vocab_size].float().log_softmax(-1)
-            return truncate(full, teacher.truncation)
-        sparse = torch.full((*topk_ids.shape[:-1], teacher.vocab_size), float("-inf"), device=topk_ids.device)
-        sparse = sparse.scatter(-1, topk_ids, topk_logprobs.float())
-        return truncate(sparse, teacher.truncation, teacher.stored_temperature)
+    known, source_temperature = _known_log_probs(topk_ids, topk_logprobs, hidden, teacher)
+    return truncate(known, teacher.truncation, source_temperature)
+
+
+def teacher_probabilities(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
+                          hidden: torch.Tensor | None, teacher: TeacherView, temperature: float) -> torch.Tensor:
+    """The teacher's own next-token probabilities at `temperature`, untruncated: [B, c, V_T], no gradient.
+
+    For losses that rank and truncate the teacher themselves (ULD, MultiLevelOT), so `teacher.truncation`
+    does not apply. Live: softmax(z / temperature) over the full vocabulary. Offline at the extraction
+    temperature: the stored probabilities as they are (entries outside the stored top-K read 0, so the
+    missing mass stays missing). Offline at another temperature the full-vocabulary normaliser is unknown,
+    so the stored support is renormalised at `temperature`.
+    """
+    known, source_temperature = _known_log_probs(topk_ids, topk_logprobs, hidden, teacher)
+    if temperature == source_temperature:
+        return known.exp()
+    return (known * (source_temperature / temperature)).softmax(-1)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from components.config import UldParams
 from components.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, masked_mean, register
 from components.losses.positions import gather_rows, map_positions, paired_target_rows
-from components.losses.teacher_distribution import select_teacher_rows
+from components.losses.teacher_distribution import select_teacher_rows, teacher_probabilities
 
 
 def sorted_with_tail(probs: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -40,26 +40,6 @@ def sorted_with_tail(probs: torch.Tensor, top_k: int) -> torch.Tensor:
 def uld_distance(student_sorted: torch.Tensor, teacher_sorted: torch.Tensor) -> torch.Tensor:
     """Per-position ULD from both sides' `sorted_with_tail` vectors (same k): [..., k + 1] -> [...], in [0, 2]."""
     return (student_sorted - teacher_sorted).abs().sum(-1)
-
-
-def teacher_probabilities(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
-                          hidden: torch.Tensor | None, teacher: TeacherView, temperature: float) -> torch.Tensor:
-    """The teacher's own next-token probabilities at `temperature` for one slice of rows: [B, c, V_T], no gradient.
-
-    ULD and MultiLevelOT rank and truncate the teacher themselves, so `teacher.truncation` does not apply.
-    Live: softmax(z / temperature) over the full vocabulary. Offline at the extraction temperature: the stored
-    probabilities as they are (normalised over the full vocabulary; entries outside the stored top-K read 0,
-    so the missing mass stays missing and shows up as a tail). Offline at another temperature the
-    full-vocabulary normaliser is unknown, so the stored support is renormalised at `temperature`.
-    """
-    with torch.no_grad():
-        if hidden is not None:
-            return (teacher.head(hidden)[..., : teacher.vocab_size].float() / temperature).softmax(-1)
-        log_probs = topk_logprobs.float()
-        if temperature != teacher.stored_temperature:
-            log_probs = (log_probs * (teacher.stored_temperature / temperature)).log_softmax(-1)
-        dense = torch.zeros((*topk_ids.shape[:-1], teacher.vocab_size), device=log_probs.device)
-        return dense.scatter(-1, topk_ids.long(), log_probs.exp())
 
 
 def _teacher_sorted(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, hidden: torch.Tensor | None,
