@@ -79,11 +79,16 @@ class PrepareParams(Strict):
 
 
 class TeacherLogitsParams(Strict):
-    top_k: int = Field(ge=1, le=1024)
-    temperature: float = Field(gt=0)
+    """Offline teacher extraction (spec 2.3, 2.7): which entries of each next-token distribution are stored, and how."""
+
+    top_p: float = Field(1.0, gt=0, le=1, description="keep the smallest prefix reaching this probability (at T=1)")
+    top_k: int = Field(ge=1, le=1024, description="then keep at most this many entries")
+    temperature: float = Field(gt=0, description="stored log-probs are at this temperature; training can re-temper")
     batch_size: int = Field(ge=1)
-    examples_per_shard: int = Field(ge=1)
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    examples_per_shard: int = Field(ge=1, description="also the block size of distill's shard-ordered shuffling")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="teacher forward dtype; auto: bfloat16 where the device supports it. Log-probs are fp32")
+    workers: int = Field(1, ge=1, description="extraction processes (a Dask cluster via prefect-dask when > 1)")
 
 
 # Registered distillation losses (components/losses); `sft` alone is the next-token-only baseline.

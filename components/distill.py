@@ -36,7 +36,7 @@ from components.losses.token_stats import hidden_states, next_token_stats, outpu
 from components.models import MODEL_CARD, load_model, load_tokenizer, model_card
 from components.models.gguf import default_cache_dir
 from components.models.token_bytes import boundary_mask
-from components.teacher_logits import Teacher, TeacherLogitsReader, pad_batch
+from components.teacher_logits import Teacher, TeacherLogitsReader, pad_batch, stored_encoded
 
 
 
@@ -59,10 +59,15 @@ def _pad_values(rows: list[Sequence | torch.Tensor], width: int, fill: int | flo
     return out
 
 
-def _pad_topk(rows: list[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=dtype)
+def _pad_topk(rows: list[torch.Tensor], length: int, fill: int | float) -> torch.Tensor:
+    """Stored [L_i, k_i] top-k rows -> [B, length, max k_i]. Rows narrower than the widest are padded with
+    (id 0, -inf), which adds nothing; positions past an example's end get (id 0, log-prob 0), a valid one-hot
+    that the loss masks out."""
+    width = max(row.shape[-1] for row in rows)
+    out = torch.full((len(rows), length, width), fill, dtype=torch.long if isinstance(fill, int) else torch.float32)
     for index, row in enumerate(rows):
-        out[index, : len(row)] = row.to(dtype)
+        out[index, : len(row), : row.shape[-1]] = row
+        out[index, len(row):, 0] = 0
     return out
 
 
@@ -90,22 +95,32 @@ def make_batch(students: list[Encoded], teachers: list[Encoded], word_starts: di
         batch.stored = {
             "token_logprobs": _pad_values([s["token_logprobs"] for s in stored], width, 0.0),
             "boundary_logprobs": _pad_values([s["boundary_logprobs"] for s in stored], width, 0.0),
-            "topk_ids": _pad_topk([s["topk_ids"] for s in stored], width, torch.long),
-            "topk_logprobs": _pad_topk([s["topk_logprobs"] for s in stored], width, torch.float32),
+            "topk_ids": _pad_topk([s["topk_ids"] for s in stored], width, 0),
+            "topk_logprobs": _pad_topk([s["topk_logprobs"] for s in stored], width, float("-inf")),
         }
     return batch
 
 
 @functools.lru_cache(maxsize=2)
-def _epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n_examples))
-    random.Random(seed + epoch).shuffle(order)
+def _epoch_order(n_examples: int, block: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """A seeded shuffle that keeps blocks of `block` consecutive examples together (the stored teacher's
+    shards): the blocks in random order, each block's examples in random order. Reading the stored logits
+    in this order decodes each shard once per epoch and holds one at a time."""
+    rng = random.Random(f"{seed}-{epoch}")
+    starts = list(range(0, n_examples, block))
+    rng.shuffle(starts)
+    order = []
+    for start in starts:
+        members = list(range(start, min(start + block, n_examples)))
+        rng.shuffle(members)
+        order += members
     return tuple(order)
 
 
-def batch_indices(step: int, batch_size: int, n_examples: int, seed: int) -> list[int]:
-    """Example indices of a step: a fresh seeded permutation each epoch, so a resumed run sees the same data."""
-    return [_epoch_order(n_examples, seed, position // n_examples)[position % n_examples]
+def batch_indices(step: int, batch_size: int, n_examples: int, block: int, seed: int) -> list[int]:
+    """Example indices of a step: a fresh seeded shard-blocked permutation each epoch, so a resumed run (and an
+    online run, which has no shards) sees the same data as an uninterrupted offline one."""
+    return [_epoch_order(n_examples, block, seed, position // n_examples)[position % n_examples]
             for position in range(step * batch_size, (step + 1) * batch_size)]
 
 
@@ -160,7 +175,8 @@ def train(
 
     stored = live = None
     if params.teacher_mode == "offline":
-        stored = TeacherLogitsReader(teacher_logits_dir, teacher_fields(losses), prepared["splits"]["train"]["sha256"]["teacher"])
+        stored = TeacherLogitsReader(teacher_logits_dir, teacher_fields(losses), prepared["splits"]["train"]["sha256"]["teacher"],
+                                     teacher_card)
         temperature, teacher_vocab = stored.manifest["temperature"], stored.manifest["vocab_size"]
     else:
         live = Teacher.load(teacher_dir, teacher_params.dtype)
@@ -197,9 +213,12 @@ def train(
                initial=start_step, total=params.steps)
     for step in bar:
         started = time.perf_counter()
-        indices = batch_indices(step, params.batch_size, len(students), params.seed)
-        batch = make_batch([students[i] for i in indices], [teachers[i] for i in indices], word_starts,
-                           [stored[i] for i in indices] if stored else None)
+        indices = batch_indices(step, params.batch_size, len(students), teacher_params.examples_per_shard, params.seed)
+        if stored is not None:  # offline: the teacher side is what was stored, joined to the student's by index
+            examples = [stored[i] for i in indices]
+            batch = make_batch([students[i] for i in indices], [stored_encoded(e) for e in examples], word_starts, examples)
+        else:
+            batch = make_batch([students[i] for i in indices], [teachers[i] for i in indices], word_starts)
         teacher = _teacher_view(batch, stored is not None, live, teacher_vocab, params, temperature)
         weights = term_weights(params, step)
         hidden = hidden_states(student, batch.student_ids, batch.student_attention)

@@ -1,19 +1,56 @@
-"""Stage `teacher_logits`: run the teacher once over the training data; store top-k, observed-token and
-boundary log-probs with the teacher's byte spans, in shards with a manifest. Resumes after interruption.
+"""Stage `teacher_logits`: run the teacher once over the training data; store each position's truncated
+distribution (top-p then top-k, compact-encoded), observed-token and boundary log-probs with the teacher's
+byte spans, in checksummed shards with a manifest. Killed at any point, a rerun extracts only missing shards.
+
+Each shard is one Prefect task. With `teacher_logits.workers: N > 1` the tasks run on a local Dask cluster
+of N processes (prefect-dask), each loading the teacher once and taking shards as they free up.
 
 Inputs: models/teacher, data/prepared; params `teacher_logits.*`. With `distill.teacher_mode: online`
 nothing is extracted (the teacher runs inside distill) and the manifest says so.
-Outputs: data/teacher_logits/ (shard-*.safetensors, progress.json, manifest.json).
+Outputs: data/teacher_logits/ (plan.json, shard-*.safetensors + shard-*.json, manifest.json).
 Run alone: python -m flows.teacher_logits   (or: dvc repro teacher_logits)
 """
 
-from prefect import flow
+from __future__ import annotations
+
+import os
+
+import torch
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NONE
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from components import tracking
 from components.io import write_json
 from components.paths import PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR
-from components.teacher_logits import run_teacher_logits
+from components.teacher_logits import ExtractionPlan, extract_shard, plan_extraction, write_manifest
 from flows.common import stage_cli, tracked_stage
+
+
+@task(name="extract-shard", cache_policy=NONE)
+def extract_shard_task(plan: ExtractionPlan, shard: int, workers: int) -> dict:
+    if workers > 1:  # share the host's cores between the worker processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    info = extract_shard(plan, shard)
+    print(f"shard {shard}: {info['n_examples']} examples, {info['n_tokens']} tokens, "
+          f"{info['bytes'] / max(1, info['n_tokens']):.1f} bytes/token, pid {info['extracted_by']['pid']}")
+    return info
+
+
+def task_runner(workers: int) -> TaskRunner:
+    """One in-process thread (the teacher loaded once), or a local Dask cluster of `workers` processes."""
+    if workers == 1:
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+@flow(name="extract-teacher-shards", log_prints=True)
+def extract_shards(plan: ExtractionPlan) -> list[dict]:
+    workers = plan.params.workers
+    futures = extract_shard_task.map(unmapped(plan), list(range(plan.n_shards)), unmapped(workers))
+    return [future.result() for future in futures]
 
 
 @flow(name="teacher_logits", log_prints=True)
@@ -23,9 +60,13 @@ def teacher_logits(params_file: str = "params.yaml") -> dict:
             manifest = {"skipped": "distill.teacher_mode is online: the teacher runs at every distill step"}
             write_json(TEACHER_LOGITS_DIR / "manifest.json", manifest)
             return manifest
-        manifest = run_teacher_logits(PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR, params.teacher_logits)
+        plan = plan_extraction(PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR, params.teacher_logits)
+        shards = extract_shards.with_options(task_runner=task_runner(params.teacher_logits.workers))(plan)
+        manifest = write_manifest(plan, shards)
         tracking.log_metrics({"examples": manifest["n_examples"], "tokens": manifest["n_tokens"],
-                              "shards": len(manifest["shards"])})
+                              "shards": len(manifest["shards"]), "bytes_per_token": manifest["bytes_per_token"],
+                              "distribution_bytes_per_token": manifest["distribution"]["bytes_per_token"],
+                              "mean_kept": manifest["distribution"]["mean_kept"]})
         tracking.log_artifact(TEACHER_LOGITS_DIR / "manifest.json")
         return manifest
 

@@ -69,7 +69,8 @@ def _known_log_probs(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor 
     if hidden is not None:
         return teacher.head(hidden)[..., : teacher.vocab_size].float().log_softmax(-1), 1.0
     sparse = torch.full((*topk_ids.shape[:-1], teacher.vocab_size), float("-inf"), device=topk_ids.device)
-    return sparse.scatter(-1, topk_ids, topk_logprobs.float()), teacher.stored_temperature
+    # Rows with fewer kept entries than the width are padded with (id 0, -inf): amax keeps a real id 0's value.
+    return sparse.scatter_reduce(-1, topk_ids, topk_logprobs.float(), "amax"), teacher.stored_temperature
 
 
 def teacher_log_probs(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, hidden: torch.Tensor | None,

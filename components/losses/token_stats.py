@@ -23,7 +23,8 @@ class NextTokenStats:
     token_logprobs: torch.Tensor  # [B, T] log p(x_{j+1} | x_{<=j}); the last row is 0 (nothing to predict)
     boundary_logprobs: torch.Tensor | None  # [B, T] log P(token j+1 starts a word or is special); None: not asked
     topk_ids: torch.Tensor | None = None  # [B, T, k]
-    topk_logprobs: torch.Tensor | None = None  # [B, T, k]
+    topk_logprobs: torch.Tensor | None = None  # [B, T, k], descending
+    topk_counts: torch.Tensor | None = None  # [B, T]: entries kept by top-p (at T = 1), at most k
 
 
 def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -42,13 +43,12 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
 def _slice_stats(
     hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-    vocab_size: int, boundary: torch.Tensor | None, temperature: float, top_k: int,
+    vocab_size: int, boundary: torch.Tensor | None, temperature: float, top_k: int, top_p: float,
 ) -> tuple[torch.Tensor, ...]:
     # Padded embedding rows (Qwen2.5: 151,936 rows for a smaller tokenizer) are sliced off before the
     # softmax, or probability mass would leak to tokens that do not exist.
-    logits = head(hidden)[..., :vocab_size].float()
-    if temperature != 1:
-        logits = logits / temperature
+    raw = head(hidden)[..., :vocab_size].float()
+    logits = raw / temperature if temperature != 1 else raw
     log_norm = torch.logsumexp(logits, dim=-1)
     token = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     outputs: tuple[torch.Tensor, ...] = (token.clamp(max=0.0),)
@@ -58,16 +58,19 @@ def _slice_stats(
     if top_k:
         values, ids = logits.topk(top_k, dim=-1)
         outputs += (ids, (values - log_norm.unsqueeze(-1)).clamp(max=0.0))
+        # Top-p is cut on the untempered distribution, so the temperature never changes what is kept (spec 2.3).
+        probs = (raw.gather(-1, ids) - (torch.logsumexp(raw, -1) if temperature != 1 else log_norm).unsqueeze(-1)).exp()
+        outputs += ((probs.cumsum(-1) < top_p).sum(-1).add(1).clamp(max=top_k),)
     return outputs
 
 
 def next_token_stats(
     hidden: torch.Tensor, input_ids: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
     vocab_size: int, boundary_mask: torch.Tensor | None, temperature: float = 1.0, top_k: int = 0,
-    chunk_size: int = 128,
+    chunk_size: int = 128, top_p: float = 1.0,
 ) -> NextTokenStats:
     """Next-token log-probs of the observed tokens, boundary log-probs (unless `boundary_mask` is None) and
-    optional top-k, chunk by chunk.
+    optional top-k (with how many entries top-p keeps), chunk by chunk.
 
     Ask for boundary log-probs only when a loss uses them: under gradients a checkpointed slice keeps the
     recomputed tensors of every output until the graph is freed, so an unused output costs a slice of
@@ -76,7 +79,7 @@ def next_token_stats(
     targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
     boundary = None if boundary_mask is None else boundary_mask.to(hidden.device)
     merged = list(map_positions(_slice_stats, [hidden, targets], chunk_size, head, vocab_size, boundary,
-                                temperature, top_k))
+                                temperature, top_k, top_p))
     merged[0][:, -1] = 0.0
     if boundary is None:
         merged.insert(1, None)
