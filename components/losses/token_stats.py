@@ -48,6 +48,8 @@ def _slice_stats(
     # Padded embedding rows (Qwen2.5: 151,936 rows for a smaller tokenizer) are sliced off before the
     # softmax, or probability mass would leak to tokens that do not exist.
     raw = head(hidden)[..., :vocab_size].float()
+    if top_k:
+        return _truncated_slice_stats(raw, targets, boundary, temperature, top_k, top_p)
     logits = raw / temperature if temperature != 1 else raw
     log_norm = torch.logsumexp(logits, dim=-1)
     token = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
@@ -55,13 +57,37 @@ def _slice_stats(
     if boundary is not None:
         on_boundary = torch.logsumexp(logits.masked_fill(~boundary[:vocab_size], float("-inf")), dim=-1) - log_norm
         outputs += (on_boundary.clamp(max=0.0),)
-    if top_k:
-        values, ids = logits.topk(top_k, dim=-1)
-        outputs += (ids, (values - log_norm.unsqueeze(-1)).clamp(max=0.0))
-        # Top-p is cut on the untempered distribution, so the temperature never changes what is kept (spec 2.3).
-        probs = (raw.gather(-1, ids) - (torch.logsumexp(raw, -1) if temperature != 1 else log_norm).unsqueeze(-1)).exp()
-        outputs += ((probs.cumsum(-1) < top_p).sum(-1).add(1).clamp(max=top_k),)
     return outputs
+
+
+@torch.no_grad()
+def _truncated_slice_stats(raw: torch.Tensor, targets: torch.Tensor, boundary: torch.Tensor | None,
+                           temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, ...]:
+    """The extraction path (a teacher, no gradient): one in-place exp pass over the slice serves the normaliser,
+    the boundary mass and the top-p cut. Separate masked log-sum-exp passes cost as much as the forward pass
+    itself on a CPU (bench/logits.py)."""
+    untempered_norm = torch.logsumexp(raw, -1, keepdim=True) if temperature != 1 and top_p < 1 else None
+    logits = raw.div_(temperature) if temperature != 1 else raw
+    values, ids = logits.topk(top_k, dim=-1)
+    token = logits.gather(-1, targets.unsqueeze(-1))
+    probs = logits.sub_(values[..., :1]).exp_()  # unnormalised, relative to the maximum; `logits` is consumed
+    # One matmul sums the whole row and its boundary tokens: [.., V] @ [V, 2].
+    columns = [torch.ones(probs.shape[-1], dtype=probs.dtype, device=probs.device)]
+    if boundary is not None:
+        columns.append(boundary[: probs.shape[-1]].to(probs.dtype))
+    log_sums = (probs @ torch.stack(columns, -1)).log()
+    log_norm = values[..., :1] + log_sums[..., :1]
+    outputs: tuple[torch.Tensor, ...] = ((token - log_norm).squeeze(-1).clamp(max=0.0),)
+    if boundary is not None:
+        outputs += ((log_sums[..., 1] - log_sums[..., 0]).clamp(max=0.0),)
+    topk_logprobs = (values - log_norm).clamp(max=0.0)
+    if top_p >= 1:
+        counts = torch.full(values.shape[:-1], top_k, dtype=torch.long, device=values.device)
+    else:
+        # Top-p is cut on the untempered distribution, so the temperature never changes what is kept (spec 2.3).
+        kept = topk_logprobs.exp() if untempered_norm is None else (values * temperature - untempered_norm).exp()
+        counts = ((kept.cumsum(-1) < top_p).sum(-1) + 1).clamp(max=top_k)
+    return (*outputs, ids, topk_logprobs, counts)
 
 
 def next_token_stats(

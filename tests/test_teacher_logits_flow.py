@@ -1,0 +1,33 @@
+"""Parallel extraction: shards are Prefect tasks, and with `workers: 2` a real local Dask cluster (prefect-dask)
+spreads them over two processes, with the same result as extracting them one by one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from components.prepare import run_prepare
+from components.teacher_logits import TeacherLogitsReader, plan_extraction, run_teacher_logits, write_manifest
+from flows.teacher_logits import extract_shards, task_runner
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_dask_workers_share_the_shards_and_store_what_one_process_does(tiny_params, tiny_dirs, tmp_path):
+    run_prepare(tiny_dirs, tmp_path / "prepared", tiny_params.prepare)
+    params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 2, "workers": 2})
+    plan = plan_extraction(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "parallel", params)
+    shards = extract_shards.with_options(task_runner=task_runner(params.workers))(plan)
+    parallel = write_manifest(plan, shards)
+    workers = {shard["extracted_by"]["pid"] for shard in shards}
+    assert len(workers) == 2 and os.getpid() not in workers, "both worker processes extracted shards"
+
+    sequential = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "sequential", params)
+    assert [s["first_index"] for s in parallel["shards"]] == [s["first_index"] for s in sequential["shards"]]
+    fields = ("token_logprobs", "topk_ids")
+    one, two = (TeacherLogitsReader(tmp_path / name, fields, plan.prepared_sha256) for name in ("sequential", "parallel"))
+    for index in range(len(one)):
+        for field, value in one[index].items():
+            torch.testing.assert_close(two[index][field], value, atol=1e-5, rtol=0)
