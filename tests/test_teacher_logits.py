@@ -4,7 +4,6 @@ are read back in training order one at a time; bad inputs fail naming the fix.""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ from components import logit_codec
 from components.config import TeacherTruncation
 from components.data.chat import Encoded
 from components.distill import batch_indices
-from components.io import read_json, read_jsonl, write_json
+from components.io import read_json, read_jsonl
 from components.losses.base import TeacherView
 from components.losses.teacher_distribution import teacher_log_probs
 from components.models import load_model, load_tokenizer
