@@ -47,7 +47,8 @@ def _subset(prepared: Path, out: Path, examples: int) -> list[list[int]]:
     """A prepared directory holding the first `examples` training examples (the stage's input contract)."""
     records = read_jsonl(prepared / "train.teacher.jsonl")[:examples]
     write_jsonl(out / "train.teacher.jsonl", records)
-    write_json(out / "manifest.json", {"splits": {"train": {"sha256": {"teacher": sha256_file(out / "train.teacher.jsonl")}}}})
+    write_json(out / "manifest.json", {"splits": {"train": {"examples": len(records),
+                                                             "sha256": {"teacher": sha256_file(out / "train.teacher.jsonl")}}}})
     return [record["input_ids"] for record in records]
 
 

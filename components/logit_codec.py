@@ -30,11 +30,12 @@ ID_ZSTD_LEVEL = 9  # the id gaps are the largest stream; level 9 saves ~5% at ~4
 _SMALLEST = 0.25 / LEVELS  # code 0 decodes here (a quarter step), never to probability 0
 
 
-def _compress(array: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
+def compress(array: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
+    """An array's bytes, zstd-compressed (the shard writer stores its plain per-token fields this way too)."""
     return zstandard.ZstdCompressor(level=level).compress(np.ascontiguousarray(array).tobytes())
 
 
-def _decompress(blob: bytes, dtype: type) -> np.ndarray:
+def decompress(blob: bytes, dtype: type) -> np.ndarray:
     return np.frombuffer(zstandard.ZstdDecompressor().decompress(blob), dtype=dtype)
 
 
@@ -53,32 +54,32 @@ def encode(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> dict[st
     gaps = (np.diff(keys >> 8, axis=1, prepend=-1) - 1)[kept]
     escapes = gaps[gaps >= 255]
     return {
-        "counts": _compress(counts.astype(np.uint16)),
-        "table_gaps": _compress((np.diff(used, prepend=-1) - 1).astype(np.uint32)),
-        "table_frequency": _compress(frequency[used].astype(np.uint32)),
-        "id_gaps": _compress(np.minimum(gaps, 255).astype(np.uint8), ID_ZSTD_LEVEL),
-        "id_gap_escapes_low": _compress((escapes & 0xFFFF).astype(np.uint16)),
-        "id_gap_escapes_high": _compress((escapes >> 16).astype(np.uint8)),
-        "values": _compress((keys & 0xFF)[kept].astype(np.uint8)),
+        "counts": compress(counts.astype(np.uint16)),
+        "table_gaps": compress((np.diff(used, prepend=-1) - 1).astype(np.uint32)),
+        "table_frequency": compress(frequency[used].astype(np.uint32)),
+        "id_gaps": compress(np.minimum(gaps, 255).astype(np.uint8), ID_ZSTD_LEVEL),
+        "id_gap_escapes_low": compress((escapes & 0xFFFF).astype(np.uint16)),
+        "id_gap_escapes_high": compress((escapes >> 16).astype(np.uint8)),
+        "values": compress((keys & 0xFF)[kept].astype(np.uint8)),
     }
 
 
 def decode(streams: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Named streams -> [N, max count] ids (int64) and log-probs (float32), most probable first, each row padded
     with (id 0, -inf) after its kept entries."""
-    counts = _decompress(streams["counts"], np.uint16).astype(np.int64)
-    used = np.cumsum(_decompress(streams["table_gaps"], np.uint32).astype(np.int64) + 1) - 1
-    frequency = _decompress(streams["table_frequency"], np.uint32).astype(np.int64)
+    counts = decompress(streams["counts"], np.uint16).astype(np.int64)
+    used = np.cumsum(decompress(streams["table_gaps"], np.uint32).astype(np.int64) + 1) - 1
+    frequency = decompress(streams["table_frequency"], np.uint32).astype(np.int64)
     by_frequency = used[np.argsort(-frequency, kind="stable")]
-    gaps = _decompress(streams["id_gaps"], np.uint8).astype(np.int64)
-    gaps[gaps == 255] = (_decompress(streams["id_gap_escapes_low"], np.uint16).astype(np.int64)
-                         | _decompress(streams["id_gap_escapes_high"], np.uint8).astype(np.int64) << 16)
+    gaps = decompress(streams["id_gaps"], np.uint8).astype(np.int64)
+    gaps[gaps == 255] = (decompress(streams["id_gap_escapes_low"], np.uint16).astype(np.int64)
+                         | decompress(streams["id_gap_escapes_high"], np.uint8).astype(np.int64) << 16)
     steps = gaps + 1
     starts = np.cumsum(counts) - counts
     running = np.cumsum(steps)
     # Each row's ranks restart from -1: subtract the running total reached just before the row's first entry.
     ranks = running - np.repeat(running[starts] - steps[starts], counts) - 1
-    codes = _decompress(streams["values"], np.uint8).astype(np.float64)
+    codes = decompress(streams["values"], np.uint8).astype(np.float64)
     kept = np.arange(int(counts.max(initial=1)))[None, :] < counts[:, None]
     ids = np.zeros(kept.shape, dtype=np.int64)
     logprobs = np.full(kept.shape, -np.inf, dtype=np.float32)

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from components import logit_codec
 from components.config import TeacherLogitsParams
 from components.data.chat import Encoded
-from components.io import atomic_path, fingerprint, read_json, read_jsonl, require_manifest, sha256_file, write_json
+from components.io import atomic_path, fingerprint, read_json, require_manifest, sha256_file, write_json
 from components.losses.token_stats import NextTokenStats, hidden_states, next_token_stats, output_head
 from components.models import load_model, load_tokenizer, model_card
 from components.models.token_bytes import boundary_mask
@@ -113,8 +113,7 @@ def write_shard(path: Path, examples: list[dict[str, np.ndarray]]) -> int:
     def joined(field: str) -> np.ndarray:
         return np.concatenate([example[field] for example in examples])
 
-    streams = {field: zstandard.ZstdCompressor(level=logit_codec.ZSTD_LEVEL).compress(
-        np.ascontiguousarray(joined(field), dtype=dtype).tobytes()) for field, dtype in _PLAIN.items()}
+    streams = {field: logit_codec.compress(joined(field).astype(dtype)) for field, dtype in _PLAIN.items()}
     distribution = logit_codec.encode(joined("topk_ids"), joined("topk_logprobs"), joined("topk_counts"))
     streams.update({_CODEC_PREFIX + name: blob for name, blob in distribution.items()})
     tensors = {name: torch.frombuffer(bytearray(blob), dtype=torch.uint8) for name, blob in streams.items()}
@@ -133,8 +132,7 @@ def read_shard(path: Path, expected_sha256: str | None = None) -> list[dict[str,
     try:
         tensors = load_file(str(path))
         blobs = {name: tensor.numpy().tobytes() for name, tensor in tensors.items() if name != "offsets"}
-        columns = {field: np.frombuffer(zstandard.ZstdDecompressor().decompress(blobs[field]), dtype=dtype)
-                   for field, dtype in _PLAIN.items()}
+        columns = {field: logit_codec.decompress(blobs[field], dtype) for field, dtype in _PLAIN.items()}
         topk_ids, topk_logprobs = logit_codec.decode(
             {name[len(_CODEC_PREFIX):]: blob for name, blob in blobs.items() if name.startswith(_CODEC_PREFIX)})
     except (SafetensorError, zstandard.ZstdError, KeyError, ValueError, OSError) as error:
@@ -187,7 +185,7 @@ def plan_extraction(prepared_dir: Path, teacher_dir: Path, out_dir: Path, params
         write_json(plan_path, {"fingerprint": key})
     for leftover in Path(out_dir).glob(".*"):  # temporaries of a write that was killed (SIGKILL skips clean-up)
         shutil.rmtree(leftover, ignore_errors=True)
-    n_examples = len(read_jsonl(Path(prepared_dir) / "train.teacher.jsonl"))
+    n_examples = prepared["splits"]["train"]["examples"]
     return ExtractionPlan(Path(prepared_dir), Path(teacher_dir), Path(out_dir), params, key, prepared_sha256, n_examples)
 
 
