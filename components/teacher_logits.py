@@ -39,7 +39,7 @@ from components import logit_codec
 from components.config import TeacherLogitsParams
 from components.data.chat import Encoded
 from components.io import atomic_path, fingerprint, read_json, require_manifest, sha256_file, write_json
-from components.losses.token_stats import NextTokenStats, hidden_states, next_token_stats, output_head
+from components.losses.token_stats import NextTokenStats, hidden_states, truncated_next_token_stats
 from components.models import load_model, load_tokenizer, model_card
 from components.models.token_bytes import boundary_mask
 
@@ -79,12 +79,12 @@ class Teacher:
 
     @torch.no_grad()
     def stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, top_k: int,
-              chunk_size: int = 128, top_p: float = 1.0) -> NextTokenStats:
+              top_p: float = 1.0) -> NextTokenStats:
         device = self.boundary.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         hidden = hidden_states(self.model, input_ids, attention_mask)
-        return next_token_stats(hidden, input_ids, output_head(self.model), self.vocab_size, self.boundary,
-                                temperature, top_k, chunk_size, top_p)
+        return truncated_next_token_stats(hidden, input_ids, attention_mask, self.model, self.vocab_size,
+                                          self.boundary, temperature, top_k, top_p)
 
 
 @functools.lru_cache(maxsize=1)

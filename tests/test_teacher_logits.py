@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from components.distill import batch_indices
 from components.io import read_json, read_jsonl
 from components.losses.base import TeacherView
 from components.losses.teacher_distribution import teacher_log_probs
+from components.losses.token_stats import truncated_next_token_stats
 from components.models import load_model, load_tokenizer
 from components.prepare import run_prepare
 from components.teacher_logits import FIELDS, Teacher, TeacherLogitsReader, pad_batch, read_shard, run_teacher_logits
@@ -154,6 +156,50 @@ def test_temperature_changes_stored_values_but_never_which_ids_are_kept(tiny_par
     assert [sorted(r[r >= 0].tolist()) for r in torch.where(cold["topk_logprobs"].isfinite(), cold["topk_ids"], -1)] == \
            [sorted(r[r >= 0].tolist()) for r in torch.where(hot["topk_logprobs"].isfinite(), hot["topk_ids"], -1)]
     assert not torch.equal(cold["topk_logprobs"], hot["topk_logprobs"])
+
+
+class _HeadOnly(torch.nn.Module):
+    """What the extraction path reads from a model: its output head (with padded rows) and config."""
+
+    def __init__(self, hidden: int, rows: int, cap: float | None):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, rows)
+        self.config = SimpleNamespace(final_logit_softcapping=cap)
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.head
+
+
+@pytest.mark.parametrize("temperature,top_p,cap", [(1.0, 1.0, None), (2.0, 0.9, None), (0.5, 0.6, 2.0)])
+@torch.no_grad()
+def test_vocabulary_blocked_statistics_equal_a_dense_softmax_at_every_real_position(temperature, top_p, cap):
+    torch.manual_seed(0)
+    vocab, padded_rows, k = 301, 19, 12  # 301: the last vocabulary block holds a single row
+    model = _HeadOnly(16, vocab + padded_rows, cap)
+    hidden, ids = torch.randn(3, 7, 16) * 3, torch.randint(0, vocab, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:], mask[2, 2:] = 0, 0
+    boundary = torch.rand(vocab + padded_rows) < 0.3
+    stats = truncated_next_token_stats(hidden, ids, mask, model, vocab, boundary, temperature, k, top_p, block_elements=100)
+
+    logits = model.head(hidden)[..., :vocab]
+    logits = torch.tanh(logits / cap) * cap if cap else logits
+    tempered, untempered = (logits / temperature).log_softmax(-1), logits.log_softmax(-1)
+    real = mask.bool()
+    targets = ids[:, 1:].unsqueeze(-1)
+    expected_token = tempered[:, :-1].gather(-1, targets).squeeze(-1)
+    torch.testing.assert_close(stats.token_logprobs[:, :-1][real[:, :-1]], expected_token[real[:, :-1]])
+    assert (stats.token_logprobs[:, -1] == 0).all()
+    expected_boundary = tempered.masked_fill(~boundary[:vocab], float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(stats.boundary_logprobs[real], expected_boundary[real])
+    expected_values, expected_ids = tempered.topk(k, -1)
+    torch.testing.assert_close(stats.topk_logprobs[real], expected_values[real])
+    assert torch.equal(stats.topk_ids[real], expected_ids[real])
+    kept = untempered.gather(-1, expected_ids).exp().cumsum(-1)
+    expected_counts = ((kept < top_p).sum(-1) + 1).clamp(max=k) if top_p < 1 else torch.full_like(ids, k)
+    assert torch.equal(stats.topk_counts[real], expected_counts[real])
+    for field in (stats.token_logprobs, stats.boundary_logprobs, stats.topk_logprobs, stats.topk_counts):
+        assert (field[~real] == 0).all(), "padding positions hold nothing"
 
 
 def test_padded_stored_rows_add_no_mass_to_a_real_id_0():
