@@ -234,6 +234,52 @@ class EvaluateParams(Strict):
     )
 
 
+class TransferParams(Strict):
+    """Stage `transfer` (spec 1.15-1.16): each source model moved onto `tokenizer` by FVT, then ALM
+    self-distillation with the original model (own tokenizer) as the frozen teacher."""
+
+    tokenizer: str = Field(description="target tokenizer: 'student' or 'teacher' (that role's), a local HF "
+                                       "directory holding one, or 'byte' (every byte one token, specials kept)")
+    sources: dict[str, ModelSpec] = Field(description="name -> model moved onto the tokenizer (names: letters, "
+                                                      "digits, '_')")
+    embedding_steps: int = Field(ge=0, description="phase 1: only the new embeddings (and untied head) train")
+    steps: int = Field(ge=0, description="phase 2: `train` parameters and the embeddings")
+    train: Literal["lora", "full"] = Field("lora", description="phase 2: LoRA adapters (peft) or every parameter")
+    lora_rank: int = Field(64, ge=1)
+    lora_alpha: int = Field(64, ge=1)
+    batch_size: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, description="phase 2 peak; linear warm-up then decay (spec 1.17)")
+    embedding_learning_rate: float = Field(1e-3, gt=0, description="phase 1 peak")
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=32, description="training examples longer than this (tokens, either side) are skipped")
+    hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss (spec 1.13b)")
+    alm: AlmParams = AlmParams(mask_prompt=False)
+    seed: int = 1234
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, value: dict) -> dict:
+        bad = [name for name in value if not name.isidentifier()]
+        if bad or not value:
+            raise ValueError(f"sources: names must be plain identifiers such as 'gemma' (got {bad or 'none'})")
+        return value
+
+
+class EnsembleParams(Strict):
+    """Stage `ensemble` (spec 1.18): next-token probabilities averaged over models sharing one tokenizer."""
+
+    members: list[str] = Field(min_length=1, description="'student', 'teacher', or a transfer source name "
+                                                         "(its transferred model)")
+    weights: list[float] = Field(default_factory=list, description="one per member (normalised); empty: equal")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "EnsembleParams":
+        if self.weights and (len(self.weights) != len(self.members) or min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise ValueError(f"weights: give one non-negative weight per member ({len(self.members)}), not all zero")
+        return self
+
+
 class TrackingParams(Strict):
     experiment: str = "tokenbridge"
     registered_model: str = "tokenbridge-student"
@@ -254,6 +300,8 @@ class PipelineParams(Strict):
     teacher_logits: TeacherLogitsParams
     distill: DistillParams
     evaluate: EvaluateParams
+    transfer: TransferParams
+    ensemble: EnsembleParams
 
     @field_validator("profile")
     @classmethod
@@ -261,6 +309,14 @@ class PipelineParams(Strict):
         if not value.isidentifier():
             raise ValueError("profile must be a plain name such as 'default' or 'tiny'")
         return value
+
+    @model_validator(mode="after")
+    def _ensemble_members_exist(self) -> "PipelineParams":
+        known = {"student", "teacher", *self.transfer.sources}
+        unknown = [name for name in self.ensemble.members if name not in known]
+        if unknown:
+            raise ValueError(f"ensemble.members: {unknown} are neither 'student', 'teacher' nor a transfer.sources name")
+        return self
 
 
 class ParamsError(ValueError):

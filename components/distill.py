@@ -132,7 +132,7 @@ def learning_rate(step: int, params: DistillParams) -> float:
     return params.learning_rate * max(0.0, 1 - (step - params.warmup_steps) / max(1, remaining))
 
 
-def _history_csv(rows: list[dict], fields: Sequence[str]) -> str:
+def history_csv(rows: list[dict], fields: Sequence[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
@@ -264,7 +264,7 @@ def train(
         tokenizer.save_pretrained(temporary)
         write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
                                             "distilled_from": student_card["name"], "loss": params.losses})
-    write_text(history_path, _history_csv(history, history_fields))
+    write_text(history_path, history_csv(history, history_fields))
     seconds = [row["seconds"] for row in history[start_step:]]
     return {"loss": "+".join(params.losses), "steps": params.steps, "resumed_from_step": start_step,
             "final_loss": history[-1]["loss"],

@@ -12,10 +12,12 @@ DISTILL_HISTORY = Path("metrics/distill_history.csv")
 DISTILL_METRICS = Path("metrics/distill.json")
 EVAL_DIR = Path("data/eval")  # data/eval/<model>/: generated lm-eval task, per-question samples
 EVAL_METRICS_DIR = Path("metrics/eval")  # metrics/eval/<model>.json
-# The models the evaluate stage compares, in report order: name -> (directory, tokenization of the test set).
-EVAL_MODELS = {
-    "teacher": (TEACHER_DIR, "teacher"),
-    "student_before": (STUDENT_DIR, "student"),
-    "student_after": (DISTILLED_DIR, "student"),
-}
+# The models the evaluate stage compares, in report order: name -> directory.
+EVAL_MODELS = {"teacher": TEACHER_DIR, "student_before": STUDENT_DIR, "student_after": DISTILLED_DIR}
 REPORT_DIR = Path("reports")
+SOURCES_DIR = Path("models/sources")  # models/sources/<name>: each transfer source as materialised
+TRANSFERRED_DIR = Path("models/transferred")  # <name>/ (FVT then ALM) and <name>-fvt/ (FVT alone)
+TRANSFER_HISTORY_DIR = Path("metrics/transfer")  # <name>.csv: per-step transfer history
+TRANSFER_METRICS = Path("metrics/transfer.json")
+ENSEMBLE_DIR = Path("models/ensemble")
+TRANSFER_EVAL_METRICS = Path("metrics/eval/transfer.json")  # every transfer/ensemble model's scores

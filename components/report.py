@@ -147,6 +147,49 @@ def render_comparison(methods: Mapping[str, Mapping[str, Any]], references: Mapp
     return {**paths, "plot": plot}
 
 
+def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[str, Mapping[str, Any]],
+                    sources: Sequence[str], members: Sequence[str], ensemble: Mapping[str, Any], out_dir: Path,
+                    stem: str = "transfer") -> dict[str, Path]:
+    """Tokenizer transfer and ensembling side by side: out_dir/<stem>.md, .html and plots/<stem>.png.
+
+    `scores` maps `<source>.original|fvt|transferred`, `ensemble` and role members (`student`, `teacher`) to
+    the evaluate stage's scores; `training` is the transfer stage's summary per source.
+    """
+    out_dir = Path(out_dir)
+    metrics = [name for name in COMPARED if any(name in values for values in scores.values())]
+    header = ["model", *metrics, "gsm_n"]
+
+    def row(label: str) -> list[str]:
+        values = scores.get(label, {})
+        return [label, *(format_value(values.get(metric)) for metric in metrics), format_value(values.get("gsm_n"))]
+
+    blocks: list[_Block] = [_Paragraph(
+        "Each source model moved onto the target tokenizer: as it was (original, its own tokenizer), after FVT "
+        "initialisation alone, and after FVT then ALM self-distillation; then the ensemble next to each of its "
+        "members. All on the same held-out questions and answers.")]
+    for source in sources:
+        summary = training.get(source, {})
+        blocks += [_Heading(f"Transfer: {source}"),
+                   _Table(header, [row(f"{source}.{variant}") for variant in ("original", "fvt", "transferred")], numbers=True),
+                   _Paragraph(f"FVT initialised {format_value(summary.get('fvt'))}; ALM self-distillation ran "
+                              f"{format_value(summary.get('steps'))} steps on {format_value(summary.get('examples'))} "
+                              f"examples (loss {format_value(summary.get('first_loss'))} -> {format_value(summary.get('final_loss'))}, "
+                              f"{format_value(summary.get('median_seconds_per_step'))} s a step).")]
+    labels = [member if member in scores else f"{member}.transferred" for member in members]
+    blocks += [_Heading("Ensemble"), _Table(header, [row("ensemble"), *(row(label) for label in labels)], numbers=True),
+               _Paragraph(f"{ensemble.get('name', 'ensemble')}: next-token probabilities averaged with weights "
+                          f"{format_value(ensemble.get('weights'))}."),
+               _Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions)."),
+               _Image(stem, "Each metric by model.")]
+    plot = out_dir / "plots" / f"{stem}.png"
+    _plot_metrics({label: dict(values) for label, values in scores.items()}, metrics, None, plot)
+    title = "tokenbridge: tokenizer transfer and ensembling"
+    paths = {"markdown": out_dir / f"{stem}.md", "html": out_dir / f"{stem}.html"}
+    write_text(paths["markdown"], _markdown(title, blocks))
+    write_text(paths["html"], _html(title, blocks, {stem: plot.read_bytes()}))
+    return {**paths, "plot": plot}
+
+
 def _best(methods: Mapping[str, Mapping[str, Any]], metric: str) -> list[str]:
     values = {name: scores[metric] for name, scores in methods.items() if _is_finite(scores.get(metric))}
     if not values:

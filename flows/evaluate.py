@@ -18,9 +18,8 @@ from flows.common import stage_cli, tracked_stage
 @flow(name="evaluate", log_prints=True)
 def evaluate(params_file: str = "params.yaml", model: str = "student_after") -> dict:
     with tracked_stage(f"evaluate@{model}", params_file, ("evaluate",)) as params:
-        model_dir, tokenization = EVAL_MODELS[model]
         metrics_path = EVAL_METRICS_DIR / f"{model}.json"
-        scores = run_evaluate(PREPARED_DIR, model_dir, tokenization, EVAL_DIR / model, metrics_path, params.evaluate)
+        scores = run_evaluate(PREPARED_DIR, EVAL_MODELS[model], EVAL_DIR / model, metrics_path, params.evaluate)
         tracking.log_metrics({f"{model}.{key}": value for key, value in scores.items()})
         tracking.log_artifact(metrics_path)
         tracking.log_artifact(EVAL_DIR / model, "eval")

@@ -1,9 +1,11 @@
-"""Stage `report`: a Markdown and an HTML report (metrics table, loss curves, metrics by model), and the
-Model Registry: the distilled student is registered with alias `candidate`; alias `champion` moves to it
-only when it beats the current champion on `tracking.primary_metric`.
+"""Stage `report`: a Markdown and an HTML report (metrics table, loss curves, metrics by model), the
+tokenizer-transfer and ensemble report, and the Model Registry: the distilled student is registered with
+alias `candidate`; alias `champion` moves to it only when it beats the current champion on
+`tracking.primary_metric`.
 
-Inputs: metrics/eval/*.json, metrics/distill_history.csv, models/distilled; params `tracking.*`.
-Outputs: reports/ (report.md, report.html, plots/, registry.json); MLflow artifacts and a model version.
+Inputs: metrics/eval/*.json, metrics/distill_history.csv, models/distilled, metrics/transfer.json,
+models/ensemble/tokenbridge.json; params `tracking.*`. Outputs: reports/ (report.md, report.html,
+transfer.md, transfer.html, plots/, registry.json); MLflow artifacts and a model version.
 Run alone: python -m flows.report   (or: dvc repro report)
 """
 
@@ -14,10 +16,11 @@ from prefect import flow
 
 from components import tracking
 from components.evaluate import collect_metrics
-from components.io import write_json
+from components.io import read_json, write_json
 from components.models import model_card
-from components.paths import DISTILL_HISTORY, DISTILLED_DIR, EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR, TEACHER_DIR
-from components.report import render_report
+from components.paths import (DISTILL_HISTORY, DISTILLED_DIR, ENSEMBLE_DIR, EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR,
+                              TEACHER_DIR, TRANSFER_EVAL_METRICS, TRANSFER_METRICS)
+from components.report import render_report, render_transfer
 from flows.common import stage_cli, tracked_stage
 
 
@@ -39,9 +42,12 @@ def report(params_file: str = "params.yaml") -> dict:
             "registry": registry, "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
         }
         files = render_report({"primary_metric": primary, "models": models}, DISTILL_HISTORY, context, REPORT_DIR)
+        transfer = render_transfer(read_json(TRANSFER_EVAL_METRICS), read_json(TRANSFER_METRICS),
+                                   list(params.transfer.sources), params.ensemble.members,
+                                   model_card(ENSEMBLE_DIR), REPORT_DIR)
         tracking.log_artifact(REPORT_DIR, "report")
         tracking.log_metrics({f"student_after.{primary}": value})
-        return {name: str(path) for name, path in files.items()}
+        return {name: str(path) for name, path in {**files, **{f"transfer_{k}": v for k, v in transfer.items()}}.items()}
 
 
 if __name__ == "__main__":

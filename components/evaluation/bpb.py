@@ -21,19 +21,27 @@ from components.models import load_model, load_tokenizer
 from components.teacher_logits import pad_batch
 
 
+def _row_logprobs(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log p(x_{j+1} | x_{<=j}) per row. A model without a single output head (an ensemble) returns its
+    log-probs as logits; any other model's head runs in chunks of positions."""
+    if model.get_output_embeddings() is None:
+        logprobs = model(input_ids=ids, attention_mask=attention).logits.log_softmax(-1)
+        rows = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return torch.cat([rows, torch.zeros_like(rows[:, :1])], 1)
+    return next_token_stats(hidden_states(model, ids, attention), ids, output_head(model), vocab_size, None).token_logprobs
+
+
 @torch.no_grad()
 def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, batch_size: int = 4) -> dict[str, float]:
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, torch.float32).eval()
-    head = output_head(model)
     examples = [Encoded.from_json(record) for record in read_jsonl(encoded_jsonl)[:n_examples]]
     nats = 0.0
     n_bytes = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         ids, attention = pad_batch([example.input_ids for example in batch])
-        stats = next_token_stats(hidden_states(model, ids, attention), ids, head, len(tokenizer), None)
-        token_logprobs = rows_to_tokens(stats.token_logprobs)
+        token_logprobs = rows_to_tokens(_row_logprobs(model, ids, attention, len(tokenizer)))
         for row, example in enumerate(batch):
             for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):
                 if target and position > 0:

@@ -55,6 +55,8 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    import components.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
+
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "dtype": dtype, "device": "cpu"},

@@ -82,6 +82,20 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path, add_bos: bool = False) -> None:
+    """Save with a config that transformers 5 reloads unchanged.
+
+    Without the explicit class, transformers 5 rebuilds SmolLM2's tokenizer as a Metaspace Llama tokenizer
+    and drops every space.
+    """
+    tokenizer.save_pretrained(out_dir)
+    config_path = out_dir / "tokenizer_config.json"
+    config = read_json(config_path)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"],
+                  clean_up_tokenization_spaces=False, add_bos_token=add_bos, add_eos_token=False)
+    write_json(config_path, config)
+
+
 def load_model(model_dir: Path, dtype: str | torch.dtype = torch.float32) -> torch.nn.Module:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from components.io import atomic_path, read_json, sha256_file, write_json
+from components.models import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -249,20 +250,6 @@ def _sentencepiece_bpe_tokenizer(proto: sentencepiece_model_pb2.ModelProto, eos_
                                    unk_token=pieces[trainer.unk_id].piece, pad_token=pieces[trainer.pad_id].piece)
 
 
-def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path, add_bos: bool) -> None:
-    """Save with a config that transformers 5 reloads unchanged.
-
-    Without the explicit class, transformers 5 rebuilds SmolLM2's tokenizer as a Metaspace Llama tokenizer
-    and drops every space.
-    """
-    tokenizer.save_pretrained(out_dir)
-    config_path = out_dir / "tokenizer_config.json"
-    config = read_json(config_path)
-    config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"],
-                  clean_up_tokenization_spaces=False, add_bos_token=add_bos, add_eos_token=False)
-    write_json(config_path, config)
-
-
 def _check_tokenizer(out_dir: Path, spec: GgufModel, reference: list[list[int]], add_bos: bool) -> None:
     """The saved tokenizer, as transformers reloads it, matches its reference and has the fixes applied."""
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
@@ -300,7 +287,7 @@ def _convert(path: Path, spec: GgufModel, out_dir: Path) -> None:
     else:
         tokenizer, reference = _byte_level_tokenizer(path, spec)
     tokenizer.chat_template = metadata.get("tokenizer.chat_template") or spec.chat_template
-    _save_tokenizer(tokenizer, out_dir, add_bos)
+    save_tokenizer(tokenizer, out_dir, add_bos)
     _check_tokenizer(out_dir, spec, reference, add_bos)
     log.info("%s: tokenizer built and checked in %.0f s; dequantising the weights", spec.name,
              time.perf_counter() - started)

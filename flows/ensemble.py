@@ -1,0 +1,33 @@
+"""Stage `ensemble`: combine `ensemble.members` (models sharing one tokenizer) by averaging their next-token
+probabilities with `ensemble.weights`, into a directory that loads like any causal LM (lm-eval scores it
+by log-likelihood and by generation). Members with different tokenizers are refused. README "Ensembles".
+
+Inputs: models/student, models/teacher, models/transferred/<name> (whichever the members name);
+params `ensemble.*`. Outputs: models/ensemble/ (members hard-linked under members/<name>), logged to MLflow.
+Run alone: python -m flows.ensemble   (or: dvc repro ensemble)
+"""
+
+from prefect import flow
+
+from components import tracking
+from components.ensemble import build_ensemble
+from components.paths import ENSEMBLE_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFERRED_DIR
+from flows.common import stage_cli, tracked_stage
+
+
+def member_directory(name: str):
+    return {"student": STUDENT_DIR, "teacher": TEACHER_DIR}.get(name, TRANSFERRED_DIR / name)
+
+
+@flow(name="ensemble", log_prints=True)
+def ensemble(params_file: str = "params.yaml") -> dict:
+    with tracked_stage("ensemble", params_file, ("ensemble",)) as params:
+        members = {name: member_directory(name) for name in params.ensemble.members}
+        card = build_ensemble(members, params.ensemble.weights, ENSEMBLE_DIR)
+        print(f"ensemble: {card['name']} -> {ENSEMBLE_DIR}")
+        tracking.log_artifact(ENSEMBLE_DIR, "ensemble")
+        return card
+
+
+if __name__ == "__main__":
+    stage_cli(ensemble, __doc__)
