@@ -28,11 +28,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from components.config import TransferParams
+from components.config import TeacherTruncation, TransferParams
 from components.data.chat import Encoded, encode_example
 from components.distill import batch_indices, history_csv, make_batch
 from components.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
-from components.losses.alm import AlmOptions, alm_loss, word_chunks
+from components.losses.alm import AlmLoss
+from components.losses.base import StudentView, TeacherView
 from components.losses.latents import hidden_state_loss
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import MODEL_CARD, load_model, load_tokenizer, model_card, save_tokenizer
@@ -40,6 +41,7 @@ from components.models.token_bytes import _gpt2_unicode_to_byte, boundary_mask, 
 
 BYTE = "byte"
 SPECIAL_ROLES = ("pad_token", "unk_token", "eos_token", "bos_token")  # later roles win a shared target token
+CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -225,8 +227,7 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
     byte_level = model_card(fvt_dir)["byte_level"]
     boundaries = {"teacher": boundary_mask(teacher_tokenizer, teacher.get_output_embeddings().weight.shape[0]),
                   "student": boundary_mask(student_tokenizer, student.get_output_embeddings().weight.shape[0])}
-    options = AlmOptions(params.alm.binarization_temp, params.alm.diff_fn, params.alm.merge_by_space_prob,
-                         params.alm.append_space, params.alm.boundary_threshold)
+    alm_term = AlmLoss(params.alm, setup=None)  # ALM needs no facts about the pair beyond the batch
 
     history: list[dict] = []
     phases = [("embeddings", params.embedding_steps, params.embedding_learning_rate),
@@ -252,22 +253,22 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
             with torch.no_grad():
                 teacher_hidden = hidden_states(teacher, batch.teacher_ids, batch.teacher_attention)
                 teacher_stats = next_token_stats(teacher_hidden, batch.teacher_ids, output_head(teacher),
-                                                 len(teacher_tokenizer), boundaries["teacher"])
+                                                 len(teacher_tokenizer), boundaries["teacher"], chunk_size=CHUNK_SIZE)
             student_hidden = hidden_states(student, batch.student_ids, batch.student_attention)
             student_stats = next_token_stats(student_hidden, batch.student_ids, output_head(student),
-                                             len(student_tokenizer), boundaries["student"])
-            alignment = batch.alignment
-            teacher_chunks, student_chunks = alignment.teacher_chunks, alignment.student_chunks
-            counted = alignment.chunk_is_target if params.alm.mask_prompt else torch.ones_like(alignment.chunk_is_target)
-            if params.alm.chunks == "space":
-                teacher_chunks, student_chunks, counted = word_chunks(
-                    teacher_chunks, student_chunks, alignment.teacher_word_start, alignment.student_word_start, counted)
-            alm = alm_loss(teacher_stats.token_logprobs, teacher_stats.boundary_logprobs, student_stats.token_logprobs,
-                           student_stats.boundary_logprobs, teacher_chunks, student_chunks, counted, options).loss
+                                             len(student_tokenizer), boundaries["student"], chunk_size=CHUNK_SIZE)
+            student_view = StudentView(student, student_hidden, output_head(student), len(student_tokenizer),
+                                       batch.student_ids, batch.student_attention, batch.student_loss_mask,
+                                       student_stats.token_logprobs, student_stats.boundary_logprobs, CHUNK_SIZE)
+            teacher_view = TeacherView(batch.teacher_ids, batch.teacher_attention, batch.teacher_loss_mask,
+                                       teacher_stats.token_logprobs, teacher_stats.boundary_logprobs,
+                                       len(teacher_tokenizer), TeacherTruncation())
+            alm = alm_term(student_view, teacher_view, batch.alignment).loss
             loss = alm
             hidden = torch.zeros(())
             if byte_level and params.hidden_state_weight > 0:
-                hidden = hidden_state_loss(teacher_hidden, student_hidden, alignment.teacher_chunks, alignment.student_chunks)
+                hidden = hidden_state_loss(teacher_hidden, student_hidden, batch.alignment.teacher_chunks,
+                                           batch.alignment.student_chunks)
                 loss = alm + params.hidden_state_weight * hidden
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"transfer: loss is {loss.item()} at step {step}; lower the learning rate")

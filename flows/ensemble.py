@@ -25,6 +25,7 @@ def ensemble(params_file: str = "params.yaml") -> dict:
         members = {name: member_directory(name) for name in params.ensemble.members}
         card = build_ensemble(members, params.ensemble.weights, ENSEMBLE_DIR)
         print(f"ensemble: {card['name']} -> {ENSEMBLE_DIR}")
+        tracking.log_metrics({"members": len(members), "parameters": card["parameters"]})
         tracking.log_artifact(ENSEMBLE_DIR, "ensemble")
         return card
 

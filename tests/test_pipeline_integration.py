@@ -16,13 +16,17 @@ import yaml
 
 ROOT = Path(__file__).parents[1]
 EVALUATED = ["teacher", "student_before", "student_after"]
-STAGES = ["models", "prepare", "teacher_logits", "distill", *(f"evaluate@{model}" for model in EVALUATED), "report"]
+STAGES = ["models", "prepare", "teacher_logits", "distill", *(f"evaluate@{model}" for model in EVALUATED), "transfer",
+          "ensemble", "evaluate_transfer", "report"]
 OUTPUTS = [
     "models/teacher/config.json", "models/student/tokenizer.json", "data/prepared/manifest.json",
     "data/teacher_logits/manifest.json", "models/distilled/model.safetensors", "metrics/distill.json",
     "metrics/distill_history.csv", "metrics/eval/teacher.json", "metrics/eval/student_after.json",
     "data/eval/student_after/samples.jsonl", "data/eval/teacher/task/tokenbridge_gsm.yaml",
     "reports/report.md", "reports/report.html", "reports/registry.json",
+    "models/transferred/gemma/model.safetensors", "models/transferred/qwen-fvt/tokenizer.json",
+    "models/sources/gemma/tokenbridge.json", "models/ensemble/config.json", "metrics/transfer/qwen.csv",
+    "reports/transfer.md", "reports/transfer.html", "reports/plots/transfer.png",
 ]
 
 pytestmark = pytest.mark.integration
@@ -75,6 +79,13 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     for model in EVALUATED:
         scores = json.loads((path / f"metrics/eval/{model}.json").read_text())
         assert 0 <= scores["gsm_exact_match"] <= 1 and scores["bits_per_byte"] > 0
+    transfer = json.loads((path / "metrics/eval/transfer.json").read_text())
+    variants = [f"{source}.{variant}" for source in ("gemma", "qwen") for variant in ("original", "fvt", "transferred")]
+    assert set(transfer) == {*variants, "ensemble", "student"}
+    assert all(scores["bits_per_byte"] > 0 and scores["gsm_n"] >= 1 for scores in transfer.values())
+    assert transfer["student"] == json.loads((path / "metrics/eval/student_before.json").read_text())
+    report = (path / "reports/transfer.md").read_text()
+    assert all(label in report for label in (*variants, "ensemble"))
 
 
 def test_mlflow_holds_each_stage_run_grouped_under_the_pipeline(repo):
