@@ -171,14 +171,14 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
         summary = training.get(source, {})
         blocks += [_Heading(f"Transfer: {source}"),
                    _Table(header, [row(f"{source}.{variant}") for variant in ("original", "fvt", "transferred")], numbers=True),
-                   _Paragraph(f"FVT initialised {format_value(summary.get('fvt'))}; ALM self-distillation ran "
+                   _Paragraph(f"FVT initialised {_counts(summary.get('fvt', {}))} target tokens; ALM self-distillation ran "
                               f"{format_value(summary.get('steps'))} steps on {format_value(summary.get('examples'))} "
                               f"examples (loss {format_value(summary.get('first_loss'))} -> {format_value(summary.get('final_loss'))}, "
                               f"{format_value(summary.get('median_seconds_per_step'))} s a step).")]
     labels = [member if member in scores else f"{member}.transferred" for member in members]
     blocks += [_Heading("Ensemble"), _Table(header, [row("ensemble"), *(row(label) for label in labels)], numbers=True),
                _Paragraph(f"{ensemble.get('name', 'ensemble')}: next-token probabilities averaged with weights "
-                          f"{format_value(ensemble.get('weights'))}."),
+                          f"{_counts(ensemble.get('weights', {}))}."),
                _Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions)."),
                _Image(stem, "Each metric by model.")]
     plot = out_dir / "plots" / f"{stem}.png"
@@ -188,6 +188,11 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
     write_text(paths["markdown"], _markdown(title, blocks))
     write_text(paths["html"], _html(title, blocks, {stem: plot.read_bytes()}))
     return {**paths, "plot": plot}
+
+
+def _counts(values: Mapping[str, Any]) -> str:
+    """{'exact': 46145, 'fvt': 3004} -> '46,145 exact, 3,004 fvt'; {'student': 0.5} -> 'student 0.50'."""
+    return ", ".join(f"{value:,} {name}" if isinstance(value, int) else f"{name} {value:.2f}" for name, value in values.items())
 
 
 def _best(methods: Mapping[str, Mapping[str, Any]], metric: str) -> list[str]:
