@@ -43,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import LlamaConfig
@@ -53,7 +54,7 @@ from components.config import DistillParams  # noqa: E402
 from components.io import write_json  # noqa: E402
 from components.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView  # noqa: E402
 from components.losses.registry import build_losses  # noqa: E402
-from components.losses.token_stats import next_token_stats  # noqa: E402
+from components.losses.token_stats import next_token_stats, truncated_next_token_stats  # noqa: E402
 from components.models import MODEL_CARD  # noqa: E402
 
 BASELINE = "naive_ce"
@@ -79,6 +80,8 @@ def _reset_peak_rss() -> None:
 
 class SyntheticModel(torch.nn.Module):
     """Just the parts a loss may touch: input embeddings (DSKD's index embeddings) and the output head."""
+
+    config = SimpleNamespace(final_logit_softcapping=None)
 
     def __init__(self, vocab: int, hidden_size: int) -> None:
         super().__init__()
@@ -158,8 +161,9 @@ def _loss_step(name: str, student_model: SyntheticModel, hidden: torch.Tensor, i
     teacher_hidden = torch.randn(batch, length, hidden_size)
     live = LOSSES[name].online_only or name == "reverse_kl"  # reverse KL needs the teacher's full support
     with torch.no_grad():
-        stored = next_token_stats(teacher_hidden, input_ids, teacher_model.lm_head, vocab, boundary,
-                                  top_k=0 if live else TOP_K, chunk_size=chunk)
+        stored = (next_token_stats(teacher_hidden, input_ids, teacher_model.lm_head, vocab, boundary, chunk_size=chunk)
+                  if live else truncated_next_token_stats(teacher_hidden, input_ids, torch.ones_like(input_ids),
+                                                          teacher_model, vocab, boundary, 1.0, TOP_K, 1.0))
     attention_mask = torch.ones_like(input_ids)
     common = dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
                   token_logprobs=stored.token_logprobs, boundary_logprobs=stored.boundary_logprobs, vocab_size=vocab)

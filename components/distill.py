@@ -152,7 +152,7 @@ def _teacher_view(batch: Batch, stored: bool, live: Teacher | None, vocab_size: 
     head = output_head(live.model)
     with torch.no_grad():
         hidden = hidden_states(live.model, batch.teacher_ids, batch.teacher_attention)
-        signals = next_token_stats(hidden, batch.teacher_ids, head, live.vocab_size, live.boundary, temperature, 0,
+        signals = next_token_stats(hidden, batch.teacher_ids, head, live.vocab_size, live.boundary, temperature,
                                    params.logits_chunk_size)
     return TeacherView(**common, token_logprobs=signals.token_logprobs, boundary_logprobs=signals.boundary_logprobs,
                        model=live.model, hidden=hidden, head=head)
