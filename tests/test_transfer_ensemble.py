@@ -225,3 +225,20 @@ def test_ensembling_models_with_different_tokenizers_is_refused_naming_both(tiny
         size = read_json(tiny_dirs[name] / "tokenbridge.json")["tokenizer_size"]
         assert f"{name}: tokenizer.json sha256" in message and f"{size} tokens" in message
     assert "stage transfer" in message and not (tmp_path / "ensemble").exists()
+
+
+def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tiny_params, tiny_dirs, prepared_texts,
+                                                                             tmp_path):
+    out = tmp_path / "lora"
+    run_transfer(prepared_texts, tiny_dirs["teacher"], tiny_dirs["student"], out, tmp_path / "history.csv",
+                 _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4))
+    phases = [line.split(",")[1] for line in (tmp_path / "history.csv").read_text().splitlines()[1:]]
+    assert phases == ["embeddings", "lora", "lora"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        assert not [name for name in handle.keys() if "lora" in name], "adapters are merged, not saved beside"
+    fvt, trained = load_model(fvt_path(out)), load_model(out)
+    assert not torch.equal(fvt.model.layers[0].self_attn.q_proj.weight, trained.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(fvt.get_input_embeddings().weight, trained.get_input_embeddings().weight)
+    assert torch.equal(fvt.model.norm.weight, trained.model.norm.weight), "outside LoRA and embeddings nothing moves"
