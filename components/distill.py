@@ -124,12 +124,11 @@ def batch_indices(step: int, batch_size: int, n_examples: int, block: int, seed:
             for position in range(step * batch_size, (step + 1) * batch_size)]
 
 
-def learning_rate(step: int, params: DistillParams) -> float:
-    """Linear warm-up, then linear decay to zero at the last step (spec 1.17)."""
-    if step < params.warmup_steps:
-        return params.learning_rate * (step + 1) / params.warmup_steps
-    remaining = params.steps - params.warmup_steps
-    return params.learning_rate * max(0.0, 1 - (step - params.warmup_steps) / max(1, remaining))
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then linear decay to zero at the last step (spec 1.17)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, 1 - (step - warmup) / max(1, steps - warmup))
 
 
 def history_csv(rows: list[dict], fields: Sequence[str]) -> str:
@@ -239,7 +238,7 @@ def train(
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"distill: loss is {loss.item()} at step {step}; lower distill.learning_rate")
 
-        rate = learning_rate(step, params)
+        rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)

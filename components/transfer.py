@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from components.config import TeacherTruncation, TransferParams
 from components.data.chat import Encoded, encode_example
-from components.distill import batch_indices, history_csv, make_batch
+from components.distill import batch_indices, history_csv, learning_rate, make_batch
 from components.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
 from components.losses.alm import AlmLoss
 from components.losses.base import StudentView, TeacherView
@@ -187,13 +187,6 @@ def _encoded_pairs(records: list[dict], teacher: PreTrainedTokenizerBase, studen
     return teachers, students
 
 
-def _phase_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then linear decay to zero at the phase's last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, 1 - (step - warmup) / max(1, steps - warmup))
-
-
 def _embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     found = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
     unique = {id(parameter): parameter for parameter in found}
@@ -272,7 +265,7 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
                 loss = alm + params.hidden_state_weight * hidden
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"transfer: loss is {loss.item()} at step {step}; lower the learning rate")
-            rate = _phase_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
+            rate = learning_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
             for group in optimizer.param_groups:
                 group["lr"] = rate
             optimizer.zero_grad(set_to_none=True)
