@@ -166,6 +166,15 @@ class SkewParams(Strict):
     weight: float = Field(0.1, gt=0, lt=1, description="lambda: mix of the own distribution into the other")
 
 
+class OnPolicyParams(Strict):
+    """GKD's student-generated batches (spec 3.1-3.2); needs the live teacher to score the samples."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="lambda: share of steps whose responses the student "
+                            "samples (0: off-policy, the dataset's answers; 1: fully on-policy)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (GKD paper: 1; TRL's default: 0.9)")
+    max_new_tokens: int = Field(128, ge=1, description="length cap of a sampled response")
+
+
 class DistillParams(Strict):
     teacher_mode: Literal["offline", "online"] = Field(
         description="offline: stored teacher logits; online: run the teacher at every step"
@@ -192,6 +201,7 @@ class DistillParams(Strict):
     dskd: DskdParams = DskdParams()
     jsd: JsdParams = JsdParams()
     skew: SkewParams = SkewParams()
+    on_policy: OnPolicyParams = OnPolicyParams()
     checkpoint_every: int = Field(ge=1)
     logits_chunk_size: int = Field(128, ge=1, description="positions per chunk of the vocabulary projection")
     seed: int = 1234
@@ -215,6 +225,9 @@ class DistillParams(Strict):
             raise ValueError("alpha_warmup + alpha_decay must be at most 1 (fractions of the steps)")
         if "dskd" in names and self.teacher_mode != "online":
             raise ValueError("loss 'dskd' needs the live teacher's hidden states: set distill.teacher_mode: online")
+        if self.on_policy.fraction > 0 and (self.teacher_mode != "online" or names == ["sft"]):
+            raise ValueError("on_policy.fraction > 0: the teacher scores the student's samples, so it needs "
+                             "teacher_mode: online and a distillation loss (stored logits cover only the dataset's answers)")
         full = self.teacher.top_p == 1 and self.teacher.top_k == 0 and self.teacher_mode == "online"
         needs_full = [n for n in names if n == "reverse_kl" or (n == "jsd" and self.jsd.beta == 1)]
         if needs_full and not full:

@@ -6,7 +6,12 @@ logits (`data/teacher_logits/`, offline) or as a model run at every step (online
 Outputs: the distilled student as a HF directory, a per-step history CSV, and checkpoints that let an
 interrupted run resume at its last checkpoint.
 
-The whole training loop is `train` below: batch -> teacher view -> student view -> loss terms -> combine -> step.
+On a share `distill.on_policy.fraction` of the steps (GKD's lambda; online teacher) the batch is not the
+dataset's answers but responses the student samples (`components.on_policy`); generation and update times
+are logged apart.
+
+The whole training loop is `train` below: batch (dataset or student samples) -> teacher view -> student view
+-> loss terms -> combine -> step.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from components.losses.token_stats import hidden_states, next_token_stats, outpu
 from components.models import MODEL_CARD, load_model, load_tokenizer, model_card
 from components.models.gguf import default_cache_dir
 from components.models.token_bytes import boundary_mask
+from components.on_policy import OnPolicySampler, is_on_policy_step
 from components.teacher_logits import Teacher, TeacherLogitsReader, pad_batch, stored_encoded
 
 
@@ -170,7 +176,8 @@ def train(
                       default_cache_dir())
     term_names = params.losses if params.losses == ["sft"] else [*params.losses, "sft"]
     losses = torch.nn.ModuleDict(build_losses(term_names, params, setup))
-    history_fields = ("step", "loss", *(f"{name}_loss" for name in term_names), "alpha", "learning_rate", "seconds")
+    history_fields = ("step", "loss", *(f"{name}_loss" for name in term_names), "alpha", "learning_rate", "on_policy",
+                      "completion_tokens", "generation_seconds", "update_seconds", "seconds")
 
     stored = live = None
     if params.teacher_mode == "offline":
@@ -189,6 +196,11 @@ def train(
     boundary = boundary_mask(tokenizer, vocab_rows)
     teacher_tokenizer = load_tokenizer(teacher_dir)
     word_starts = {"student": boundary, "teacher": boundary_mask(teacher_tokenizer, len(teacher_tokenizer))}
+    questions = [record["question"] for record in read_jsonl(prepared_dir / "train.jsonl")]
+    generation_eos = student.generation_config.eos_token_id
+    sampler = OnPolicySampler(tokenizer, None if setup.same_tokenizer else teacher_tokenizer,
+                              set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None},
+                              params.on_policy, params.seed)
     trainable = [*student.parameters(), *losses.parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
 
@@ -213,13 +225,20 @@ def train(
     for step in bar:
         started = time.perf_counter()
         indices = batch_indices(step, params.batch_size, len(students), teacher_params.examples_per_shard, params.seed)
-        if stored is not None:  # offline: the teacher side is what was stored, joined to the student's by index
+        on_policy = is_on_policy_step(step, params.on_policy.fraction, params.seed)
+        generation_seconds, completion_tokens = 0.0, 0.0
+        if on_policy:  # the student answers the batch's questions; the teacher scores its samples
+            sampled_students, sampled_teachers = sampler(student, [questions[i] for i in indices], step)
+            generation_seconds = time.perf_counter() - started
+            completion_tokens = sum(e.loss_mask.count(True) for e in sampled_students) / len(indices)
+            batch = make_batch(sampled_students, sampled_teachers, word_starts)
+        elif stored is not None:  # offline: the teacher side is what was stored, joined to the student's by index
             examples = [stored[i] for i in indices]
             batch = make_batch([students[i] for i in indices], [stored_encoded(e) for e in examples], word_starts, examples)
         else:
             batch = make_batch([students[i] for i in indices], [teachers[i] for i in indices], word_starts)
         teacher = _teacher_view(batch, stored is not None, live, teacher_vocab, params, temperature)
-        weights = term_weights(params, step)
+        weights = term_weights(params, step, on_policy)
         hidden = hidden_states(student, batch.student_ids, batch.student_attention)
         needs_boundary = any(losses[name].needs_student_boundary for name in weights)
         signals = next_token_stats(hidden, batch.student_ids, head, len(tokenizer), boundary if needs_boundary else None,
@@ -247,8 +266,11 @@ def train(
         optimizer.step()
 
         metrics.update({f"weight.{name}": value for name, value in used.items()})
-        metrics.update(loss=loss.item(), alpha=alpha_at(step, params), learning_rate=rate,
-                       seconds=time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.update(loss=loss.item(), alpha=1.0 if on_policy else alpha_at(step, params), learning_rate=rate,
+                       on_policy=int(on_policy), completion_tokens=completion_tokens,
+                       generation_seconds=generation_seconds, update_seconds=seconds - generation_seconds,
+                       seconds=seconds)
         history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
         log_metrics(metrics, step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -264,7 +286,15 @@ def train(
         write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
                                             "distilled_from": student_card["name"], "loss": params.losses})
     write_text(history_path, history_csv(history, history_fields))
-    seconds = [row["seconds"] for row in history[start_step:]]
-    return {"loss": "+".join(params.losses), "steps": params.steps, "resumed_from_step": start_step,
-            "final_loss": history[-1]["loss"],
-            "median_seconds_per_step": sorted(seconds)[len(seconds) // 2] if seconds else float("nan")}
+    timed = history[start_step:]
+    summary = {"loss": "+".join(params.losses), "steps": params.steps, "resumed_from_step": start_step,
+               "final_loss": history[-1]["loss"], "on_policy_steps": sum(row["on_policy"] for row in history),
+               "median_seconds_per_step": _median([row["seconds"] for row in timed]),
+               "median_update_seconds": _median([row["update_seconds"] for row in timed])}
+    if any(row["on_policy"] for row in timed):
+        summary["median_generation_seconds"] = _median([row["generation_seconds"] for row in timed if row["on_policy"]])
+    return summary
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")

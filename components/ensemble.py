@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from components.io import atomic_path, read_json, sha256_file, write_json
 from components.models import MODEL_CARD, _link_tree, load_model
+from components.sampling import decode, sample_next
 from components.transfer import TOKENIZER_FILES
 
 MODEL_TYPE = "tokenbridge_ensemble"
@@ -76,7 +77,6 @@ class EnsembleForCausalLM(PreTrainedModel):
             caches.append(out.past_key_values)
         return CausalLMOutputWithPast(logits=mixture, past_key_values=caches if use_cache else None)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_length: int | None = None, max_new_tokens: int | None = None, stopping_criteria=None,
                  pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None, do_sample: bool = False,
@@ -88,38 +88,9 @@ class EnsembleForCausalLM(PreTrainedModel):
         eos = set([eos] if isinstance(eos, int) else (eos or []))
         if attention_mask is None:
             attention_mask = (input_ids != pad).long() if input_ids.shape[0] > 1 else torch.ones_like(input_ids)
-        limit = input_ids.shape[1] + max_new_tokens if max_new_tokens is not None else (max_length or input_ids.shape[1] + 20)
-        sequences, mask = input_ids, attention_mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        caches, step_ids = None, input_ids
-        while sequences.shape[1] < limit:
-            out = self(step_ids, attention_mask=mask, position_ids=positions, past_key_values=caches, use_cache=True)
-            caches, scores = out.past_key_values, out.logits[:, -1]
-            if do_sample:
-                following = _sample(scores, temperature, top_p)
-            else:
-                following = scores.argmax(-1)
-            following = torch.where(done, torch.full_like(following, pad), following)
-            sequences = torch.cat([sequences, following[:, None]], 1)
-            done |= torch.isin(following, torch.tensor(sorted(eos), dtype=following.dtype)) if eos else done
-            if stopping_criteria is not None:
-                done |= torch.as_tensor(stopping_criteria(sequences, scores), dtype=torch.bool).expand_as(done)
-            if done.all():
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            positions, step_ids = positions[:, -1:] + 1, following[:, None]
-        return sequences
-
-
-def _sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Nucleus sampling from log-probs at `temperature`."""
-    probs = (scores / max(temperature, 1e-6)).softmax(-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)
+        new_tokens = max_new_tokens if max_new_tokens is not None else (max_length or input_ids.shape[1] + 20) - input_ids.shape[1]
+        pick = (lambda scores: sample_next(scores, temperature, top_p)) if do_sample else (lambda scores: scores.argmax(-1))
+        return decode(self, input_ids, attention_mask, new_tokens, pick, eos, pad, stopping_criteria)
 
 
 AutoConfig.register(MODEL_TYPE, EnsembleConfig)

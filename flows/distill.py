@@ -1,7 +1,9 @@
 """Stage `distill`: train the student with the loss `distill.loss` names (ALM by default; also ULD, MinED,
 MultiLevelOT, DSKD across tokenizers, KL-family losses within one; README "Losses"), mixed with next-token
 cross-entropy by `distill.alpha` or balanced by GradMag, from stored teacher logits (offline) or a live
-teacher (online). Checkpoints every `distill.checkpoint_every` steps; a rerun resumes from the last one.
+teacher (online). With `distill.on_policy.fraction` > 0 (GKD's lambda; online teacher) that share of the steps
+trains on answers the student samples, scored by the teacher with its own tokenizer. Checkpoints every
+`distill.checkpoint_every` steps; a rerun resumes from the last one.
 
 Inputs: data/prepared, data/teacher_logits (offline) or models/teacher (online), models/student;
 params `distill.*`. Outputs: models/distilled/ (HF directory), metrics/distill_history.csv (loss curves),

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,22 @@ def tiny_tokenizers(tiny_dirs):
     from transformers import AutoTokenizer
 
     return {role: AutoTokenizer.from_pretrained(path) for role, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
+    """A bigger random teacher that shares the tiny student's tokenizer files, with prepared data and stored
+    teacher logits: (root, {"teacher": dir, "student": dir})."""
+    from components.config import HfModelSpec
+    from components.models import materialize
+    from components.models.tiny import build_tiny_teacher_like
+    from components.prepare import run_prepare
+    from components.teacher_logits import run_teacher_logits
+
+    root = tmp_path_factory.mktemp("same_tokenizer")
+    build_tiny_teacher_like(tiny_dirs["student"], root / "source", hidden_size=48, seed=7)
+    materialize(HfModelSpec(source="hf", path=str(root / "source")), root / "teacher", root / "cache")
+    dirs = {"teacher": root / "teacher", "student": tiny_dirs["student"]}
+    run_prepare(dirs, root / "prepared", tiny_params.prepare)
+    run_teacher_logits(root / "prepared", dirs["teacher"], root / "logits", tiny_params.teacher_logits)
+    return root, dirs

@@ -100,27 +100,6 @@ def test_a_same_tokenizer_loss_with_two_tokenizers_is_refused_naming_the_alterna
     assert not (inputs / "refused" / "model").exists()
 
 
-@pytest.fixture(scope="module")
-def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
-    """A bigger random teacher that shares the student's tokenizer files (BPE training is not deterministic)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from components.config import HfModelSpec
-    from components.models import load_tokenizer, materialize
-
-    root = tmp_path_factory.mktemp("same_tokenizer")
-    config = AutoConfig.from_pretrained(tiny_dirs["student"])
-    config.hidden_size, config.intermediate_size = 48, 96
-    torch.manual_seed(7)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "source")
-    load_tokenizer(tiny_dirs["student"]).save_pretrained(root / "source")
-    materialize(HfModelSpec(source="hf", path=str(root / "source")), root / "teacher", root / "cache")
-    dirs = {"teacher": root / "teacher", "student": tiny_dirs["student"]}
-    run_prepare(dirs, root / "prepared", tiny_params.prepare)
-    run_teacher_logits(root / "prepared", dirs["teacher"], root / "logits", tiny_params.teacher_logits)
-    return root, dirs
-
-
 @pytest.mark.parametrize("loss, overrides", [
     ("forward_kl", {"teacher": {"top_p": 0.9, "top_k": 4, "temperature": 2.0}}), ("jsd", {}), ("tvd", {}),
     ("skew_forward_kl", {}), ("skew_reverse_kl", {}), ("reverse_kl", {"teacher_mode": "online"}),

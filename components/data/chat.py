@@ -56,6 +56,36 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: st
     a_char = text.find(answer, q_char + len(question))
     if q_char < 0 or a_char < 0:
         raise ValueError("the chat template changed the question or answer text; byte alignment needs it verbatim")
+    return _encode_text(tokenizer, text, q_char, question, a_char, answer, table)
+
+
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The question rendered with the chat template up to where the model's answer starts."""
+    return tokenizer.apply_chat_template(chat_messages(question), tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str, table: list[bytes] | None = None) -> Encoded:
+    """The generation prompt alone: what a model continues when it answers (on-policy sampling)."""
+    return encode_continuation(tokenizer, question, "", False, table)
+
+
+def encode_continuation(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, ended: bool,
+                        table: list[bytes] | None = None) -> Encoded:
+    """The generation prompt followed verbatim by `answer`, then the end-of-turn token when `ended`, tokenized
+    as one text: how a model reads an answer another model sampled. Unlike `encode_example`, the chat template
+    never sees the answer (some templates trim it, which would move its bytes)."""
+    prompt = generation_prompt(tokenizer, question)
+    q_char = prompt.find(question)
+    if q_char < 0:
+        raise ValueError("the chat template changed the question text; byte alignment needs it verbatim")
+    text = prompt + answer + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
+    return _encode_text(tokenizer, text, q_char, question, len(prompt), answer, table)
+
+
+def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, q_char: int, question: str, a_char: int, answer: str,
+                 table: list[bytes] | None) -> Encoded:
+    """Tokenize `text`, in which the question starts at character `q_char` and the answer at `a_char`, and
+    place each token on the common byte stream; the end-of-turn token right after the answer is a target."""
     q0, q1 = _byte_index(text, q_char), _byte_index(text, q_char + len(question))
     a0, a1 = _byte_index(text, a_char), _byte_index(text, a_char + len(answer))
     eos = tokenizer.eos_token or ""
@@ -79,4 +109,3 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: st
         spans.append(span)
         loss_mask.append(target)
     return Encoded(ids, spans, loss_mask)
-

@@ -30,11 +30,14 @@ def alpha_at(step: int, params: DistillParams) -> float:
     return params.alpha
 
 
-def term_weights(params: DistillParams, step: int) -> dict[str, float]:
-    """Fixed weight of each term at `step`: alpha * loss_weights[name] per distillation loss, 1 - alpha for `sft`."""
+def term_weights(params: DistillParams, step: int, on_policy: bool = False) -> dict[str, float]:
+    """Fixed weight of each term at `step`: alpha * loss_weights[name] per distillation loss, 1 - alpha for `sft`.
+
+    On a batch the student sampled (`on_policy`) alpha is 1: next-token CE on the student's own samples would
+    only reinforce them, and GKD's objective is the divergence alone."""
     if params.losses == ["sft"]:
         return {"sft": 1.0}
-    alpha = alpha_at(step, params)
+    alpha = 1.0 if on_policy else alpha_at(step, params)
     weights = {name: alpha * params.loss_weights.get(name, 1.0) for name in params.losses}
     weights["sft"] = 1.0 - alpha
     return {name: weight for name, weight in weights.items() if weight > 0}

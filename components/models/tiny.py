@@ -93,3 +93,17 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: Path) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_teacher_like(student_dir: Path, out_dir: Path, hidden_size: int, seed: int) -> Path:
+    """A random-init teacher with the student's architecture at `hidden_size` and the student's very tokenizer
+    files: a same-tokenizer pair (retraining a tokenizer would not reproduce it: BPE training is not
+    deterministic)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(student_dir)
+    config.hidden_size, config.intermediate_size = hidden_size, 2 * hidden_size
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(out_dir)
+    return out_dir
