@@ -12,29 +12,39 @@ are logged apart.
 
 The whole training loop is `train` below: batch (dataset or student samples) -> teacher view -> student view
 -> loss terms -> combine -> step.
+
+Under `torchrun --nproc-per-node N -m flows.distill` (`process_group`) N processes train one student:
+`distill.batch_size` stays the global batch and each rank takes its contiguous share of every step's examples.
+A loss is a mean over its own units (target rows, chunks, paired positions), and the ranks' shares hold
+different numbers of them, so averaging the ranks' means would not give the global mean: each rank's term is
+rescaled to its share of the global one by all-reduced counts (`_global_terms`), and gradients are summed
+over the ranks. The result equals one process on the same global batch, to float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
 import math
+import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from components.alignment import example_chunks
 from components.config import DistillParams, TeacherLogitsParams
 from components.data.chat import Encoded
 from components.io import atomic_path, fingerprint, read_jsonl, require_manifest, write_json, write_text
-from components.losses.base import Alignment, LossSetup, StudentView, TeacherView
+from components.losses.base import Alignment, LossOutput, LossSetup, StudentView, TeacherView
 from components.losses.combine import alpha_at, combine, term_weights
 from components.losses.registry import build_losses, teacher_fields
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
@@ -130,6 +140,85 @@ def batch_indices(step: int, batch_size: int, n_examples: int, block: int, seed:
             for position in range(step * batch_size, (step + 1) * batch_size)]
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes: rank 0 of 1 unless `process_group` joined several."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes outputs (model, history, checkpoints) and logs."""
+        return self.rank == 0
+
+    def share(self, indices: list[int]) -> list[int]:
+        """This rank's contiguous share of a step's examples; shares differ in size by at most one."""
+        count = len(indices)
+        return indices[self.rank * count // self.size : (self.rank + 1) * count // self.size]
+
+    def sum(self, tensors: list[torch.Tensor]) -> None:
+        """Sum `tensors` over the ranks in place, through one flat buffer (one all-reduce, not one per tensor).
+        Every rank passes the same shapes: the same terms run on every rank, so the same parameters get gradients."""
+        if self.size == 1 or not tensors:
+            return
+        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        dist.all_reduce(flat)
+        for tensor, part in zip(tensors, flat.split([tensor.numel() for tensor in tensors])):
+            tensor.copy_(part.view_as(tensor))
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Sum numbers over the ranks, in float64 (counts and logged values)."""
+        if self.size == 1:
+            return values
+        totals = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(totals)
+        return totals.tolist()
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[Ranks]:
+    """Join the processes `torchrun` (or `accelerate launch`) started, when its WORLD_SIZE is above 1. The backend
+    is gloo: distill trains on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield Ranks()
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield Ranks.current()
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_terms(outputs: dict[str, LossOutput], ranks: Ranks) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each term as this rank's share of its value on the global batch, and that global value.
+
+    A term sums means, each over its own units. A mean's global value is sum_r value_r * count_r / sum_r count_r,
+    so rank r's share is value_r * count_r / (the global count): the shares, and their gradients summed over the
+    ranks, add up to the term on the global batch whatever each rank's count. One process: the terms as they are.
+    """
+    if ranks.size == 1:
+        return {name: output.loss for name, output in outputs.items()}, {
+            name: output.loss.item() for name, output in outputs.items()}
+    parts = [(name, part) for name, output in outputs.items() for part in output.parts]
+    counts = [float(part.count) for _, part in parts]
+    totals = ranks.sum_floats(counts + [float(part.value.detach()) * count for (_, part), count in zip(parts, counts)])
+    shares: dict[str, torch.Tensor] = {}
+    values: dict[str, float] = {}
+    for (name, part), count, global_count, global_sum in zip(parts, counts, totals[: len(parts)], totals[len(parts):]):
+        global_count = max(global_count, 1.0)
+        share = part.value * (count / global_count)
+        shares[name] = shares[name] + share if name in shares else share
+        values[name] = values.get(name, 0.0) + global_sum / global_count
+    return shares, values
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak`, then linear decay to zero at the last step (spec 1.17)."""
     if step < warmup:
@@ -168,6 +257,11 @@ def train(
     params: DistillParams, teacher_params: TeacherLogitsParams, teacher_dir: Path, teacher_logits_dir: Path | None,
     log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
 ) -> dict:
+    """Train the student; every rank of a `process_group` runs this, on its share of each step's batch."""
+    ranks = Ranks.current()
+    if params.batch_size < ranks.size:
+        raise ValueError(f"distill.batch_size {params.batch_size} is the global batch and must give every one of the "
+                         f"{ranks.size} processes at least one example")
     prepared = require_manifest(prepared_dir, "prepare")
     students = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.student.jsonl")]
     teachers = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.teacher.jsonl")]
@@ -215,22 +309,32 @@ def train(
             losses.load_state_dict(state["losses"])
             optimizer.load_state_dict(state["optimizer"])
             start_step, history = state["step"], state["history"]
-            print(f"distill: resuming from checkpoint at step {start_step}")
-    if start_step == 0:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # checkpoints of another configuration
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if ranks.main:
+                print(f"distill: resuming from checkpoint at step {start_step}")
+    if ranks.size > 1:
+        dist.barrier()  # every rank has read the checkpoint before rank 0 may remove it
+        for parameter in trainable:  # the ranks start equal (as DDP does), then take the same summed steps
+            dist.broadcast(parameter.data, 0)
+    if ranks.main:
+        if start_step == 0:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # checkpoints of another configuration
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
     bar = tqdm(range(start_step, params.steps), desc=f"distill ({'+'.join(params.losses)})", unit="step",
-               initial=start_step, total=params.steps)
+               initial=start_step, total=params.steps, disable=not ranks.main)
     for step in bar:
         started = time.perf_counter()
-        indices = batch_indices(step, params.batch_size, len(students), teacher_params.examples_per_shard, params.seed)
+        indices = ranks.share(batch_indices(step, params.batch_size, len(students), teacher_params.examples_per_shard,
+                                            params.seed))
         on_policy = is_on_policy_step(step, params.on_policy.fraction, params.seed)
         generation_seconds, completion_tokens = 0.0, 0.0
         if on_policy:  # the student answers the batch's questions; the teacher scores its samples
-            sampled_students, sampled_teachers = sampler(student, [questions[i] for i in indices], step)
+            # Each rank seeds its draws with its own key, so ranks never share a random stream.
+            sample_key = step if ranks.size == 1 else step * ranks.size + ranks.rank
+            sampled_students, sampled_teachers = sampler(student, [questions[i] for i in indices], sample_key)
             generation_seconds = time.perf_counter() - started
-            completion_tokens = sum(e.loss_mask.count(True) for e in sampled_students) / len(indices)
+            (sampled_tokens,) = ranks.sum_floats([sum(e.loss_mask.count(True) for e in sampled_students)])
+            completion_tokens = sampled_tokens / params.batch_size
             batch = make_batch(sampled_students, sampled_teachers, word_starts)
         elif stored is not None:  # offline: the teacher side is what was stored, joined to the student's by index
             examples = [stored[i] for i in indices]
@@ -247,31 +351,34 @@ def train(
                            batch.student_loss_mask, signals.token_logprobs, signals.boundary_logprobs,
                            params.logits_chunk_size)
 
-        terms, metrics = {}, {}
-        for name in weights:
-            output = losses[name](view, teacher, batch.alignment)
-            terms[name] = output.loss
-            metrics[f"{name}_loss"] = output.loss.item()
+        outputs = {name: losses[name](view, teacher, batch.alignment) for name in weights}
+        terms, values = _global_terms(outputs, ranks)
+        metrics = {f"{name}_loss": value for name, value in values.items()}
+        for name, output in outputs.items():  # diagnostics: this rank's (rank 0's when logged)
             metrics.update({f"{name}.{key}": value for key, value in output.metrics.items()})
-        loss, used = combine(terms, weights, params.combine, [student.get_output_embeddings().weight])
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"distill: loss is {loss.item()} at step {step}; lower distill.learning_rate")
+        loss, used = combine(terms, weights, params.combine, [student.get_output_embeddings().weight], ranks.sum)
+        total = loss.item() if ranks.size == 1 else sum(used[name] * values[name] for name in used)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"distill: loss is {total} at step {step}; lower distill.learning_rate")
 
         rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.sum([parameter.grad for parameter in trainable if parameter.grad is not None])
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm).item()
         optimizer.step()
 
         metrics.update({f"weight.{name}": value for name, value in used.items()})
         seconds = time.perf_counter() - started
-        metrics.update(loss=loss.item(), alpha=1.0 if on_policy else alpha_at(step, params), learning_rate=rate,
+        metrics.update(loss=total, alpha=1.0 if on_policy else alpha_at(step, params), learning_rate=rate,
                        on_policy=int(on_policy), completion_tokens=completion_tokens,
                        generation_seconds=generation_seconds, update_seconds=seconds - generation_seconds,
                        seconds=seconds)
         history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
+        if not ranks.main:
+            continue
         log_metrics(metrics, step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
@@ -280,12 +387,13 @@ def train(
                             "losses": losses.state_dict(), "optimizer": optimizer.state_dict(),
                             "history": history}, temporary)
 
-    with atomic_path(out_dir) as temporary:
-        student.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
-        write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
-                                            "distilled_from": student_card["name"], "loss": params.losses})
-    write_text(history_path, history_csv(history, history_fields))
+    if ranks.main:
+        with atomic_path(out_dir) as temporary:
+            student.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+            write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
+                                                "distilled_from": student_card["name"], "loss": params.losses})
+        write_text(history_path, history_csv(history, history_fields))
     timed = history[start_step:]
     summary = {"loss": "+".join(params.losses), "steps": params.steps, "resumed_from_step": start_step,
                "final_loss": history[-1]["loss"], "on_policy_steps": sum(row["on_policy"] for row in history),

@@ -9,28 +9,47 @@ Inputs: data/prepared, data/teacher_logits (offline) or models/teacher (online),
 params `distill.*`. Outputs: models/distilled/ (HF directory), metrics/distill_history.csv (loss curves),
 metrics/distill.json, checkpoints/distill/. Loss curves also go to MLflow.
 Run alone: python -m flows.distill   (or: dvc repro distill)
+Several processes: torchrun --standalone --nproc-per-node N -m flows.distill [--params FILE]
+  (or `accelerate launch --multi_gpu --num_processes N -m flows.distill`). Every rank trains on its contiguous
+  share of each step's `distill.batch_size` examples (the global batch), on the CPU with gloo; the result equals
+  one process on the same batches (components/distill.py). Rank 0 alone runs the Prefect flow, logs to MLflow
+  and writes outputs. GPUs (NCCL, FSDP) are not implemented: docs/distributed.md.
 """
+
+from collections.abc import Callable
+from pathlib import Path
 
 from prefect import flow
 
 from components import tracking
-from components.distill import train
+from components.config import PipelineParams, load_params
+from components.distill import process_group, train
 from components.io import write_json
 from components.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, PREPARED_DIR,
                               STUDENT_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR)
 from flows.common import stage_cli, tracked_stage
 
 
+def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None
+           ) -> dict:
+    return train(PREPARED_DIR, STUDENT_DIR, DISTILLED_DIR, CHECKPOINT_DIR, DISTILL_HISTORY, params.distill,
+                 params.teacher_logits, TEACHER_DIR, TEACHER_LOGITS_DIR, log_metrics=log_metrics)
+
+
 @flow(name="distill", log_prints=True)
 def distill(params_file: str = "params.yaml") -> dict:
     with tracked_stage("distill", params_file, ("distill",)) as params:
-        summary = train(PREPARED_DIR, STUDENT_DIR, DISTILLED_DIR, CHECKPOINT_DIR, DISTILL_HISTORY,
-                        params.distill, params.teacher_logits, TEACHER_DIR, TEACHER_LOGITS_DIR,
-                        log_metrics=tracking.log_metrics)
+        summary = _train(params, tracking.log_metrics)
         write_json(DISTILL_METRICS, summary)
         tracking.log_artifact(DISTILL_HISTORY)
         return summary
 
 
+def distill_rank(params_file: str = "params.yaml") -> dict:
+    """A rank other than 0 under torchrun: trains its share of every batch, outside Prefect and MLflow."""
+    return _train(load_params(Path(params_file)))
+
+
 if __name__ == "__main__":
-    stage_cli(distill, __doc__)
+    with process_group() as ranks:
+        stage_cli(distill if ranks.main else distill_rank, __doc__)

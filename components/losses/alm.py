@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from components.config import AlmParams
-from components.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, StudentView, TeacherView,
+from components.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
                                     masked_mean, register)
 from components.losses.positions import rows_to_tokens
 
@@ -224,7 +224,7 @@ class AlmLoss(DistillLoss):
                 teacher_chunks, student_chunks, alignment.teacher_word_start, alignment.student_word_start, counted)
         result = alm_loss(teacher.token_logprobs, teacher.boundary_logprobs, student.token_logprobs,
                           student.boundary_logprobs, teacher_chunks, student_chunks, counted, self.options)
-        return LossOutput(result.loss, {
+        return LossOutput((Mean(result.loss, result.num_chunks),), {
             "chunks": float(result.num_chunks),
             "teacher_chunk_logprob": float(result.teacher_chunk_logprob),
             "student_chunk_logprob": float(result.student_chunk_logprob),

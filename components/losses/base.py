@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel
@@ -78,10 +78,25 @@ class Alignment:
     student_word_start: torch.Tensor  # [B, L_S] bool
 
 
+class Mean(NamedTuple):
+    """A mean and the number of units it averages (target rows, chunks, paired positions...). Means over
+    shards with unequal counts combine into the whole batch's mean only through their counts: what training
+    over several processes needs (`components.distill`)."""
+
+    value: torch.Tensor  # scalar; 0 when `count` is 0
+    count: torch.Tensor | int
+
+
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # scalar
+    """A loss as the sum of its `parts`, each a mean over its own units (one part for most losses)."""
+
+    parts: tuple[Mean, ...]
     metrics: dict[str, float] = field(default_factory=dict)  # diagnostics, logged as `<name>.<key>`
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum((part.value for part in self.parts[1:]), self.parts[0].value)
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,12 @@ def register(cls: type[DistillLoss]) -> type[DistillLoss]:
     return cls
 
 
+def counted_mean(values: torch.Tensor, mask: torch.Tensor) -> Mean:
+    """Mean of `values` where `mask` holds, with how many held; 0 (with a gradient path) when nothing is valid."""
+    count = mask.sum()
+    return Mean(torch.where(mask, values, 0.0).sum() / count.clamp(min=1), count)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` holds; 0 (with a gradient path) when nothing is valid."""
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+    """`counted_mean` without the count (diagnostics, and the terms of a loss's own formula)."""
+    return counted_mean(values, mask).value

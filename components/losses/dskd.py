@@ -30,7 +30,8 @@ import torch
 from transformers import AutoConfig
 
 from components.config import DskdParams
-from components.losses.base import Alignment, DistillLoss, LossOutput, LossSetup, StudentView, TeacherView, masked_mean, register
+from components.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
+                                    masked_mean, register)
 from components.losses.divergences import forward_kl, skew_reverse_kl
 from components.losses.positions import gather_rows, map_positions, target_rows
 
@@ -137,10 +138,16 @@ class DskdTerms:
     teacher_to_student_kd: torch.Tensor  # KD_t2s, mean over the student's target rows the projection gets right
     student_to_teacher_kd: torch.Tensor  # KD_s2t, mean over the teacher's target rows
     teacher_to_student_accuracy: torch.Tensor  # share of the student's target rows the projection gets right
+    counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the rows each of the three means divides by
 
     @property
     def total(self) -> torch.Tensor:
         return self.teacher_to_student_ce + self.teacher_to_student_kd + self.student_to_teacher_kd
+
+    @property
+    def parts(self) -> tuple[Mean, Mean, Mean]:
+        means = (self.teacher_to_student_ce, self.teacher_to_student_kd, self.student_to_teacher_kd)
+        return tuple(Mean(value, count) for value, count in zip(means, self.counts))
 
 
 def dskd_terms(student: StudentView, teacher: TeacherView, projectors: DskdProjectors, temperature: float,
@@ -185,6 +192,7 @@ def dskd_terms(student: StudentView, teacher: TeacherView, projectors: DskdProje
         teacher_to_student_kd=masked_mean(t2s_divergence, student_rows_valid & accurate),
         student_to_teacher_kd=masked_mean(s2t_divergence, teacher_rows_valid),
         teacher_to_student_accuracy=masked_mean(accurate.float(), student_rows_valid).detach(),
+        counts=(student_rows_valid.sum(), (student_rows_valid & accurate).sum(), teacher_rows_valid.sum()),
     )
 
 
@@ -211,4 +219,4 @@ class DskdLoss(DistillLoss):
             "t2s_ce": terms.teacher_to_student_ce, "t2s_kd": terms.teacher_to_student_kd,
             "s2t_kd": terms.student_to_teacher_kd, "t2s_accuracy": terms.teacher_to_student_accuracy,
         }
-        return LossOutput(terms.total, {key: float(value.detach()) for key, value in metrics.items()})
+        return LossOutput(terms.parts, {key: float(value.detach()) for key, value in metrics.items()})

@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 
 from components.losses import divergences
-from components.losses.base import (Alignment, DistillLoss, LossOutput, StudentView, TeacherView, masked_mean,
-                                    register)
+from components.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView,
+                                    counted_mean, register)
 from components.losses.positions import gather_rows, map_positions, target_rows
 from components.losses.teacher_distribution import select_teacher_rows, teacher_log_probs
 
@@ -29,13 +29,17 @@ def _slice_divergence(hidden: torch.Tensor, topk_ids: torch.Tensor | None, topk_
     return divergence(teacher_log_probs(topk_ids, topk_logprobs, teacher_hidden, teacher), student_log_probs)
 
 
-def distribution_divergence(student: StudentView, teacher: TeacherView, divergence: Divergence) -> torch.Tensor:
+def divergence_mean(student: StudentView, teacher: TeacherView, divergence: Divergence) -> Mean:
     """Mean per-row `divergence(teacher, student)` over the student's target rows, chunked over rows."""
     rows, valid = target_rows(student.loss_mask)
     teacher_rows = select_teacher_rows(teacher, rows)
     (values,) = map_positions(_slice_divergence, [gather_rows(student.hidden, rows), *teacher_rows.tensors()],
                               student.chunk_size, student, teacher, divergence)
-    return masked_mean(values, valid)
+    return counted_mean(values, valid)
+
+
+def distribution_divergence(student: StudentView, teacher: TeacherView, divergence: Divergence) -> torch.Tensor:
+    return divergence_mean(student, teacher, divergence).value
 
 
 class SameTokenizerLoss(DistillLoss):
@@ -49,7 +53,7 @@ class SameTokenizerLoss(DistillLoss):
         if student.input_ids.shape != teacher.input_ids.shape or not torch.equal(student.input_ids, teacher.input_ids):
             raise ValueError(f"{self.name} compares the two models row by row and needs identical token sequences; "
                              "use a cross-tokenizer loss (alm, uld, mined, multilevel_ot, dskd)")
-        return LossOutput(distribution_divergence(student, teacher, self.divergence))
+        return LossOutput((divergence_mean(student, teacher, self.divergence),))
 
 
 @register

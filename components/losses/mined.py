@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from components.config import MinedParams
 from components.io import atomic_path
-from components.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, StudentView, TeacherView,
+from components.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
                                     masked_mean, register)
 from components.losses.divergences import forward_kl
 from components.losses.positions import gather_rows, map_positions
@@ -282,5 +282,6 @@ class MinedLoss(DistillLoss):
                              f"tokenizer has {student.vocab_size}")
         result = mined_loss(student, teacher, alignment, self.mapping.to(student.hidden.device),
                             self.params.temperature)
-        return LossOutput(result.loss, {"chunks": float(result.chunks), "kl_chunks": float(result.kl_chunks),
-                                        "fallback_chunks": float(result.fallback_chunks)})
+        return LossOutput((Mean(result.loss, result.chunks),), {
+            "chunks": float(result.chunks), "kl_chunks": float(result.kl_chunks),
+            "fallback_chunks": float(result.fallback_chunks)})

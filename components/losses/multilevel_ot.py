@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from components.config import MultiLevelOtParams
-from components.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, masked_mean, register
+from components.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView, masked_mean,
+                                    register)
 from components.losses.positions import gather_rows, map_positions, paired_target_rows
 from components.losses.teacher_distribution import select_teacher_rows, teacher_probabilities
 
@@ -166,4 +167,5 @@ class MultiLevelOtLoss(DistillLoss):
         student_log_k, student_sd = map_positions(
             _student_ranked, [hidden], chunk, student, student_order, top_k, params.sd_temperature)
         loss, metrics = multilevel_ot_loss(teacher_k, student_log_k, teacher_sd, student_sd, valid, params)
-        return LossOutput(loss, {name: value.item() for name, value in metrics.items()})
+        examples = valid.any(1).sum()  # the loss is a mean over the examples with at least one pair
+        return LossOutput((Mean(loss, examples),), {name: value.item() for name, value in metrics.items()})

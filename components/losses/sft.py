@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from components.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, register
+from components.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView, counted_mean,
+                                    register)
 from components.losses.positions import rows_to_tokens
 
 
-def sft_loss(student_token_rows: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def sft_mean(student_token_rows: torch.Tensor, loss_mask: torch.Tensor) -> Mean:
     """Mean negative log-likelihood of the target tokens (`loss_mask`, token convention; token 0 never counts)."""
     targets = loss_mask.clone()
     targets[:, 0] = False
-    nll = -rows_to_tokens(student_token_rows.float())
-    return torch.where(targets, nll, 0.0).sum() / targets.sum().clamp(min=1)
+    return counted_mean(-rows_to_tokens(student_token_rows.float()), targets)
+
+
+def sft_loss(student_token_rows: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    return sft_mean(student_token_rows, loss_mask).value
 
 
 @register
@@ -25,4 +29,4 @@ class NextTokenLoss(DistillLoss):
     name = "sft"
 
     def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:
-        return LossOutput(sft_loss(student.token_logprobs, student.loss_mask))
+        return LossOutput((sft_mean(student.token_logprobs, student.loss_mask),))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from components.config import UldParams
-from components.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, masked_mean, register
+from components.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, counted_mean, register
 from components.losses.positions import gather_rows, map_positions, paired_target_rows
 from components.losses.teacher_distribution import select_teacher_rows, teacher_probabilities
 
@@ -71,4 +71,4 @@ class UldLoss(DistillLoss):
             (teacher_sorted,) = map_positions(_teacher_sorted, source.tensors(), student.chunk_size, teacher, top_k)
         hidden = gather_rows(student.hidden, student_rows)
         (distance,) = map_positions(_student_distance, [hidden, teacher_sorted], student.chunk_size, student, top_k)
-        return LossOutput(masked_mean(distance, valid))
+        return LossOutput((counted_mean(distance, valid),))
