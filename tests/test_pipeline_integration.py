@@ -118,6 +118,24 @@ def test_a_second_repro_is_a_no_op(repo):
     assert _stages_run(output) == set(), output
 
 
+def test_a_fresh_clone_that_pulls_from_a_local_remote_reproduces_nothing(repo, tmp_path):
+    """Every output travels through the remote (none is `cache: false`), so a clone plus `dvc pull` is up to
+    date: checkpoints, metrics and models included. Runs on a copy; the fixture's repo stays uncommitted."""
+    path, env, _ = repo
+    origin, remote, clone = tmp_path / "origin", tmp_path / "remote", tmp_path / "clone"
+    shutil.copytree(path, origin, symlinks=True)
+    _run(["dvc", "remote", "add", "-d", "storage", str(remote)], origin, env)
+    _run(["git", "add", "-A"], origin, env)
+    _run(["git", "commit", "-qm", "pipeline run"], origin, env)
+    _run(["dvc", "push"], origin, env)
+    _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    _run(["dvc", "pull"], clone, env)
+    assert not [name for name in OUTPUTS if not (clone / name).exists()]
+    output = _run(["dvc", "repro"], clone, env)
+    assert _stages_run(output) == set(), output
+    assert "Data and pipelines are up to date." in _run(["dvc", "status"], clone, env)
+
+
 def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
     path, env, _ = repo
     _set_param(path, lambda raw: raw["profiles"]["tiny"]["distill"].update(learning_rate=5.0e-4))

@@ -1,0 +1,2 @@
+-- Prefect's database next to MLflow's (POSTGRES_DB), as infra/services.sh creates both.
+CREATE DATABASE prefect;
