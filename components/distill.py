@@ -290,11 +290,12 @@ def train(
     boundary = boundary_mask(tokenizer, vocab_rows)
     teacher_tokenizer = load_tokenizer(teacher_dir)
     word_starts = {"student": boundary, "teacher": boundary_mask(teacher_tokenizer, len(teacher_tokenizer))}
-    questions = [record["question"] for record in read_jsonl(prepared_dir / "train.jsonl")]
-    generation_eos = student.generation_config.eos_token_id
-    sampler = OnPolicySampler(tokenizer, None if setup.same_tokenizer else teacher_tokenizer,
-                              set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None},
-                              params.on_policy, params.seed)
+    if params.on_policy.fraction > 0:  # some steps train on the student's own answers to these questions
+        questions = [record["question"] for record in read_jsonl(prepared_dir / "train.jsonl")]
+        generation_eos = student.generation_config.eos_token_id
+        sampler = OnPolicySampler(tokenizer, None if setup.same_tokenizer else teacher_tokenizer,
+                                  set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None},
+                                  params.on_policy, params.seed)
     trainable = [*student.parameters(), *losses.parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
 

@@ -245,10 +245,9 @@ def test_cross_tokenizer_on_policy_alm_has_zero_gradient_when_both_models_give_e
 def trl_gkd_inputs(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prepared examples as TRL's GKD batch: (input_ids, attention_mask, labels with -100 off the targets)."""
     ids, mask = pad_batch([record["input_ids"] for record in records])
-    targets, _ = pad_batch([[i for i, m in enumerate(record["loss_mask"]) if m] for record in records], pad_id=-1)
     is_target = torch.zeros_like(ids, dtype=torch.bool)
-    for row, positions in enumerate(targets.tolist()):
-        is_target[row, [p for p in positions if p >= 0]] = True
+    for row, record in enumerate(records):
+        is_target[row, : len(record["loss_mask"])] = torch.tensor(record["loss_mask"], dtype=torch.bool)
     return ids, mask, ids.masked_fill(~is_target, -100)
 
 

@@ -10,7 +10,7 @@ import torch
 from components.config import TeacherTruncation
 from components.losses import divergences
 from components.losses.base import StudentView, TeacherView
-from components.losses.kd import ForwardKL, distribution_divergence
+from components.losses.kd import ForwardKL, divergence_mean
 from components.losses.teacher_distribution import truncate
 
 VOCAB = 12
@@ -163,8 +163,8 @@ def _views(seed=0, length=7, hidden=8, k=None, truncation=TeacherTruncation()):
 
 def test_offline_with_every_entry_stored_equals_the_live_teacher_and_a_hand_computed_mean():
     student, live, stored, full = _views()
-    online = distribution_divergence(student, live, divergences.forward_kl)
-    offline = distribution_divergence(student, stored, divergences.forward_kl)
+    online = divergence_mean(student, live, divergences.forward_kl).value
+    offline = divergence_mean(student, stored, divergences.forward_kl).value
     torch.testing.assert_close(online, offline)
     student_lp = student.head(student.hidden)[..., :VOCAB].log_softmax(-1)
     expected = [divergences.forward_kl(full[b, i - 1], student_lp[b, i - 1])
@@ -175,7 +175,7 @@ def test_offline_with_every_entry_stored_equals_the_live_teacher_and_a_hand_comp
 def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient():
     student, live, _, _ = _views()
     live.hidden, live.head = student.hidden.detach(), lambda h: student.head(h)[..., :VOCAB]
-    loss = distribution_divergence(student, live, divergences.forward_kl)
+    loss = divergence_mean(student, live, divergences.forward_kl).value
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert student.hidden.grad.abs().max().item() < 1e-6
@@ -183,20 +183,20 @@ def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient():
 
 def test_masked_rows_and_padding_do_not_change_the_loss():
     student, live, _, _ = _views()
-    base = distribution_divergence(student, live, divergences.tvd)
+    base = divergence_mean(student, live, divergences.tvd).value
     scrambled = torch.randn_like(student.hidden)
     keep = torch.zeros_like(student.loss_mask)
     keep[:, 1:] = student.loss_mask[:, 1:]  # rows 0..L-2 predict targets; row of masked targets is free
     rows_used = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], 1)
     student.hidden = torch.where(rows_used[..., None], student.hidden, scrambled)
-    torch.testing.assert_close(distribution_divergence(student, live, divergences.tvd), base)
+    torch.testing.assert_close(divergence_mean(student, live, divergences.tvd).value, base)
 
 
 def test_truncated_stored_teacher_matches_truncating_the_live_teacher():
     truncation = TeacherTruncation(top_p=0.7, top_k=4, temperature=2.0)
     student, live, stored, _ = _views(k=6, truncation=truncation)
-    torch.testing.assert_close(distribution_divergence(student, stored, divergences.forward_kl),
-                               distribution_divergence(student, live, divergences.forward_kl))
+    torch.testing.assert_close(divergence_mean(student, stored, divergences.forward_kl).value,
+                               divergence_mean(student, live, divergences.forward_kl).value)
 
 
 def test_same_tokenizer_losses_refuse_different_token_sequences():

@@ -38,10 +38,6 @@ def divergence_mean(student: StudentView, teacher: TeacherView, divergence: Dive
     return counted_mean(values, valid)
 
 
-def distribution_divergence(student: StudentView, teacher: TeacherView, divergence: Divergence) -> torch.Tensor:
-    return divergence_mean(student, teacher, divergence).value
-
-
 class SameTokenizerLoss(DistillLoss):
     same_tokenizer_only = True
     teacher_fields = ("topk_ids", "topk_logprobs")
