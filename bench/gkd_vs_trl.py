@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import statistics
@@ -44,14 +43,17 @@ from transformers import TrainerCallback  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.config import DistillParams, HfModelSpec, PrepareParams, TeacherLogitsParams, TinyModelSpec  # noqa: E402
+from components.config import (DistillParams, HfModelSpec, PrepareParams, RuntimeParams, TeacherLogitsParams,  # noqa: E402
+                               TinyModelSpec)
 from components.data.chat import chat_messages  # noqa: E402
-from components.distill import batch_indices, train  # noqa: E402
+from components.runtime import Runtime  # noqa: E402
+from components.distill import train  # noqa: E402
+from components.training.batching import batch_indices  # noqa: E402
 from components.io import read_jsonl, write_json  # noqa: E402
 from components.models import load_model, load_tokenizer, materialize  # noqa: E402
 from components.models.tiny import build_tiny_teacher_like  # noqa: E402
 from components.prepare import run_prepare  # noqa: E402
-from components.teacher_logits import pad_batch  # noqa: E402
+from components.data.padding import pad_batch  # noqa: E402
 
 TOLERANCE = 1e-4
 LEARNING_RATE = 1e-4
@@ -81,11 +83,12 @@ def our_params(args: argparse.Namespace, fraction: float, beta: float, steps: in
 def run_ours(root: Path, dirs: dict[str, Path], params: DistillParams, name: str) -> tuple[list[dict], list[dict]]:
     """Our training loop; returns (history rows, logged metrics per step)."""
     logged: list[dict] = []
-    teacher_logits = TeacherLogitsParams(top_k=1, temperature=1.0, batch_size=1, examples_per_shard=EXAMPLES_PER_SHARD,
-                                         dtype="float32")
+    teacher_logits = TeacherLogitsParams(top_k=1, temperature=1.0, batch_size=1, examples_per_shard=EXAMPLES_PER_SHARD)
+    # TRL trains on the CPU in fp32 here (no GPU): so do we, teacher included.
+    runtime = Runtime.resolve(RuntimeParams(device="cpu", precision="fp32"))
     train(root / "prepared", dirs["student"], root / name / "model", root / name / "checkpoints",
           root / name / "history.csv", params, teacher_logits, dirs["teacher"], None,
-          log_metrics=lambda metrics, step: logged.append(metrics))
+          log_metrics=lambda metrics, step: logged.append(metrics), runtime=runtime)
     with open(root / name / "history.csv") as handle:
         return list(csv.DictReader(handle)), logged
 

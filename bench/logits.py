@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,10 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components import logit_codec  # noqa: E402
-from components.config import TeacherLogitsParams  # noqa: E402
+from components.config import RuntimeParams, TeacherLogitsParams  # noqa: E402
+from components.data.padding import pad_batch  # noqa: E402
 from components.io import read_jsonl, sha256_file, write_json, write_jsonl  # noqa: E402
 from components.losses.token_stats import hidden_states, output_head  # noqa: E402
-from components.teacher_logits import _process_teacher, pad_batch, resolve_dtype, run_teacher_logits, teacher_device  # noqa: E402
+from components.runtime import Runtime  # noqa: E402
+from components.teacher_logits import _process_teacher, run_teacher_logits  # noqa: E402
 
 SETTINGS = ((1.0, 128), (1.0, 256), (1.0, 64), (0.99, 128), (0.95, 128), (0.95, 50))
 TEMPERATURES = (1.0, 2.0)
@@ -126,13 +127,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="as runtime.device")
+    parser.add_argument("--precision", choices=("auto", "bf16-mixed", "fp32"), default="auto",
+                        help="as runtime.precision (the teacher runs in its inference dtype)")
     args = parser.parse_args()
+    runtime = Runtime.resolve(RuntimeParams(device=args.device, precision=args.precision))
     if not (args.prepared / "train.teacher.jsonl").exists():
         sys.exit(f"{args.prepared}/train.teacher.jsonl is missing: run 'dvc repro prepare' first")
 
     params = TeacherLogitsParams(top_p=1.0, top_k=128, temperature=1.0, batch_size=args.batch_size,
-                                 examples_per_shard=args.examples, dtype="auto")
-    teacher = _process_teacher(args.teacher, params.dtype)  # the extraction below reuses this one
+                                 examples_per_shard=args.examples)
+    # The extraction below reuses this teacher (one per process).
+    teacher = _process_teacher(args.teacher, runtime.inference_dtype_name, str(runtime.device))
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared"
         prepared.mkdir()
@@ -143,11 +149,11 @@ def main() -> None:
         for repeat in range(args.repeats):
             forward.append(tokens / bare_forward_seconds(teacher, sequences, args.batch_size))
             started = time.perf_counter()
-            manifest = run_teacher_logits(prepared, args.teacher, Path(scratch) / f"logits-{repeat}", params)
+            manifest = run_teacher_logits(prepared, args.teacher, Path(scratch) / f"logits-{repeat}", params, runtime)
             extract.append(tokens / (time.perf_counter() - started))
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, device {teacher_device().type}",
-        "teacher": str(args.teacher), "dtype": resolve_dtype(params.dtype, teacher_device()),
+        "machine": f"{runtime.describe()['device_name']}, {torch.get_num_threads()} threads, device {runtime.device.type}",
+        "teacher": str(args.teacher), "dtype": runtime.inference_dtype_name,
         "examples": args.examples, "tokens": tokens, "settings": rows,
         "forward_tokens_per_second": statistics.median(forward), "extract_tokens_per_second": statistics.median(extract),
         "throughput_ratio": statistics.median(extract) / statistics.median(forward),

@@ -86,8 +86,6 @@ class TeacherLogitsParams(Strict):
     temperature: float = Field(gt=0, description="stored log-probs are at this temperature; training can re-temper")
     batch_size: int = Field(ge=1)
     examples_per_shard: int = Field(ge=1, description="also the block size of distill's shard-ordered shuffling")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="teacher forward dtype; auto: bfloat16 where the device supports it. Log-probs are fp32")
     workers: int = Field(1, ge=1, description="extraction processes (a Dask cluster via prefect-dask when > 1)")
 
 
@@ -242,9 +240,6 @@ class EvaluateParams(Strict):
     max_gen_toks: int = Field(ge=8)
     bpb_examples: int = Field(ge=1, description="held-out test examples for bits-per-byte")
     batch_size: int = Field(1, ge=1)
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="generation dtype (bfloat16 is about 2x faster on CPU); bits-per-byte is always fp32"
-    )
 
 
 class TransferParams(Strict):
@@ -293,6 +288,22 @@ class EnsembleParams(Strict):
         return self
 
 
+class RuntimeParams(Strict):
+    """Where and in what precision every stage computes (components/runtime.py; README "Runtime")."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU")
+    precision: Literal["auto", "bf16-mixed", "fp32"] = Field(
+        "auto", description="training: bf16 autocast over fp32 weights and optimizer state (auto: on CUDA) or fp32 "
+        "(auto: on the CPU); frozen models (teacher, evaluation) run in bf16 where the hardware computes it "
+        "natively (auto), always (bf16-mixed) or never (fp32)")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="examples per forward/backward of one process; gradients accumulate over a step's "
+        "micro-batches, so batch_size stays the global batch (null: a process's whole share at once)")
+    gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward: "
+                                         "less memory, about a third more compute")
+    compile: bool = Field(False, description="torch.compile the student's decoder (dynamic shapes)")
+
+
 class TrackingParams(Strict):
     experiment: str = "tokenbridge"
     registered_model: str = "tokenbridge-student"
@@ -307,6 +318,7 @@ class PipelineParams(Strict):
     """Everything one pipeline execution needs, after the selected profile is applied."""
 
     profile: str
+    runtime: RuntimeParams = RuntimeParams()
     tracking: TrackingParams
     models: ModelsParams
     prepare: PrepareParams

@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerBase
 from components.config import OnPolicyParams
 from components.data.chat import Encoded, encode_continuation, encode_prompt
 from components.models.token_bytes import special_ids, vocab_bytes
-from components.sampling import completions, decode, left_pad, sample_next
+from components.data.padding import left_pad
+from components.sampling import completions, decode, sample_next
 
 
 def is_on_policy_step(step: int, fraction: float, seed: int) -> bool:

@@ -14,18 +14,6 @@ import torch
 Pick = Callable[[torch.Tensor], torch.Tensor]  # last-position scores [B, V] -> next ids [B]
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (input_ids, attention_mask), so every row's next token goes in the last column."""
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        if sequence:
-            ids[row, width - len(sequence):] = torch.tensor(sequence)
-            mask[row, width - len(sequence):] = 1
-    return ids, mask
-
-
 def sample_next(scores: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one id per row from softmax(scores / temperature), restricted to the top-p nucleus when top_p < 1."""

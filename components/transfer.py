@@ -18,8 +18,6 @@ like the `models` stage's), the target tokenizer. Outputs per source: `models/tr
 
 from __future__ import annotations
 
-import math
-import shutil
 import time
 from pathlib import Path
 
@@ -30,19 +28,24 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from components.config import TeacherTruncation, TransferParams
 from components.data.chat import Encoded, encode_example
-from components.distill import batch_indices, history_csv, learning_rate, make_batch
 from components.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
 from components.losses.alm import AlmLoss
-from components.losses.base import StudentView, TeacherView
+from components.losses.base import LossOutput, StudentView, TeacherView
 from components.losses.latents import hidden_state_loss
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
-from components.models import MODEL_CARD, load_model, load_tokenizer, model_card, save_tokenizer
+from components.models import MODEL_CARD, copy_tokenizer_files, load_model, load_tokenizer, model_card, save_tokenizer
+from components.runtime import Runtime
+from components.training.batching import Batch, batch_indices, make_batch, split
+from components.training.engine import Engine
+from components.training.history import history_csv, median
+from components.training.ranks import Ranks
+from components.training.schedules import learning_rate
+from components.training.teachers import LiveTeacher, Teacher
 from components.models.token_bytes import _gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
 
 BYTE = "byte"
 SPECIAL_ROLES = ("pad_token", "unk_token", "eos_token", "bos_token")  # later roles win a shared target token
 CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def byte_tokenizer(source: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
@@ -158,9 +161,7 @@ def fvt_model(source_dir: Path, target_dir: Path | None, out_dir: Path, seed: in
         if target_dir is None:
             save_tokenizer(tokenizer, temporary)
         else:
-            for name in TOKENIZER_FILES:
-                if (target_dir / name).exists():
-                    shutil.copy2(target_dir / name, temporary / name)
+            copy_tokenizer_files(target_dir, temporary)
         write_json(temporary / MODEL_CARD, {
             "name": f"{card['name']}-fvt", "transferred_from": card["name"], "fvt": counts,
             "tokenizer_sha256": sha256_file(temporary / "tokenizer.json"), "tokenizer_size": len(tokenizer),
@@ -203,8 +204,32 @@ def _with_lora(model: torch.nn.Module, params: TransferParams) -> torch.nn.Modul
     return get_peft_model(model, config)
 
 
+def transfer_forward(student: torch.nn.Module, vocab_size: int, boundary: torch.Tensor, alm: AlmLoss):
+    """The transfer forward: ALM between the FVT student and its original (the live teacher), plus the hidden-state
+    loss at chunk ends when it is weighted (byte targets). Counting skips the student's decoder."""
+    def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
+        if counts_only:
+            width = student.get_input_embeddings().weight.shape[1]
+            hidden = torch.zeros(*batch.student_ids.shape, width, device=batch.student_ids.device)
+            token_rows = boundary_rows = torch.zeros(batch.student_ids.shape, device=batch.student_ids.device)
+        else:
+            hidden = hidden_states(student, batch.student_ids, batch.student_attention)
+            stats = next_token_stats(hidden, batch.student_ids, output_head(student), vocab_size, boundary,
+                                     chunk_size=CHUNK_SIZE)
+            token_rows, boundary_rows = stats.token_logprobs, stats.boundary_logprobs
+        view = StudentView(student, hidden, output_head(student), vocab_size, batch.student_ids,
+                           batch.student_attention, batch.student_loss_mask, token_rows, boundary_rows, CHUNK_SIZE)
+        outputs = {"alm": alm(view, teacher, batch.alignment)}
+        if "hidden_state" in names:
+            outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, hidden, batch.alignment.teacher_chunks,
+                                                                    batch.alignment.student_chunks),))
+        return outputs
+
+    return forward
+
+
 def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir: Path, history_path: Path,
-                   params: TransferParams) -> dict:
+                   params: TransferParams, runtime: Runtime) -> dict:
     """ALM self-distillation from the original model (teacher, own tokenizer) into the FVT model; saves the
     result (LoRA merged) at `out_dir`. A finished output of the same configuration is kept as it is."""
     key = fingerprint({"params": params.model_dump(), "source": model_card(source_dir), "fvt": model_card(fvt_dir),
@@ -215,12 +240,15 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
     torch.manual_seed(params.seed)
     teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(fvt_dir)
     teachers, students = _encoded_pairs(records, teacher_tokenizer, student_tokenizer, params.max_length)
-    teacher = load_model(source_dir, torch.float32).eval().requires_grad_(False)
-    student = load_model(fvt_dir, torch.float32).train()
+    teacher = LiveTeacher(Teacher.load(source_dir, runtime.inference_dtype, runtime.device), teachers,
+                          TeacherTruncation(), 1.0, CHUNK_SIZE)
+    student = runtime.prepare_student(load_model(fvt_dir, torch.float32).train())
     byte_level = model_card(fvt_dir)["byte_level"]
-    boundaries = {"teacher": boundary_mask(teacher_tokenizer, teacher.get_output_embeddings().weight.shape[0]),
+    boundaries = {"teacher": boundary_mask(teacher_tokenizer, teacher.teacher.model.get_output_embeddings().weight.shape[0]),
                   "student": boundary_mask(student_tokenizer, student.get_output_embeddings().weight.shape[0])}
-    alm_term = AlmLoss(params.alm, setup=None)  # ALM needs no facts about the pair beyond the batch
+    alm = AlmLoss(params.alm, setup=None)  # ALM needs no facts about the pair beyond the batch
+    hidden_weight = params.hidden_state_weight if byte_level else 0.0
+    weights = {"alm": 1.0, "hidden_state": hidden_weight}
 
     history: list[dict] = []
     phases = [("embeddings", params.embedding_steps, params.embedding_learning_rate),
@@ -238,56 +266,31 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
         for parameter in _embedding_parameters(student):
             parameter.requires_grad_(True)
         trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0)
+        engine = Engine(trainable, torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0), runtime,
+                        Ranks(), params.max_grad_norm)
+        forward = transfer_forward(student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm)
         for phase_step in tqdm(range(steps), desc=f"transfer ({phase})", unit="step"):
             started = time.perf_counter()
             indices = batch_indices(step, params.batch_size, len(students), len(students), params.seed)
-            batch = make_batch([students[i] for i in indices], [teachers[i] for i in indices], boundaries)
-            with torch.no_grad():
-                teacher_hidden = hidden_states(teacher, batch.teacher_ids, batch.teacher_attention)
-                teacher_stats = next_token_stats(teacher_hidden, batch.teacher_ids, output_head(teacher),
-                                                 len(teacher_tokenizer), boundaries["teacher"], chunk_size=CHUNK_SIZE)
-            student_hidden = hidden_states(student, batch.student_ids, batch.student_attention)
-            student_stats = next_token_stats(student_hidden, batch.student_ids, output_head(student),
-                                             len(student_tokenizer), boundaries["student"], chunk_size=CHUNK_SIZE)
-            student_view = StudentView(student, student_hidden, output_head(student), len(student_tokenizer),
-                                       batch.student_ids, batch.student_attention, batch.student_loss_mask,
-                                       student_stats.token_logprobs, student_stats.boundary_logprobs, CHUNK_SIZE)
-            teacher_view = TeacherView(batch.teacher_ids, batch.teacher_attention, batch.teacher_loss_mask,
-                                       teacher_stats.token_logprobs, teacher_stats.boundary_logprobs,
-                                       len(teacher_tokenizer), TeacherTruncation())
-            alm = alm_term(student_view, teacher_view, batch.alignment).loss
-            loss = alm
-            hidden = torch.zeros(())
-            if byte_level and params.hidden_state_weight > 0:
-                hidden = hidden_state_loss(teacher_hidden, student_hidden, batch.alignment.teacher_chunks,
-                                           batch.alignment.student_chunks)
-                loss = alm + params.hidden_state_weight * hidden
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"transfer: loss is {loss.item()} at step {step}; lower the learning rate")
+            micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries).to(runtime.device)
+                             for part in split(indices, runtime.micro_batch_size)]
             rate = learning_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm).item()
-            optimizer.step()
+            result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], forward, weights,
+                                 rate, f"transfer step {step}")
             step += 1
-            history.append({"step": step, "phase": phase, "loss": loss.item(), "alm_loss": alm.item(),
-                            "hidden_state_loss": hidden.item(), "learning_rate": rate, "grad_norm": grad_norm,
-                            "seconds": time.perf_counter() - started})
+            history.append({"step": step, "phase": phase, "loss": result.loss, "alm_loss": result.values["alm"],
+                            "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
+                            "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
 
     if hasattr(student, "merge_and_unload"):
         student = student.merge_and_unload()
     summary = {"steps": step, "final_loss": history[-1]["loss"] if history else None,
                "first_loss": history[0]["loss"] if history else None, "examples": len(students),
-               "median_seconds_per_step": sorted(r["seconds"] for r in history)[len(history) // 2] if history else None}
+               "median_seconds_per_step": median([r["seconds"] for r in history]) if history else None}
     card = model_card(fvt_dir)
     with atomic_path(out_dir) as temporary:
         student.save_pretrained(temporary)
-        for name in TOKENIZER_FILES:
-            if (fvt_dir / name).exists():
-                shutil.copy2(fvt_dir / name, temporary / name)
+        copy_tokenizer_files(fvt_dir, temporary)
         write_json(temporary / MODEL_CARD, {**card, "name": card["transferred_from"] + "-transferred",
                                             "fingerprint": key, "training": summary, "transfer": params.model_dump()})
     write_text(history_path, history_csv(history, ("step", "phase", "loss", "alm_loss", "hidden_state_loss",
@@ -296,10 +299,10 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
 
 
 def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
-                 params: TransferParams) -> dict:
+                 params: TransferParams, runtime: Runtime) -> dict:
     """FVT then ALM self-distillation for one source; writes `<out_dir>-fvt` and `out_dir`."""
     fvt_dir = fvt_path(out_dir)
     counts = fvt_model(source_dir, target_dir, fvt_dir, params.seed)
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
-    summary = train_transfer(records, source_dir, fvt_dir, out_dir, history_path, params)
+    summary = train_transfer(records, source_dir, fvt_dir, out_dir, history_path, params, runtime)
     return {"fvt": counts, **summary}

@@ -9,11 +9,12 @@ Inputs: data/prepared, data/teacher_logits (offline) or models/teacher (online),
 params `distill.*`. Outputs: models/distilled/ (HF directory), metrics/distill_history.csv (loss curves),
 metrics/distill.json, checkpoints/distill/. Loss curves also go to MLflow.
 Run alone: python -m flows.distill   (or: dvc repro distill)
+Device, precision, micro-batches (gradient accumulation), gradient checkpointing, compile: params `runtime.*`.
 Several processes: torchrun --standalone --nproc-per-node N -m flows.distill [--params FILE]
   (or `accelerate launch --multi_gpu --num_processes N -m flows.distill`). Every rank trains on its contiguous
-  share of each step's `distill.batch_size` examples (the global batch), on the CPU with gloo; the result equals
-  one process on the same batches (components/distill.py). Rank 0 alone runs the Prefect flow, logs to MLflow
-  and writes outputs. GPUs (NCCL, FSDP) are not implemented: docs/distributed.md.
+  share of each step's `distill.batch_size` examples (the global batch), one GPU per process (NCCL) or on CPUs
+  (gloo); the result equals one process on the same batches (components/training/engine.py). Rank 0 alone runs
+  the Prefect flow, logs to MLflow and writes outputs. docs/distributed.md.
 """
 
 from collections.abc import Callable
@@ -23,17 +24,20 @@ from prefect import flow
 
 from components import tracking
 from components.config import PipelineParams, load_params
-from components.distill import process_group, train
+from components.distill import train
 from components.io import write_json
 from components.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, PREPARED_DIR,
                               STUDENT_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR)
+from components.runtime import Runtime
+from components.training.ranks import process_group
 from flows.common import stage_cli, tracked_stage
 
 
 def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None
            ) -> dict:
     return train(PREPARED_DIR, STUDENT_DIR, DISTILLED_DIR, CHECKPOINT_DIR, DISTILL_HISTORY, params.distill,
-                 params.teacher_logits, TEACHER_DIR, TEACHER_LOGITS_DIR, log_metrics=log_metrics)
+                 params.teacher_logits, TEACHER_DIR, TEACHER_LOGITS_DIR, log_metrics=log_metrics,
+                 runtime=Runtime.resolve(params.runtime))
 
 
 @flow(name="distill", log_prints=True)

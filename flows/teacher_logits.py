@@ -23,6 +23,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from components import tracking
 from components.io import write_json
 from components.paths import PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR
+from components.runtime import Runtime
 from components.teacher_logits import ExtractionPlan, extract_shard, plan_extraction, write_manifest
 from flows.common import stage_cli, tracked_stage
 
@@ -60,7 +61,8 @@ def teacher_logits(params_file: str = "params.yaml") -> dict:
             manifest = {"skipped": "distill.teacher_mode is online: the teacher runs at every distill step"}
             write_json(TEACHER_LOGITS_DIR / "manifest.json", manifest)
             return manifest
-        plan = plan_extraction(PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR, params.teacher_logits)
+        plan = plan_extraction(PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR, params.teacher_logits,
+                               Runtime.resolve(params.runtime))
         shards = extract_shards.with_options(task_runner=task_runner(params.teacher_logits.workers))(plan)
         manifest = write_manifest(plan, shards)
         tracking.log_metrics({"examples": manifest["n_examples"], "tokens": manifest["n_tokens"],

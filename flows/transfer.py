@@ -18,6 +18,7 @@ from components.models import materialize
 from components.models.gguf import default_cache_dir
 from components.paths import (PREPARED_DIR, SOURCES_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFER_HISTORY_DIR,
                               TRANSFER_METRICS, TRANSFERRED_DIR)
+from components.runtime import Runtime
 from components.transfer import run_transfer, target_directory
 from flows.common import stage_cli, tracked_stage
 
@@ -33,7 +34,7 @@ def transfer(params_file: str = "params.yaml") -> dict:
             print(f"transfer: {card['name']} -> {params.transfer.tokenizer} tokenizer")
             history = TRANSFER_HISTORY_DIR / f"{name}.csv"
             summaries[name] = run_transfer(PREPARED_DIR, source_dir, target, TRANSFERRED_DIR / name, history,
-                                           params.transfer)
+                                           params.transfer, Runtime.resolve(params.runtime))
             tracking.log_metrics({f"{name}.{key}": value for key, value in summaries[name].items()
                                   if isinstance(value, (int, float))})
             tracking.log_artifact(history, "transfer")

@@ -45,6 +45,7 @@ def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     from components.models import materialize
     from components.models.tiny import build_tiny_teacher_like
     from components.prepare import run_prepare
+    from components.runtime import Runtime
     from components.teacher_logits import run_teacher_logits
 
     root = tmp_path_factory.mktemp("same_tokenizer")
@@ -52,5 +53,6 @@ def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     materialize(HfModelSpec(source="hf", path=str(root / "source")), root / "teacher", root / "cache")
     dirs = {"teacher": root / "teacher", "student": tiny_dirs["student"]}
     run_prepare(dirs, root / "prepared", tiny_params.prepare)
-    run_teacher_logits(root / "prepared", dirs["teacher"], root / "logits", tiny_params.teacher_logits)
+    run_teacher_logits(root / "prepared", dirs["teacher"], root / "logits", tiny_params.teacher_logits,
+                       Runtime.resolve(tiny_params.runtime))
     return root, dirs

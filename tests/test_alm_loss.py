@@ -20,7 +20,7 @@ from components.losses.sft import sft_loss
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import load_model
 from components.models.token_bytes import boundary_mask
-from components.teacher_logits import pad_batch
+from components.data.padding import pad_batch
 
 DIFF_FNS = ["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit", "joschu_k2",
             "joschu_k3"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from components.runtime import Runtime
 from components.distill import train
 from components.prepare import run_prepare
 from components.teacher_logits import run_teacher_logits
@@ -18,7 +19,8 @@ from components.teacher_logits import run_teacher_logits
 def inputs(tiny_params, tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     run_prepare(tiny_dirs, root / "prepared", tiny_params.prepare)
-    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits)
+    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits,
+                       Runtime.resolve(tiny_params.runtime))
     return root
 
 
@@ -26,7 +28,8 @@ def _train(inputs, tiny_params, tiny_dirs, name, log_metrics=lambda metrics, ste
     params = tiny_params.distill.model_copy(update={"steps": 4, "checkpoint_every": 2, **overrides})
     summary = train(inputs / "prepared", tiny_dirs["student"], inputs / name / "model", inputs / name / "checkpoints",
                     inputs / name / "history.csv", params, tiny_params.teacher_logits, tiny_dirs["teacher"],
-                    inputs / "logits", log_metrics=log_metrics)
+                    inputs / "logits", log_metrics=log_metrics,
+                    runtime=Runtime.resolve(tiny_params.runtime))
     return summary, load_file(str(inputs / name / "model" / "model.safetensors"))
 
 
@@ -111,6 +114,7 @@ def test_same_tokenizer_losses_train_a_pair_that_shares_the_tokenizer(same_token
     params = type(params).model_validate({**params.model_dump(), **overrides})
     logged = []
     train(root / "prepared", dirs["student"], root / loss / "model", root / loss / "checkpoints", root / loss / "history.csv",
-          params, tiny_params.teacher_logits, dirs["teacher"], root / "logits", log_metrics=lambda m, step: logged.append(m))
+          params, tiny_params.teacher_logits, dirs["teacher"], root / "logits", log_metrics=lambda m, step: logged.append(m),
+          runtime=Runtime.resolve(tiny_params.runtime))
     assert all(math.isfinite(m[f"{loss}_loss"]) and m[f"{loss}_loss"] >= 0 for m in logged)
     assert logged[-1][f"{loss}_loss"] != logged[0][f"{loss}_loss"]

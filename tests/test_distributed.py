@@ -18,8 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.config import DistillParams, TeacherLogitsParams
-from components.distill import Ranks, batch_indices, process_group, train
+from components.runtime import Runtime
+from components.config import DistillParams, RuntimeParams, TeacherLogitsParams
+from components.distill import train
+from components.training.batching import batch_indices
+from components.training.ranks import Ranks, process_group
 from components.io import read_jsonl
 
 ROOT = Path(__file__).parents[1]
@@ -32,7 +35,8 @@ def _train(run: dict) -> dict:
     out = Path(run["out"])
     return train(Path(run["prepared"]), Path(run["student"]), out / "model", out / "checkpoints", out / "history.csv",
                  DistillParams.model_validate(run["params"]), TeacherLogitsParams.model_validate(run["teacher_params"]),
-                 Path(run["teacher"]), Path(run["logits"]))
+                 Path(run["teacher"]), Path(run["logits"]),
+                 runtime=Runtime.resolve(RuntimeParams.model_validate(run["runtime"])))
 
 
 def _history(out: Path) -> list[dict[str, float]]:
@@ -52,7 +56,8 @@ def cross_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("distributed")
     run_prepare(tiny_dirs, root / "prepared", tiny_params.prepare)
-    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits)
+    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits,
+                       Runtime.resolve(tiny_params.runtime))
     return root, tiny_dirs
 
 
@@ -80,7 +85,8 @@ def test_two_processes_give_the_losses_and_weights_of_one_process_on_the_same_gl
         runs[name] = {"prepared": str(root / "prepared"), "logits": str(root / "logits"),
                       "student": str(dirs["student"]), "teacher": str(dirs["teacher"]),
                       "params": params.model_dump(mode="json"),
-                      "teacher_params": tiny_params.teacher_logits.model_dump(mode="json")}
+                      "teacher_params": tiny_params.teacher_logits.model_dump(mode="json"),
+                      "runtime": tiny_params.runtime.model_dump(mode="json")}
         counts = _targets_per_rank(root / "prepared", params, tiny_params.teacher_logits)
         assert all(first != second for first, second in counts), f"{name}: equal shares prove nothing: {counts}"
 

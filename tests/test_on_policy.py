@@ -14,17 +14,20 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import components.distill as distill
+from components.runtime import Runtime
 from components.alignment import example_chunks
 from components.config import HfModelSpec, OnPolicyParams, PrepareParams
 from components.data.chat import encode_continuation, encode_prompt
-from components.distill import batch_indices, train
+from components.distill import train
+from components.training.batching import batch_indices
 from components.models import load_model, load_tokenizer, materialize
 from components.models.tiny import PLAIN_TEMPLATE
 from components.models.token_bytes import vocab_bytes
 from components.on_policy import OnPolicySampler, completion_example, is_on_policy_step, valid_text
 from components.prepare import run_prepare
-from components.sampling import completions, decode, left_pad
-from components.teacher_logits import pad_batch
+from components.data.padding import left_pad
+from components.sampling import completions, decode
+from components.data.padding import pad_batch
 
 
 def _params(tiny_params, **overrides):
@@ -37,7 +40,7 @@ def _params(tiny_params, **overrides):
 def _run(root, dirs, params, tiny_params, name, log_metrics=lambda metrics, step: None):
     summary = train(root / "prepared", dirs["student"], root / name / "model", root / name / "checkpoints",
                     root / name / "history.csv", params, tiny_params.teacher_logits, dirs["teacher"], None,
-                    log_metrics=log_metrics)
+                    log_metrics=log_metrics, runtime=Runtime.resolve(tiny_params.runtime))
     with open(root / name / "history.csv") as handle:
         history = list(csv.DictReader(handle))
     return summary, history, load_file(str(root / name / "model" / "model.safetensors"))
@@ -218,7 +221,7 @@ def _first_gradient_norm(root, teacher, tiny_params, name) -> float:
     logged = []
     train(root / "prepared", root / "student", root / name / "model", root / name / "checkpoints",
           root / name / "history.csv", params, tiny_params.teacher_logits, root / teacher, None,
-          log_metrics=lambda metrics, step: logged.append(metrics))
+          log_metrics=lambda metrics, step: logged.append(metrics), runtime=Runtime.resolve(tiny_params.runtime))
     return logged[0]["grad_norm"]
 
 
@@ -260,7 +263,7 @@ def test_the_generalized_jsd_step_loss_equals_trl_gkd_on_an_identical_batch(same
     logged = []
     train(root / "prepared", dirs["student"], root / f"trl-{beta}" / "model", root / f"trl-{beta}" / "checkpoints",
           root / f"trl-{beta}" / "history.csv", params, tiny_params.teacher_logits, dirs["teacher"], None,
-          log_metrics=lambda metrics, step: logged.append(metrics))
+          log_metrics=lambda metrics, step: logged.append(metrics), runtime=Runtime.resolve(tiny_params.runtime))
 
     records = [json.loads(line) for line in (root / "prepared" / "train.student.jsonl").read_text().splitlines()]
     indices = batch_indices(0, params.batch_size, len(records), tiny_params.teacher_logits.examples_per_shard, params.seed)

@@ -18,16 +18,22 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from components import logit_codec
-from components.config import TeacherTruncation
+from components.config import RuntimeParams, TeacherTruncation
 from components.data.chat import Encoded
-from components.distill import batch_indices
+from components.training.batching import batch_indices
 from components.io import read_json, read_jsonl
 from components.losses.base import TeacherView
 from components.losses.teacher_distribution import teacher_log_probs
 from components.losses.token_stats import truncated_next_token_stats
 from components.models import load_model, load_tokenizer
 from components.prepare import run_prepare
-from components.teacher_logits import FIELDS, Teacher, TeacherLogitsReader, pad_batch, read_shard, run_teacher_logits
+from components.data.padding import pad_batch
+from components.stored_logits import FIELDS, TeacherLogitsReader, read_shard
+from components.teacher_logits import run_teacher_logits
+from components.runtime import Runtime
+from components.training.teachers import Teacher
+
+FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny teacher in exact fp32
 
 
 def _random_truncated(seed: int, n: int, k: int, vocab: int):
@@ -104,7 +110,7 @@ def prepared(tiny_params, tiny_dirs, tmp_path_factory):
 def extracted(tiny_params, tiny_dirs, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("extract") / "logits"
     params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 5, "top_p": 0.9, "top_k": 32})
-    manifest = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params)
+    manifest = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)
     return out, params, manifest
 
 
@@ -126,7 +132,7 @@ def test_manifest_records_the_truncation_so_training_can_re_temper(extracted, ti
 def test_stored_distributions_are_the_top_p_prefix_capped_at_k_of_the_live_teacher(extracted, tiny_dirs, prepared):
     out, params, manifest = extracted
     reader = _reader(out, manifest)
-    teacher = Teacher.load(tiny_dirs["teacher"], params.dtype)
+    teacher = Teacher.load(tiny_dirs["teacher"], torch.float32, torch.device("cpu"))
     records = [Encoded.from_json(r) for r in read_jsonl(prepared / "train.teacher.jsonl")]
     for index in (0, len(records) - 1):
         ids, mask = pad_batch([records[index].input_ids])
@@ -150,7 +156,7 @@ def test_temperature_changes_stored_values_but_never_which_ids_are_kept(tiny_par
     manifests = {}
     for temperature in (1.0, 3.0):
         params = tiny_params.teacher_logits.model_copy(update={"top_p": 0.8, "temperature": temperature})
-        manifests[temperature] = run_teacher_logits(prepared, tiny_dirs["teacher"], tmp_path / str(temperature), params)
+        manifests[temperature] = run_teacher_logits(prepared, tiny_dirs["teacher"], tmp_path / str(temperature), params, FP32)
     cold = _reader(tmp_path / "1.0", manifests[1.0])[3]
     hot = _reader(tmp_path / "3.0", manifests[3.0])[3]
     assert [sorted(r[r >= 0].tolist()) for r in torch.where(cold["topk_logprobs"].isfinite(), cold["topk_ids"], -1)] == \
@@ -229,7 +235,7 @@ def test_reading_in_training_order_decodes_each_shard_once_per_epoch(extracted):
 def test_a_corrupted_shard_fails_naming_the_file_and_a_rerun_re_extracts_it(tiny_params, tiny_dirs, prepared, tmp_path):
     out = tmp_path / "logits"
     params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 8})
-    manifest = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params)
+    manifest = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)
     victim = out / manifest["shards"][1]["file"]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -240,7 +246,7 @@ def test_a_corrupted_shard_fails_naming_the_file_and_a_rerun_re_extracts_it(tiny
     with pytest.raises(ValueError, match=f"{victim.name} cannot be read"):
         victim.write_bytes(b"not a shard")
         read_shard(victim)
-    assert run_teacher_logits(prepared, tiny_dirs["teacher"], out, params)["shards"] == manifest["shards"]
+    assert run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)["shards"] == manifest["shards"]
 
 
 def test_logits_from_another_teacher_or_prepared_data_are_refused_with_both_values(extracted):
@@ -268,14 +274,14 @@ def test_padded_vocabulary_rows_never_receive_probability(tiny_params, tiny_dirs
     with torch.no_grad():
         model.get_output_embeddings().weight[size:] = model.get_output_embeddings().weight[:40] * 3
     model.save_pretrained(padded_dir)
-    teacher = Teacher.load(padded_dir, "float32")
+    teacher = Teacher.load(padded_dir, torch.float32, torch.device("cpu"))
     assert teacher.model.get_output_embeddings().weight.shape[0] == size + 40 and teacher.vocab_size == size
     ids, mask = pad_batch([read_jsonl(prepared / "train.teacher.jsonl")[0]["input_ids"]])
     stats = teacher.stats(ids, mask, 1.0, top_k=size)
     assert stats.topk_ids.max() < size
     torch.testing.assert_close(stats.topk_logprobs.exp().sum(-1), torch.ones(ids.shape), atol=1e-4, rtol=0)
     params = tiny_params.teacher_logits.model_copy(update={"top_k": 64})
-    manifest = run_teacher_logits(prepared, padded_dir, tmp_path / "logits", params)
+    manifest = run_teacher_logits(prepared, padded_dir, tmp_path / "logits", params, FP32)
     assert manifest["vocab_size"] == size
     stored = _reader(tmp_path / "logits", manifest)[0]
     assert stored["topk_ids"].max() < size
@@ -284,15 +290,17 @@ def test_padded_vocabulary_rows_never_receive_probability(tiny_params, tiny_dirs
 _EXTRACT = """
 import sys
 from pathlib import Path
-from components.config import TeacherLogitsParams
+from components.config import RuntimeParams, TeacherLogitsParams
+from components.runtime import Runtime
 from components.teacher_logits import run_teacher_logits
-run_teacher_logits(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), TeacherLogitsParams.model_validate_json(sys.argv[4]))
+run_teacher_logits(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), TeacherLogitsParams.model_validate_json(sys.argv[4]),
+                   Runtime.resolve(RuntimeParams(precision="fp32")))
 """
 
 
 def test_extraction_killed_mid_shard_resumes_with_every_position_stored_exactly_once(tiny_params, tiny_dirs, prepared, tmp_path):
     params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 6, "batch_size": 1})
-    reference = run_teacher_logits(prepared, tiny_dirs["teacher"], tmp_path / "clean", params)
+    reference = run_teacher_logits(prepared, tiny_dirs["teacher"], tmp_path / "clean", params, FP32)
     out = tmp_path / "killed"
     command = [sys.executable, "-c", _EXTRACT, str(prepared), str(tiny_dirs["teacher"]), str(out), params.model_dump_json()]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -305,7 +313,7 @@ def test_extraction_killed_mid_shard_resumes_with_every_position_stored_exactly_
     assert not (out / "shard-00001.json").exists(), "the kill must land inside the second shard"
     assert not (out / "manifest.json").exists()
 
-    resumed = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params)
+    resumed = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)
     covered = sorted(i for s in resumed["shards"] for i in range(s["first_index"], s["first_index"] + s["n_examples"]))
     assert covered == list(range(reference["n_examples"])), "every example exactly once"
     assert resumed["n_tokens"] == reference["n_tokens"]

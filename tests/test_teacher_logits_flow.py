@@ -8,8 +8,10 @@ import os
 import pytest
 import torch
 
+from components.runtime import Runtime
 from components.prepare import run_prepare
-from components.teacher_logits import TeacherLogitsReader, plan_extraction, run_teacher_logits, write_manifest
+from components.stored_logits import TeacherLogitsReader
+from components.teacher_logits import plan_extraction, run_teacher_logits, write_manifest
 from flows.teacher_logits import extract_shards, task_runner
 
 pytestmark = pytest.mark.integration
@@ -18,13 +20,14 @@ pytestmark = pytest.mark.integration
 def test_two_dask_workers_share_the_shards_and_store_what_one_process_does(tiny_params, tiny_dirs, tmp_path):
     run_prepare(tiny_dirs, tmp_path / "prepared", tiny_params.prepare)
     params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 2, "workers": 2})
-    plan = plan_extraction(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "parallel", params)
+    runtime = Runtime.resolve(tiny_params.runtime)
+    plan = plan_extraction(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "parallel", params, runtime)
     shards = extract_shards.with_options(task_runner=task_runner(params.workers))(plan)
     parallel = write_manifest(plan, shards)
     workers = {shard["extracted_by"]["pid"] for shard in shards}
     assert len(workers) == 2 and os.getpid() not in workers, "both worker processes extracted shards"
 
-    sequential = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "sequential", params)
+    sequential = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "sequential", params, runtime)
     assert [s["first_index"] for s in parallel["shards"]] == [s["first_index"] for s in sequential["shards"]]
     fields = ("token_logprobs", "topk_ids")
     one, two = (TeacherLogitsReader(tmp_path / name, fields, plan.prepared_sha256) for name in ("sequential", "parallel"))

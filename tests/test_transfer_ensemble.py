@@ -17,13 +17,18 @@ import pytest
 import torch
 import yaml
 
+from components.runtime import Runtime
+from components.config import RuntimeParams
 from components.data.gsm import generate_gsm_symbolic
-from components.ensemble import EnsembleForCausalLM, build_ensemble
+from components.ensemble import build_ensemble
+from components.models.ensemble import EnsembleForCausalLM
 from components.io import read_json, write_jsonl
 from components.losses.latents import hidden_state_loss
 from components.models import load_model, load_tokenizer
 from components.models.token_bytes import special_ids, vocab_bytes
 from components.transfer import fvt_path, fvt_rows, run_transfer, train_transfer
+
+FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny models in exact fp32
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,7 @@ def test_transfer_onto_an_identical_tokenizer_reproduces_the_models_log_probs_ex
     source = tiny_dirs["teacher"]
     out = tmp_path / "same"
     run_transfer(prepared_texts, source, source, out, tmp_path / "history.csv",
-                 _params(tiny_params, embedding_steps=0, steps=0))
+                 _params(tiny_params, embedding_steps=0, steps=0), FP32)
     ids = torch.randint(0, len(load_tokenizer(source)), (2, 12))
     original = _logprobs(source, ids)
     assert torch.equal(_logprobs(fvt_path(out), ids), original)
@@ -83,7 +88,7 @@ def test_transfer_onto_an_identical_tokenizer_reproduces_the_models_log_probs_ex
     # Self-distillation onto the same tokenizer starts at the ALM optimum: no gradient to follow.
     summary = train_transfer([json.loads(line) for line in (prepared_texts / "train.jsonl").read_text().splitlines()],
                              source, fvt_path(out), tmp_path / "trained", tmp_path / "trained.csv",
-                             _params(tiny_params, embedding_steps=0, steps=1, train="full"))
+                             _params(tiny_params, embedding_steps=0, steps=1, train="full"), FP32)
     history = (tmp_path / "trained.csv").read_text().splitlines()
     grad_norm = float(history[1].split(",")[history[0].split(",").index("grad_norm")])
     assert summary["steps"] == 1 and grad_norm < 1e-5
@@ -93,7 +98,7 @@ def test_a_tiny_model_moved_to_bytes_trains_with_the_hidden_state_loss_and_gener
                                                                                     prepared_texts, tmp_path):
     out = tmp_path / "bytes"
     run_transfer(prepared_texts, tiny_dirs["teacher"], None, out, tmp_path / "history.csv",
-                 _params(tiny_params, embedding_steps=1, steps=2, train="full"))
+                 _params(tiny_params, embedding_steps=1, steps=2, train="full"), FP32)
     tokenizer = load_tokenizer(out)
     specials = special_ids(tokenizer)
     assert all(len(piece) == 1 for index, piece in enumerate(vocab_bytes(tokenizer)) if index not in specials)
@@ -122,9 +127,9 @@ def test_hidden_state_loss_is_zero_when_states_agree_and_grows_with_the_differen
     student = torch.zeros(2, 5, 4)
     student[0, [1, 2, 3]] = teacher[0, [2, 3, 4]]
     student[1, [1, 2]] = teacher[1, [1, 3]]
-    assert hidden_state_loss(teacher, student, chunks, student_chunks).item() == pytest.approx(0.0, abs=1e-12)
-    small = hidden_state_loss(teacher, student + 0.1, chunks, student_chunks)
-    large = hidden_state_loss(teacher, student + 1.0, chunks, student_chunks)
+    assert hidden_state_loss(teacher, student, chunks, student_chunks).value.item() == pytest.approx(0.0, abs=1e-12)
+    small = hidden_state_loss(teacher, student + 0.1, chunks, student_chunks).value
+    large = hidden_state_loss(teacher, student + 1.0, chunks, student_chunks).value
     assert 0 < small < large
 
 
@@ -231,7 +236,7 @@ def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tin
                                                                              tmp_path):
     out = tmp_path / "lora"
     run_transfer(prepared_texts, tiny_dirs["teacher"], tiny_dirs["student"], out, tmp_path / "history.csv",
-                 _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4))
+                 _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4), FP32)
     phases = [line.split(",")[1] for line in (tmp_path / "history.csv").read_text().splitlines()[1:]]
     assert phases == ["embeddings", "lora", "lora"]
     from safetensors import safe_open

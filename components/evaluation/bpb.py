@@ -18,7 +18,7 @@ from components.io import read_jsonl
 from components.losses.positions import rows_to_tokens
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import load_model, load_tokenizer
-from components.teacher_logits import pad_batch
+from components.data.padding import pad_batch
 
 
 def _row_logprobs(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import components.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
+    import components.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
 
     results = lm_eval.simple_evaluate(
         model="hf",

@@ -12,17 +12,19 @@ from __future__ import annotations
 import torch
 
 from components.losses.alm import _chunk_extent
+from components.losses.base import Mean
 
 
 def hidden_state_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, teacher_chunks: torch.Tensor,
-                      student_chunks: torch.Tensor) -> torch.Tensor:
-    """Mean over chunks and channels of (h_S - h_T)^2 / E_chunks[h_T^2], at each chunk's last token.
+                      student_chunks: torch.Tensor) -> Mean:
+    """Mean over chunks and channels of (h_S - h_T)^2 / E_chunks[h_T^2], at each chunk's last token, with the
+    number of chunks. The per-channel scale is the batch's (a micro-batch's under gradient accumulation).
 
     `*_hidden`: [B, L, d] final hidden states (same d); `*_chunks`: per-token chunk ids (-1: in no chunk).
     """
     num_chunks = int(max(teacher_chunks.max(), student_chunks.max()).clamp(min=-1)) + 1
     if num_chunks == 0:
-        return student_hidden.sum() * 0.0
+        return Mean(student_hidden.sum() * 0.0, 0)
     _, teacher_last = _chunk_extent(teacher_chunks, num_chunks)
     _, student_last = _chunk_extent(student_chunks, num_chunks)
     valid = (teacher_last >= 0) & (student_last >= 0)
@@ -33,4 +35,4 @@ def hidden_state_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor
 
     target = at_ends(teacher_hidden, teacher_last).detach()
     scale = target.square().mean(0) + 1e-8
-    return ((at_ends(student_hidden, student_last) - target).square() / scale).mean()
+    return Mean(((at_ends(student_hidden, student_last) - target).square() / scale).mean(), int(valid.sum()))

@@ -18,9 +18,17 @@ from components.config import GgufModelSpec, HfModelSpec, ModelSpec
 from components.io import atomic_path, read_json, sha256_file, write_json
 
 MODEL_CARD = "tokenbridge.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def _link_tree(source: Path, target: Path) -> None:
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """The tokenizer's files verbatim, so models moved onto one tokenizer share its exact files."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).exists():
+            shutil.copy2(Path(source) / name, Path(target) / name)
+
+
+def link_tree(source: Path, target: Path) -> None:
     """Copy a model directory using hard links where possible (no extra disk for multi-GB weights)."""
     def link_or_copy(src: str, dst: str) -> None:
         try:
@@ -48,13 +56,13 @@ def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> dict:
         if isinstance(spec, GgufModelSpec):
             from components.models.gguf import convert_gguf
 
-            _link_tree(convert_gguf(spec.name, cache_dir), temporary)
+            link_tree(convert_gguf(spec.name, cache_dir), temporary)
             name = spec.name
         elif isinstance(spec, HfModelSpec):
             source = Path(spec.path).expanduser()
             if not (source / "config.json").exists():
                 raise FileNotFoundError(f"models: {source} is not a HF model directory (no config.json); fix its path in params.yaml")
-            _link_tree(source, temporary)
+            link_tree(source, temporary)
             name = source.name
         else:
             from components.models.tiny import build_tiny_model
