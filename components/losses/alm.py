@@ -40,6 +40,23 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
+def log_complement_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """log((1 - a) / (1 - b)) for a = exp(log_a), b = exp(log_b), both < 1, to within a few ulps of its own size.
+
+    The difference log1mexp(log_a) - log1mexp(log_b) cancels when the two are close and large (a, b near 1:
+    log(1e-6) - log(2e-6) loses five of fp32's seven digits). Where the ratio is within 1/2 of 1 this takes
+    log1p((b - a) / (1 - b)) instead, with b - a as the larger probability times expm1 of the (non-positive) log
+    difference, so no cancellation is left; elsewhere the log of the ratio, whose terms -expm1 computes exactly
+    enough."""
+    not_a, not_b = -torch.expm1(log_a), -torch.expm1(log_b)
+    gap = log_b - log_a
+    b_minus_a = torch.where(gap <= 0, log_a.exp() * torch.expm1(gap.clamp(max=0)),
+                            -log_b.exp() * torch.expm1((-gap).clamp(max=0)))
+    relative = b_minus_a / not_b  # (1 - a) / (1 - b) - 1
+    close = relative.abs() < 0.5
+    return torch.where(close, torch.log1p(relative.clamp(-0.5, 0.5)), torch.log(not_a / not_b))
+
+
 def chunk_divergence(teacher: torch.Tensor, student: torch.Tensor, diff_fn: str, tau: float) -> torch.Tensor:
     """Per-chunk distance between chunk log-likelihoods `teacher`, `student` (both <= 0), spec 1.10.
 
@@ -53,9 +70,9 @@ def chunk_divergence(teacher: torch.Tensor, student: torch.Tensor, diff_fn: str,
     if diff_fn == "binary_ce":
         return -(a * log_b + not_a * log1mexp(log_b))
     if diff_fn == "binary_kl":
-        return a * (log_a - log_b) + not_a * (log1mexp(log_a) - log1mexp(log_b))
+        return a * (log_a - log_b) + not_a * log_complement_ratio(log_a, log_b)
     if diff_fn == "reverse_binary_kl":
-        return b * (log_b - log_a) + not_b * (log1mexp(log_b) - log1mexp(log_a))
+        return b * (log_b - log_a) + not_b * log_complement_ratio(log_b, log_a)
     if diff_fn == "abs_exp":
         return b * torch.expm1(log_a - log_b).abs()
     if diff_fn == "abs":
