@@ -235,11 +235,16 @@ class DistillParams(Strict):
 
 
 class EvaluateParams(Strict):
-    limit: int = Field(ge=1, description="GSM test questions per model (generation is slow on CPU)")
+    """Stages `evaluate@<model>` and `evaluate_transfer` (README "Evaluation plan"); device and generation dtype
+    come from `runtime`."""
+
+    limit: int = Field(ge=1, description="GSM test questions for each of teacher, student_before, student_after")
+    transfer_limit: int = Field(0, ge=0, description="GSM test questions for each model of evaluate_transfer "
+                                                     "(0: bits-per-byte alone, no generation)")
     num_fewshot: int = Field(ge=0)
     max_gen_toks: int = Field(ge=8)
     bpb_examples: int = Field(ge=1, description="held-out test examples for bits-per-byte")
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="GSM questions generated at once (left-padded, KV cache)")
 
 
 class TransferParams(Strict):

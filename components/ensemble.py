@@ -3,7 +3,8 @@
 
 Inputs: the members' HF directories (the student, the teacher, transferred models). Outputs:
 `models/ensemble/` (with a model card naming members and weights), which transformers and lm-eval load like
-any causal LM.
+any causal LM. The stage only writes files (config, hard links, tokenizer), so it needs no device: whoever loads
+the ensemble (`evaluate_transfer`) places it on `runtime.device` in the runtime's dtype.
 """
 
 from __future__ import annotations

@@ -179,7 +179,9 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
     blocks += [_Heading("Ensemble"), _Table(header, [row("ensemble"), *(row(label) for label in labels)], numbers=True),
                _Paragraph(f"{ensemble.get('name', 'ensemble')}: next-token probabilities averaged with weights "
                           f"{_counts(ensemble.get('weights', {}))}."),
-               _Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions)."),
+               _Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions). "
+                          f"{MISSING}: not measured; the transfer models and the ensemble get GSM questions only with "
+                          "evaluate.transfer_limit > 0 (README \"Evaluation plan\")."),
                _Image(stem, "Each metric by model.")]
     plot = out_dir / "plots" / f"{stem}.png"
     _plot_metrics({label: dict(values) for label, values in scores.items()}, metrics, None, plot)

@@ -4,6 +4,7 @@ by log-likelihood and by generation). Members with different tokenizers are refu
 
 Inputs: models/student, models/teacher, models/transferred/<name> (whichever the members name);
 params `ensemble.*`. Outputs: models/ensemble/ (members hard-linked under members/<name>), logged to MLflow.
+No `runtime` params: the stage writes files only; evaluate_transfer loads the ensemble on runtime.device.
 Run alone: python -m flows.ensemble   (or: dvc repro ensemble)
 """
 

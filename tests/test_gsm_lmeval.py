@@ -1,27 +1,37 @@
-"""GSM evaluation through lm-eval's real harness: a task derived from the stock gsm8k config, scored honestly.
+"""GSM evaluation through lm-eval's real harness: a task derived from the stock gsm8k config, scored honestly,
+generated in batches, on the runtime's device and in its dtype.
 
 No mocks: every score comes from lm-eval generating with a real HF model directory. The random tiny models
 only ever answer blank lines (tied embeddings echo the prompt's last token), so a second pair of tiny models
-has its weights set to give one fixed answer to every question: that makes a non-zero score predictable.
+has its weights set to give one fixed answer to every question: that makes a non-zero score predictable. A
+third kind gets an untied random head, so its answers depend on the whole prompt and padding would show.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from components.config import RuntimeParams
+from components.ensemble import build_ensemble
+from components.evaluate import run_evaluate
 from components.evaluation.gsm_lmeval import TASK_NAME, _stock_gsm8k_config, evaluate_gsm, write_gsm_task
-from components.io import read_jsonl
+from components.io import read_json, read_jsonl
+from components.prepare import run_prepare
+from components.runtime import Runtime
 
 RECORDS = [
     {"question": f"Tom has {a} apples and gets {b} more. How many apples does he have?",
      "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"}
     for a, b in [(3, 4), (10, 5), (7, 7)]
 ]
+LONGER = {"question": "A baker sells 12 loaves of bread in the morning and 30 more loaves in the afternoon, then "
+                      "bakes 6 more. How many loaves did he sell?", "answer": "12 + 30 = 42.\n#### 42"}
 FEWSHOT = [{"question": "Ann has 2 pens and buys 2 more. How many pens does she have?",
             "answer": "She has 2 + 2 = 4 pens.\n#### 4"}]
 
@@ -34,12 +44,20 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture()
 def task_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    test = _write_jsonl(tmp_path / "test.jsonl", RECORDS)
+    test = _write_jsonl(tmp_path / "test.jsonl", [*RECORDS, LONGER])
     fewshot = _write_jsonl(tmp_path / "fewshot.jsonl", FEWSHOT)
     monkeypatch.chdir(tmp_path)  # relative paths in, absolute paths out: the task must not depend on the CWD
     assert write_gsm_task(tmp_path / "task", test.relative_to(tmp_path), fewshot.relative_to(tmp_path)) == TASK_NAME
     monkeypatch.chdir(tmp_path.parent)
     return tmp_path / "task"
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_params, tiny_dirs, tmp_path_factory) -> Path:
+    """The tiny profile's prepared data (GSM-style train and test splits), as the evaluate stage reads it."""
+    out = tmp_path_factory.mktemp("prepared")
+    run_prepare(tiny_dirs, out, tiny_params.prepare)
+    return out
 
 
 def _one_answer_model(model_dir: Path, out_dir: Path, answer: str, after_eos: str) -> Path:
@@ -71,6 +89,20 @@ def _one_answer_model(model_dir: Path, out_dir: Path, answer: str, after_eos: st
     return out_dir
 
 
+def _context_dependent_copy(model_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A copy of a tiny model with an untied random head: its greedy answers depend on the whole prompt, so
+    attending to padding or misplacing positions would change them."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_dir, out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 def test_the_task_is_the_stock_gsm8k_config_on_absolute_local_files(task_dir, tmp_path):
     config = yaml.safe_load((task_dir / f"{TASK_NAME}.yaml").read_text())
     stock = _stock_gsm8k_config()
@@ -87,7 +119,7 @@ def test_the_task_is_the_stock_gsm8k_config_on_absolute_local_files(task_dir, tm
 def test_random_tiny_models_get_scores_in_range_and_samples_that_agree_with_them(task_dir, tiny_dirs, tmp_path, role):
     samples = tmp_path / f"samples.{role}.jsonl"
     scores = evaluate_gsm(tiny_dirs[role], task_dir, limit=2, num_fewshot=1, max_gen_toks=8, batch_size=1,
-                          samples_path=samples)
+                          dtype="float32", device="cpu", samples_path=samples)
     assert scores["gsm_n"] == 2
     assert all(0.0 <= scores[key] <= 1.0 for key in ("gsm_exact_match", "gsm_exact_match_flexible"))
     records = read_jsonl(samples)
@@ -107,12 +139,64 @@ def test_a_model_answering_7_to_everything_scores_the_share_of_questions_whose_a
         task_dir, tiny_dirs, tmp_path, role, answer, strict_correct):
     model = _one_answer_model(tiny_dirs[role], tmp_path / "rigged", answer, after_eos="8")
     samples = tmp_path / "samples.jsonl"
-    scores = evaluate_gsm(model, task_dir, limit=2, num_fewshot=1, max_gen_toks=8, batch_size=2, samples_path=samples)
+    scores = evaluate_gsm(model, task_dir, limit=2, num_fewshot=1, max_gen_toks=8, batch_size=2, dtype="float32",
+                          device="cpu", samples_path=samples)
     records = read_jsonl(samples)
     assert [r["generation"] for r in records] == [answer, answer]  # stopped at eos, not at max_gen_toks
     assert [(r["target"], r["correct"], r["correct_flexible"]) for r in records] == [("7", strict_correct, True),
                                                                                     ("15", False, False)]
     assert scores == {"gsm_exact_match": 0.5 if strict_correct else 0.0, "gsm_exact_match_flexible": 0.5, "gsm_n": 2}
+
+
+@pytest.mark.parametrize("kind", ["model", "ensemble"])
+def test_batched_generation_gives_the_answers_of_one_question_at_a_time(task_dir, tiny_dirs, tmp_path, kind):
+    """lm-eval's hf backend left-pads a batch and generates with the KV cache; the ensemble's own `generate`
+    reads the same left-padded batch. Greedy answers must not depend on the batch a question lands in."""
+    from transformers import AutoTokenizer
+
+    model = _context_dependent_copy(tiny_dirs["teacher"], tmp_path / "model", seed=1)
+    if kind == "ensemble":
+        other = _context_dependent_copy(tiny_dirs["teacher"], tmp_path / "other", seed=2)
+        build_ensemble({"model": model, "other": other}, [], tmp_path / "ensemble")
+        model = tmp_path / "ensemble"
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": record["question"]}], add_generation_prompt=True,
+                                             tokenize=False) for record in [*RECORDS, LONGER]]
+    assert len({len(tokenizer(prompt)["input_ids"]) for prompt in prompts}) > 1  # a batch of them is padded
+    generations = {}
+    for batch_size in (1, 4):
+        samples = tmp_path / f"samples.{batch_size}.jsonl"
+        evaluate_gsm(model, task_dir, limit=4, num_fewshot=0, max_gen_toks=12, batch_size=batch_size, dtype="float32",
+                     device="cpu", samples_path=samples)
+        generations[batch_size] = [record["generation"] for record in read_jsonl(samples)]
+    assert generations[4] == generations[1]
+    assert len(set(generations[1])) > 1, generations  # answers that differ by question: the check has teeth
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_the_evaluate_stage_generates_on_the_runtimes_device_in_its_inference_dtype(tiny_params, tiny_dirs, prepared,
+                                                                                   tmp_path, monkeypatch, device):
+    """The harness's own record of the run: device, the loaded model's dtype and the batch size come from
+    `runtime` and `evaluate.batch_size`. bf16, not the tiny profile's fp32, so the dtype cannot be a default."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    runtime = Runtime.resolve(RuntimeParams(device=device, precision="bf16-mixed"))
+    params = tiny_params.evaluate.model_copy(update={"limit": 2, "batch_size": 2})
+    scores = run_evaluate(prepared, tiny_dirs["student"], tmp_path / "eval", tmp_path / "metrics.json",
+                          params, runtime)
+    harness = read_json(tmp_path / "eval" / "lm_eval_config.json")
+    assert (harness["device"], harness["model_dtype"], harness["batch_size"]) == (str(runtime.device), "torch.bfloat16", 2)
+    run = read_json(tmp_path / "eval" / "run.json")
+    assert run["runtime"]["device"] == runtime.device.type and run["runtime"]["inference_dtype"] == "bfloat16"
+    assert scores["gsm_n"] == 2 and scores["bits_per_byte"] > 0 and read_json(tmp_path / "metrics.json") == scores
+
+
+def test_a_model_scored_without_generation_gets_bits_per_byte_alone(tiny_params, tiny_dirs, prepared, tmp_path):
+    """The evaluation plan's cheap path (evaluate_transfer's default): no lm-eval run, no GSM scores."""
+    scores = run_evaluate(prepared, tiny_dirs["teacher"], tmp_path / "eval", tmp_path / "metrics.json",
+                          tiny_params.evaluate, Runtime.resolve(tiny_params.runtime), gsm_limit=0)
+    assert set(scores) == {"bits_per_byte", "bpb_bytes"} and scores["bits_per_byte"] > 0
+    assert not (tmp_path / "eval" / "samples.jsonl").exists() and not (tmp_path / "eval" / "task").exists()
 
 
 @pytest.mark.real_models
@@ -126,6 +210,6 @@ def test_a_model_that_can_add_scores_above_zero(tmp_path, monkeypatch):
     data = _write_jsonl(tmp_path / "sums.jsonl", sums)
     write_gsm_task(tmp_path / "task", data, data)
     qwen = convert_gguf("qwen2.5-coder-0.5b-instruct", default_cache_dir())
-    scores = evaluate_gsm(qwen, tmp_path / "task", limit=2, num_fewshot=0, max_gen_toks=16, batch_size=1,
-                          dtype="bfloat16", samples_path=tmp_path / "qwen.jsonl")
+    scores = evaluate_gsm(qwen, tmp_path / "task", limit=2, num_fewshot=0, max_gen_toks=16, batch_size=2,
+                          dtype="float32", device="cpu", samples_path=tmp_path / "qwen.jsonl")
     assert scores["gsm_exact_match_flexible"] > 0, read_jsonl(tmp_path / "qwen.jsonl")

@@ -198,7 +198,7 @@ def test_lm_eval_scores_an_ensemble_by_log_likelihood_and_generation(self_ensemb
     write_jsonl(tmp_path / "test.jsonl", records)
     write_gsm_task(tmp_path / "task", tmp_path / "test.jsonl", tmp_path / "test.jsonl")
     scores = evaluate_gsm(self_ensemble, tmp_path / "task", limit=1, num_fewshot=0, max_gen_toks=8, batch_size=1,
-                          samples_path=tmp_path / "samples.jsonl")
+                          dtype="float32", device="cpu", samples_path=tmp_path / "samples.jsonl")
     assert scores["gsm_n"] == 1 and 0 <= scores["gsm_exact_match"] <= 1
     assert "generation" in json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
 

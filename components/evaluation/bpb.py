@@ -3,7 +3,7 @@
 Bits are summed over a model's target tokens (the answer and its end-of-turn token, in that model's own
 chat format) and divided by the bytes those tokens cover on the common byte stream (the end-of-turn
 token counts as one byte). Dividing by bytes, not tokens, makes models with different vocabularies
-comparable.
+comparable. Always fp32 (a likelihood metric needs the precision), on the runtime's device.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+import components.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
 from components.data.chat import Encoded
+from components.data.padding import pad_batch
 from components.io import read_jsonl
 from components.losses.positions import rows_to_tokens
 from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import load_model, load_tokenizer
-from components.data.padding import pad_batch
 
 
 def _row_logprobs(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -32,16 +33,17 @@ def _row_logprobs(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Te
 
 
 @torch.no_grad()
-def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, batch_size: int = 4) -> dict[str, float]:
+def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device: torch.device,
+                  batch_size: int = 4) -> dict[str, float]:
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, torch.float32).eval()
+    model = load_model(model_dir, torch.float32).eval().to(device)
     examples = [Encoded.from_json(record) for record in read_jsonl(encoded_jsonl)[:n_examples]]
     nats = 0.0
     n_bytes = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         ids, attention = pad_batch([example.input_ids for example in batch])
-        token_logprobs = rows_to_tokens(_row_logprobs(model, ids, attention, len(tokenizer)))
+        token_logprobs = rows_to_tokens(_row_logprobs(model, ids.to(device), attention.to(device), len(tokenizer))).cpu()
         for row, example in enumerate(batch):
             for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):
                 if target and position > 0:

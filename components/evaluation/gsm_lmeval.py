@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from components.data.gsm import final_answer
-from components.io import write_jsonl, write_text
+from components.io import write_json, write_jsonl, write_text
 
 TASK_NAME = "tokenbridge_gsm"
 
@@ -45,11 +45,18 @@ def write_gsm_task(task_dir: Path, test_jsonl: Path, fewshot_jsonl: Path) -> str
 
 
 def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, max_gen_toks: int, batch_size: int,
-                 dtype: str = "float32", samples_path: Path | None = None) -> dict[str, float | int]:
+                 dtype: str, device: str, samples_path: Path | None = None,
+                 config_path: Path | None = None) -> dict[str, float | int]:
     """Greedy generation on the first `limit` test questions in the model's chat format (few-shot examples as
-    earlier turns); exact match of the number after `####` (strict) and of the last number generated
-    (flexible), scored by the stock gsm8k filters. bfloat16 generates about twice as fast as float32 on CPU.
-    `samples_path` gets one JSON line per question with the harness's own verdicts, for reports."""
+    earlier turns), the model loaded in `dtype` on `device` (torch's names: "bfloat16", "cuda:0"); exact
+    match of the number after `####` (strict) and of the last number generated (flexible), scored by the
+    stock gsm8k filters.
+
+    The hf backend generates `batch_size` questions at once, longest prompt first: left-padded, with the
+    attention mask and the KV cache (`HFLM.tok_batch_encode`, `_model_generate(use_cache=True)`), so greedy
+    answers match one question at a time; a batch runs until its last row stops. `samples_path` gets one
+    JSON line per question with the harness's own verdicts, for reports; `config_path` gets the harness's own
+    record of the run (device, the loaded model's dtype, batch size, limit, generation settings)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
@@ -59,7 +66,8 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
 
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype, "device": "cpu"},
+        model_args={"pretrained": str(model_dir), "dtype": dtype},
+        device=device,
         tasks=[TASK_NAME],
         num_fewshot=num_fewshot,
         limit=limit,
@@ -70,6 +78,8 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         log_samples=True,
     )
+    if config_path is not None:
+        write_json(config_path, results["config"])
     scores = results["results"][TASK_NAME]
     samples = results["samples"][TASK_NAME]
     if samples_path is not None:
