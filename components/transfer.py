@@ -41,7 +41,7 @@ from components.training.history import history_csv, median
 from components.training.ranks import Ranks
 from components.training.schedules import learning_rate
 from components.training.teachers import LiveTeacher, Teacher
-from components.models.token_bytes import _gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
+from components.models.token_bytes import gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
 
 BYTE = "byte"
 SPECIAL_ROLES = ("pad_token", "unk_token", "eos_token", "bos_token")  # later roles win a shared target token
@@ -51,7 +51,7 @@ CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
 def byte_tokenizer(source: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
     """Every byte is one token (ids 0-255, GPT-2's printable byte alphabet), then the source's special tokens,
     with its bos/eos/pad and chat template (spec 1.16: special tokens are kept)."""
-    by_byte = {byte: char for char, byte in _gpt2_unicode_to_byte().items()}
+    by_byte = {byte: char for char, byte in gpt2_unicode_to_byte().items()}
     backend = Tokenizer(models.BPE(vocab={by_byte[byte]: byte for byte in range(256)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
