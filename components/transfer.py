@@ -38,6 +38,7 @@ from components.runtime import Runtime
 from components.training.batching import Batch, batch_indices, make_batch, split
 from components.training.engine import Engine
 from components.training.history import history_csv, median
+from components.training.parallel import TrainingModule
 from components.training.ranks import Ranks
 from components.training.schedules import learning_rate
 from components.training.teachers import LiveTeacher, Teacher
@@ -266,17 +267,18 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
         for parameter in _embedding_parameters(student):
             parameter.requires_grad_(True)
         trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
-        engine = Engine(trainable, torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0), runtime,
-                        Ranks(), params.max_grad_norm)
-        forward = transfer_forward(student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm)
+        module = TrainingModule(student, torch.nn.ModuleDict(), transfer_forward(
+            student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm))
+        engine = Engine(module, torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0), runtime, Ranks(),
+                        params.max_grad_norm)
         for phase_step in tqdm(range(steps), desc=f"transfer ({phase})", unit="step"):
             started = time.perf_counter()
             indices = batch_indices(step, params.batch_size, len(students), len(students), params.seed)
             micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries).to(runtime.device)
                              for part in split(indices, runtime.micro_batch_size)]
             rate = learning_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
-            result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], forward, weights,
-                                 rate, f"transfer step {step}")
+            result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
+                                 f"transfer step {step}")
             step += 1
             history.append({"step": step, "phase": phase, "loss": result.loss, "alm_loss": result.values["alm"],
                             "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
