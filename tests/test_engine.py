@@ -123,3 +123,9 @@ def test_a_losss_units_never_depend_on_the_students_values(cross_pair, same_toke
             counted = [int(part.count) for part in forward(batch, view, [name], True)[name].parts]
             real = [int(part.count) for part in forward(batch, view, [name], False)[name].parts]
         assert counted == real and sum(real) > 0, f"{name}: counting pass {counted}, forward {real}"
+
+
+def test_a_compiled_student_trains_like_the_eager_one(cross_pair, tiny_params):
+    eager = _train(cross_pair, tiny_params, "eager", _runtime())
+    compiled = _train(cross_pair, tiny_params, "compiled", _runtime(compile=True))
+    _assert_same_training(eager, compiled, "torch.compile")
