@@ -113,7 +113,6 @@ class Runtime:
         model = model.to(self.device)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
         if self.compile:
             model.get_decoder().compile(dynamic=True)
         return model

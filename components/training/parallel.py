@@ -42,8 +42,9 @@ class TrainingModule(torch.nn.Module):
 
 
 def parallelize(module: TrainingModule, runtime: Runtime, ranks: Ranks) -> torch.nn.Module:
-    """The module as the strategy runs it: unchanged on one process, else DDP- or FSDP2-wrapped."""
-    if ranks.size == 1:
+    """The module as the strategy runs it: unchanged outside a process group, else DDP- or FSDP2-wrapped (also in
+    a group of one, which is how FSDP2 is checked on a single GPU)."""
+    if not dist.is_initialized():
         return module
     if runtime.strategy == "ddp":
         devices = [runtime.device] if runtime.device.type == "cuda" else None
