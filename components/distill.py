@@ -40,7 +40,7 @@ from components.stored_logits import TeacherLogitsReader
 from components.training.batching import Batch, batch_indices, make_batch, split
 from components.training.checkpoint import Checkpoint
 from components.training.engine import Engine
-from components.training.parallel import TrainingModule, full_weights, gathered, parallelize
+from components.training.parallel import TrainingModule, gathered, parallelize, student_weights
 from components.training.history import history_csv, median
 from components.training.ranks import Ranks
 from components.training.schedules import alpha_at, learning_rate, term_weights
@@ -79,11 +79,8 @@ def train(
     *, runtime: Runtime,
 ) -> dict:
     """Train the student; every rank of a `process_group` runs this, on its share of each step's batch."""
-    ranks = Ranks.current()
+    ranks = Ranks.current()  # params validation guarantees every rank at least one example a step
     torch.manual_seed(params.seed)
-    if params.batch_size < ranks.size:
-        raise ValueError(f"distill.batch_size {params.batch_size} is the global batch and must give every one of the "
-                         f"{ranks.size} processes at least one example")
     prepared = require_manifest(prepared_dir, "prepare")
     students = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.student.jsonl")]
     student_card, teacher_card = model_card(student_dir), model_card(teacher_dir)
@@ -172,13 +169,10 @@ def train(
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
             checkpoint.save(step + 1, history)
 
-    weights = full_weights(model)  # gathered from every rank (FSDP2 shards); tied weights appear once
-    tied = {name for name, _ in student.named_parameters(remove_duplicate=False)} - dict(student.named_parameters()).keys()
+    weights = student_weights(model)  # a collective: every rank gathers its shards
     if ranks.main:
         with atomic_path(out_dir) as temporary:
-            student.save_pretrained(temporary, state_dict={
-                name: tensor for name, tensor in ((key.removeprefix("student."), value) for key, value in weights.items()
-                                                  if key.startswith("student.")) if name not in tied})
+            student.save_pretrained(temporary, state_dict=weights)
             tokenizer.save_pretrained(temporary)
             write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
                                                 "distilled_from": student_card["name"], "loss": params.losses})

@@ -96,6 +96,16 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_FULL)
 
 
+def student_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The student's full weights as `save_pretrained` takes them, a tied weight once (gathered full tensors no
+    longer share storage, so transformers could not tell they are tied)."""
+    student = model.module.student if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.student
+    tied = {name for name, _ in student.named_parameters(remove_duplicate=False)} - dict(student.named_parameters()).keys()
+    return {name: tensor for name, tensor in ((key.removeprefix("student."), value)
+                                              for key, value in full_weights(model).items() if key.startswith("student."))
+            if name not in tied}
+
+
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """`full_weights` and the optimizer state, keyed alike."""
     return {"model": full_weights(model), "optimizer": get_optimizer_state_dict(model, optimizer, options=_FULL)}
