@@ -45,6 +45,7 @@ from components.models.token_bytes import boundary_mask  # noqa: E402
 from components.runtime import Runtime  # noqa: E402
 from components.training.batching import Batch, make_batch  # noqa: E402
 from components.training.engine import Engine  # noqa: E402
+from components.training.parallel import TrainingModule  # noqa: E402
 from components.training.ranks import Ranks  # noqa: E402
 from components.training.schedules import term_weights  # noqa: E402
 from components.training.teachers import LiveTeacher, Teacher  # noqa: E402
@@ -101,16 +102,16 @@ def measure(student_shape: str, loss: str, batch: Batch, runtime: Runtime, setup
     student = runtime.prepare_student(build_model(student_shape, device).train())
     losses = torch.nn.ModuleDict(build_losses(params.losses if loss == "sft" else [*params.losses, "sft"], params,
                                               setup)).to(device)
-    trainable = [*student.parameters(), *losses.parameters()]
-    engine = Engine(trainable, torch.optim.AdamW(trainable, lr=params.learning_rate), runtime, Ranks(),
+    module = TrainingModule(student, losses, student_forward(student, losses, shape.tokenizer_size,
+                                                             boundary_mask(student_tokenizer, shape.rows).to(device),
+                                                             chunk_size))
+    engine = Engine(module, torch.optim.AdamW(module.parameters(), lr=params.learning_rate), runtime, Ranks(),
                     params.max_grad_norm, params.combine, [student.get_output_embeddings().weight])
-    forward = student_forward(student, losses, shape.tokenizer_size,
-                              boundary_mask(student_tokenizer, shape.rows).to(device), chunk_size)
     weights = term_weights(params, 0)
     step_seconds, view_seconds = [], []
     for step in range(warmup + steps):
         view, seconds = _timed(device, teacher.view, batch) if teacher else (_no_teacher(batch), 0.0)
-        result, step_time = _timed(device, engine.step, [batch], [view], forward, weights, params.learning_rate,
+        result, step_time = _timed(device, engine.step, [batch], [view], weights, params.learning_rate,
                                    f"{loss} step {step}")
         if step >= warmup:
             step_seconds.append(step_time)
