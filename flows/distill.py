@@ -43,7 +43,7 @@ def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int]
 
 @flow(name="distill", log_prints=True)
 def distill(params_file: str = "params.yaml") -> dict:
-    with tracked_stage("distill", params_file, ("distill",)) as params:
+    with tracked_stage("distill", params_file, ("distill", "runtime")) as params:
         summary = _train(params, tracking.log_metrics)
         write_json(DISTILL_METRICS, summary)
         tracking.log_artifact(DISTILL_HISTORY)
