@@ -28,9 +28,8 @@ from tqdm import tqdm
 from components.config import DistillParams, TeacherLogitsParams
 from components.data.chat import Encoded
 from components.io import atomic_path, fingerprint, read_jsonl, require_manifest, write_json, write_text
-from components.losses.base import LossOutput, LossSetup, StudentView, TeacherView
+from components.losses.base import LossOutput, LossSetup, TeacherView
 from components.losses.registry import build_losses, teacher_fields
-from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import MODEL_CARD, load_model, load_tokenizer, model_card
 from components.models.gguf import default_cache_dir
 from components.models.token_bytes import boundary_mask
@@ -45,28 +44,15 @@ from components.training.history import history_csv, median
 from components.training.ranks import Ranks
 from components.training.schedules import alpha_at, learning_rate, term_weights
 from components.training.teachers import LiveTeacher, StoredTeacher, Teacher
+from components.training.views import student_view
 
 
 def student_forward(student: torch.nn.Module, losses: torch.nn.ModuleDict, vocab_size: int,
                     boundary: torch.Tensor, chunk_size: int):
-    """The distill forward: the student's view of a micro-batch and each named loss term on it. Counting
-    (`counts_only`) skips the student's decoder: a loss's units never depend on the student's values."""
-    head = output_head(student)
-
+    """The distill forward: the student's view of a micro-batch and each named loss term on it."""
     def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
         needs_boundary = any(losses[name].needs_student_boundary for name in names)
-        if counts_only:
-            width = student.get_input_embeddings().weight.shape[1]
-            hidden = torch.zeros(*batch.student_ids.shape, width, device=batch.student_ids.device)
-            rows = torch.zeros(batch.student_ids.shape, device=batch.student_ids.device)
-            signals_token, signals_boundary = rows, rows if needs_boundary else None
-        else:
-            hidden = hidden_states(student, batch.student_ids, batch.student_attention)
-            signals = next_token_stats(hidden, batch.student_ids, head, vocab_size, boundary if needs_boundary else None,
-                                       chunk_size=chunk_size)
-            signals_token, signals_boundary = signals.token_logprobs, signals.boundary_logprobs
-        view = StudentView(student, hidden, head, vocab_size, batch.student_ids, batch.student_attention,
-                           batch.student_loss_mask, signals_token, signals_boundary, chunk_size)
+        view = student_view(student, batch, vocab_size, boundary if needs_boundary else None, chunk_size, counts_only)
         return {name: losses[name](view, teacher, batch.alignment) for name in names}
 
     return forward

@@ -30,9 +30,8 @@ from components.config import TeacherTruncation, TransferParams
 from components.data.chat import Encoded, encode_example
 from components.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
 from components.losses.alm import AlmLoss
-from components.losses.base import LossOutput, StudentView, TeacherView
+from components.losses.base import LossOutput, TeacherView
 from components.losses.latents import hidden_state_loss
-from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import MODEL_CARD, copy_tokenizer_files, load_model, load_tokenizer, model_card, save_tokenizer
 from components.runtime import Runtime
 from components.training.batching import Batch, batch_indices, make_batch, split
@@ -42,6 +41,7 @@ from components.training.parallel import TrainingModule
 from components.training.ranks import Ranks
 from components.training.schedules import learning_rate
 from components.training.teachers import LiveTeacher, Teacher
+from components.training.views import student_view
 from components.models.token_bytes import gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
 
 BYTE = "byte"
@@ -207,22 +207,13 @@ def _with_lora(model: torch.nn.Module, params: TransferParams) -> torch.nn.Modul
 
 def transfer_forward(student: torch.nn.Module, vocab_size: int, boundary: torch.Tensor, alm: AlmLoss):
     """The transfer forward: ALM between the FVT student and its original (the live teacher), plus the hidden-state
-    loss at chunk ends when it is weighted (byte targets). Counting skips the student's decoder."""
+    loss at chunk ends when it is weighted (byte targets)."""
     def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
-        if counts_only:
-            width = student.get_input_embeddings().weight.shape[1]
-            hidden = torch.zeros(*batch.student_ids.shape, width, device=batch.student_ids.device)
-            token_rows = boundary_rows = torch.zeros(batch.student_ids.shape, device=batch.student_ids.device)
-        else:
-            hidden = hidden_states(student, batch.student_ids, batch.student_attention)
-            stats = next_token_stats(hidden, batch.student_ids, output_head(student), vocab_size, boundary,
-                                     chunk_size=CHUNK_SIZE)
-            token_rows, boundary_rows = stats.token_logprobs, stats.boundary_logprobs
-        view = StudentView(student, hidden, output_head(student), vocab_size, batch.student_ids,
-                           batch.student_attention, batch.student_loss_mask, token_rows, boundary_rows, CHUNK_SIZE)
+        view = student_view(student, batch, vocab_size, boundary, CHUNK_SIZE, counts_only)
         outputs = {"alm": alm(view, teacher, batch.alignment)}
         if "hidden_state" in names:
-            outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, hidden, batch.alignment.teacher_chunks,
+            outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, view.hidden,
+                                                                    batch.alignment.teacher_chunks,
                                                                     batch.alignment.student_chunks),))
         return outputs
 
