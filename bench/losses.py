@@ -15,7 +15,11 @@ log-probs also computed during setup, as the training loop does before the loss)
 `reverse_kl`. ALM and MinED get the identity pairing (chunk c = token c + 1, every chunk after the prompt a
 target).
 
-Each (loss, V) measurement runs in its own subprocess. After setup the process's peak-RSS mark is reset
+`--device cuda` (or `auto` on a GPU machine) runs every step on the GPU, under `--precision` as training would
+(`runtime.precision`: bf16-mixed autocasts the head); there peak memory is `torch.cuda.max_memory_allocated`
+during the step minus what was allocated before it, and time is wall time after a synchronize.
+
+Each (loss, V) measurement runs in its own subprocess. On the CPU, after setup the process's peak-RSS mark is reset
 (`/proc/self/clear_refs`), so the reported peak is the step's own: VmHWM after the step minus VmRSS before it.
 glibc is told to return every freed block of 1 MiB or more to the system (`MALLOC_MMAP_THRESHOLD_`): by
 default blocks under its adaptive threshold (up to 32 MiB) stay in the heap once freed, so RSS would depend
@@ -55,7 +59,9 @@ from components.io import write_json  # noqa: E402
 from components.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView  # noqa: E402
 from components.losses.registry import build_losses  # noqa: E402
 from components.losses.token_stats import next_token_stats, truncated_next_token_stats  # noqa: E402
+from components.config import RuntimeParams  # noqa: E402
 from components.models import MODEL_CARD  # noqa: E402
+from components.runtime import Runtime  # noqa: E402
 
 BASELINE = "naive_ce"
 DEFAULT_VOCABS = (49152, 151936, 262144)
@@ -109,10 +115,13 @@ def _model_dirs(root: Path, vocab: int, hidden: int) -> tuple[Path, Path]:
     return dirs[0], dirs[1]
 
 
-def _measure(name: str, batch: int, length: int, hidden_size: int, vocab: int, chunk: int) -> dict:
-    """One forward + backward of `name` in this process: seconds and the step's peak extra RSS."""
+def _measure(name: str, batch: int, length: int, hidden_size: int, vocab: int, chunk: int, runtime: Runtime) -> dict:
+    """One forward + backward of `name` in this process: seconds and the step's peak extra memory (RSS on the
+    CPU, allocated device memory on CUDA)."""
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
+    torch.set_default_device(runtime.device)
+    cuda = runtime.device.type == "cuda"
     student_model = SyntheticModel(vocab, hidden_size)
     hidden = torch.randn(batch, length, hidden_size, requires_grad=True)
     input_ids = torch.randint(0, vocab, (batch, length))
@@ -128,15 +137,24 @@ def _measure(name: str, batch: int, length: int, hidden_size: int, vocab: int, c
     with tempfile.TemporaryDirectory(prefix="bench_losses_") as work:
         step = (_naive_step(student_model, hidden, input_ids) if name == BASELINE
                 else _loss_step(name, student_model, hidden, input_ids, loss_mask, boundary, chunk, prompt, Path(work)))
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what setup freed, so the baseline is what is live
-        _reset_peak_rss()
-        before = _status_kib("VmRSS")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() / 1024
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what setup freed, so the baseline is what is live
+            _reset_peak_rss()
+            before = _status_kib("VmRSS")
         started, cpu_started = time.perf_counter(), time.process_time()
-        step()
+        with runtime.autocast():
+            step()
+        if cuda:
+            torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        peak = _status_kib("VmHWM")
-    return {"loss": name, "vocab": vocab, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "peak_extra_mib": (peak - before) / 1024}
+        peak = torch.cuda.max_memory_allocated() / 1024 if cuda else _status_kib("VmHWM")
+    # On CUDA, CPU time means nothing: the ratios use wall time there.
+    return {"loss": name, "vocab": vocab, "seconds": seconds, "cpu_seconds": seconds if cuda else cpu_seconds,
+            "peak_extra_mib": (peak - before) / 1024, "device": runtime.describe()["device_name"]}
 
 
 def _naive_step(student_model: SyntheticModel, hidden: torch.Tensor, input_ids: torch.Tensor
@@ -209,7 +227,8 @@ def _machine() -> str:
 
 def _run_one(name: str, vocab: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--measure", name, "--vocab", str(vocab), "--length", str(args.length),
-               "--batch", str(args.batch), "--hidden", str(args.hidden), "--chunk", str(args.chunk)]
+               "--batch", str(args.batch), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
+               "--device", args.device, "--precision", args.precision]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -267,10 +286,15 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128, help="positions per slice of any vocabulary projection")
     parser.add_argument("--losses", nargs="+", help="registered loss names (default: all)")
     parser.add_argument("--json", type=Path, help="also save the raw numbers here")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="as runtime.device")
+    parser.add_argument("--precision", choices=("auto", "bf16-mixed", "fp32"), default="auto",
+                        help="as runtime.precision (training's: auto is bf16 autocast on CUDA, fp32 on a CPU)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(_measure(args.measure, args.batch, args.length, args.hidden, args.vocab[0], args.chunk)))
+        runtime = Runtime.resolve(RuntimeParams(device=args.device, precision=args.precision))
+        print(json.dumps(_measure(args.measure, args.batch, args.length, args.hidden, args.vocab[0], args.chunk,
+                                  runtime)))
         return
 
     available = ["sft", *(name for name in LOSSES if name != "sft")]  # our chunked CE first, for reference

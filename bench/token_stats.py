@@ -1,7 +1,9 @@
 """Benchmark: chunked next-token statistics vs a naive full-vocabulary log-softmax (forward + backward).
 
 Each variant runs in its own subprocess so peak RSS is its own; the report gives the ratios against the
-naive baseline measured in the same run. Usage: python bench/token_stats.py [--vocab 262144] [--length 512]
+naive baseline measured in the same run. On CUDA (`--device`, as `runtime.device`) peak memory is the step's
+`torch.cuda.max_memory_allocated` above what was allocated before it.
+Usage: python bench/token_stats.py [--vocab 262144] [--length 512] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import sys
 import time
 
 
-def _variant(name: str, batch: int, length: int, hidden: int, vocab: int, chunk: int) -> dict:
+def _variant(name: str, batch: int, length: int, hidden: int, vocab: int, chunk: int, device: str) -> dict:
     import torch
 
+    from components.config import RuntimeParams
     from components.losses.token_stats import next_token_stats
+    from components.runtime import Runtime
 
     torch.manual_seed(0)
+    torch.set_default_device(Runtime.resolve(RuntimeParams(device=device, precision="fp32")).device)
+    cuda = torch.get_default_device().type == "cuda"
     head = torch.nn.Linear(hidden, vocab, bias=False)
     states = torch.randn(batch, length, hidden, requires_grad=True)
     ids = torch.randint(0, vocab, (batch, length))
     boundary = torch.rand(vocab) < 0.3
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() / 1024 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     if name == "naive":
         log_probs = head(states).float().log_softmax(-1)
@@ -35,8 +44,10 @@ def _variant(name: str, batch: int, length: int, hidden: int, vocab: int, chunk:
         stats = next_token_stats(states, ids, head, vocab, boundary, chunk_size=chunk)
         loss = -(stats.token_logprobs.sum() + stats.boundary_logprobs.sum())
     loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = torch.cuda.max_memory_allocated() / 1024 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": name, "seconds": seconds, "peak_extra_mib": (peak - baseline) / 1024}
 
 
@@ -47,9 +58,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=640)
     parser.add_argument("--vocab", type=int, default=262144)
     parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="as runtime.device")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = (args.batch, args.length, args.hidden, args.vocab, args.chunk)
+    shape = (args.batch, args.length, args.hidden, args.vocab, args.chunk, args.device)
     if args.variant:
         print(json.dumps(_variant(args.variant, *shape)))
         return

@@ -307,6 +307,13 @@ class RuntimeParams(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward: "
                                          "less memory, about a third more compute")
     compile: bool = Field(False, description="torch.compile the student's decoder (dynamic shapes)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp (a replica each, gradients all-reduced during backward) or fsdp "
+        "(FSDP2: parameters, gradients and optimizer state sharded)")
+    processes_per_node: int = Field(1, ge=1, description="training processes per machine (one per GPU); above 1, "
+                                    "`python -m flows.distill` (so `dvc repro`) relaunches itself under torchrun")
+    nodes: int = Field(1, ge=1, description="machines; above 1 each runs the stage with MASTER_ADDR, MASTER_PORT "
+                       "and NODE_RANK set (docs/distributed.md)")
 
 
 class TrackingParams(Strict):
@@ -339,6 +346,23 @@ class PipelineParams(Strict):
         if not value.isidentifier():
             raise ValueError("profile must be a plain name such as 'default' or 'tiny'")
         return value
+
+    @model_validator(mode="after")
+    def _training_fits_the_runtime(self) -> "PipelineParams":
+        processes = self.runtime.processes_per_node * self.runtime.nodes
+        if self.distill.batch_size < processes:
+            raise ValueError(f"distill.batch_size {self.distill.batch_size} is the global batch: give each of the "
+                             f"{processes} processes at least one example")
+        if self.distill.combine == "gradmag":
+            per_process = -(-self.distill.batch_size // processes)
+            if self.runtime.micro_batch_size is not None and self.runtime.micro_batch_size < per_process:
+                raise ValueError("distill.combine gradmag weighs each term by its gradient on the whole batch, which "
+                                 "gradient accumulation never holds: set runtime.micro_batch_size to null, or use "
+                                 "combine: fixed")
+            if processes > 1 and self.runtime.strategy == "fsdp":
+                raise ValueError("distill.combine gradmag reads the whole last layer's gradient, which FSDP2 shards: "
+                                 "use runtime.strategy: ddp, or combine: fixed")
+        return self
 
     @model_validator(mode="after")
     def _ensemble_members_exist(self) -> "PipelineParams":

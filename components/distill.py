@@ -28,9 +28,8 @@ from tqdm import tqdm
 from components.config import DistillParams, TeacherLogitsParams
 from components.data.chat import Encoded
 from components.io import atomic_path, fingerprint, read_jsonl, require_manifest, write_json, write_text
-from components.losses.base import LossOutput, LossSetup, StudentView, TeacherView
+from components.losses.base import LossOutput, LossSetup, TeacherView
 from components.losses.registry import build_losses, teacher_fields
-from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import MODEL_CARD, load_model, load_tokenizer, model_card
 from components.models.gguf import default_cache_dir
 from components.models.token_bytes import boundary_mask
@@ -40,32 +39,20 @@ from components.stored_logits import TeacherLogitsReader
 from components.training.batching import Batch, batch_indices, make_batch, split
 from components.training.checkpoint import Checkpoint
 from components.training.engine import Engine
+from components.training.parallel import TrainingModule, gathered, parallelize, student_weights
 from components.training.history import history_csv, median
 from components.training.ranks import Ranks
 from components.training.schedules import alpha_at, learning_rate, term_weights
 from components.training.teachers import LiveTeacher, StoredTeacher, Teacher
+from components.training.views import student_view
 
 
 def student_forward(student: torch.nn.Module, losses: torch.nn.ModuleDict, vocab_size: int,
                     boundary: torch.Tensor, chunk_size: int):
-    """The distill forward: the student's view of a micro-batch and each named loss term on it. Counting
-    (`counts_only`) skips the student's decoder: a loss's units never depend on the student's values."""
-    head = output_head(student)
-
+    """The distill forward: the student's view of a micro-batch and each named loss term on it."""
     def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
         needs_boundary = any(losses[name].needs_student_boundary for name in names)
-        if counts_only:
-            width = student.get_input_embeddings().weight.shape[1]
-            hidden = torch.zeros(*batch.student_ids.shape, width, device=batch.student_ids.device)
-            rows = torch.zeros(batch.student_ids.shape, device=batch.student_ids.device)
-            signals_token, signals_boundary = rows, rows if needs_boundary else None
-        else:
-            hidden = hidden_states(student, batch.student_ids, batch.student_attention)
-            signals = next_token_stats(hidden, batch.student_ids, head, vocab_size, boundary if needs_boundary else None,
-                                       chunk_size=chunk_size)
-            signals_token, signals_boundary = signals.token_logprobs, signals.boundary_logprobs
-        view = StudentView(student, hidden, head, vocab_size, batch.student_ids, batch.student_attention,
-                           batch.student_loss_mask, signals_token, signals_boundary, chunk_size)
+        view = student_view(student, batch, vocab_size, boundary if needs_boundary else None, chunk_size, counts_only)
         return {name: losses[name](view, teacher, batch.alignment) for name in names}
 
     return forward
@@ -78,10 +65,8 @@ def train(
     *, runtime: Runtime,
 ) -> dict:
     """Train the student; every rank of a `process_group` runs this, on its share of each step's batch."""
-    ranks = Ranks.current()
-    if params.batch_size < ranks.size:
-        raise ValueError(f"distill.batch_size {params.batch_size} is the global batch and must give every one of the "
-                         f"{ranks.size} processes at least one example")
+    ranks = Ranks.current()  # params validation guarantees every rank at least one example a step
+    torch.manual_seed(params.seed)
     prepared = require_manifest(prepared_dir, "prepare")
     students = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.student.jsonl")]
     student_card, teacher_card = model_card(student_dir), model_card(teacher_dir)
@@ -98,7 +83,6 @@ def train(
         teacher = LiveTeacher(Teacher.load(teacher_dir, runtime.inference_dtype, runtime.device), teachers,
                               params.teacher, teacher_params.temperature, params.logits_chunk_size)
 
-    torch.manual_seed(params.seed)
     tokenizer, teacher_tokenizer = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
     student = runtime.prepare_student(load_model(student_dir, torch.float32).train())
     losses.to(runtime.device)
@@ -110,19 +94,20 @@ def train(
         sampler = OnPolicySampler(tokenizer, None if setup.same_tokenizer else teacher_tokenizer,
                                   set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None},
                                   params.on_policy, params.seed)
-    trainable = [*student.parameters(), *losses.parameters()]
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
-    engine = Engine(trainable, optimizer, runtime, ranks, params.max_grad_norm, params.combine,
+    module = TrainingModule(student, losses, student_forward(student, losses, len(tokenizer),
+                                                             boundary.to(runtime.device), params.logits_chunk_size))
+    ranks.broadcast([parameter.data for parameter in module.parameters()])  # the ranks start equal
+    model = parallelize(module, runtime, ranks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
+    engine = Engine(model, optimizer, runtime, ranks, params.max_grad_norm, params.combine,
                     [student.get_output_embeddings().weight])
-    forward = student_forward(student, losses, len(tokenizer), boundary.to(runtime.device), params.logits_chunk_size)
 
     key = fingerprint({"params": params.model_dump(), "prepared": prepared["splits"]["train"]["sha256"],
                        "student": student_card, "teacher_temperature": teacher.temperature})
-    checkpoint = Checkpoint(checkpoint_dir, key, {"model": student, "losses": losses, "optimizer": optimizer}, ranks)
+    checkpoint = Checkpoint(checkpoint_dir, key, model, optimizer, ranks)
     start_step, history = checkpoint.resume()
     if start_step and ranks.main:
         print(f"distill: resuming from checkpoint at step {start_step}")
-    ranks.broadcast([parameter.data for parameter in trainable])
     history_fields = ("step", "loss", *(f"{name}_loss" for name in term_names), "alpha", "learning_rate", "on_policy",
                       "completion_tokens", "generation_seconds", "update_seconds", "seconds")
 
@@ -137,7 +122,7 @@ def train(
         if on_policy:  # the student answers the batch's questions; the teacher scores its samples
             # Each rank seeds its draws with its own key, so ranks never share a random stream.
             sample_key = step if ranks.size == 1 else step * ranks.size + ranks.rank
-            with runtime.autocast():
+            with gathered(model), runtime.autocast():
                 sampled = sampler(student, [questions[i] for i in indices], sample_key)
             generation_seconds = time.perf_counter() - started
             (sampled_tokens,) = ranks.sum_floats([sum(e.loss_mask.count(True) for e in sampled[0])])
@@ -153,8 +138,7 @@ def train(
         micro_batches = [batch.to(runtime.device) for batch in micro_batches]
         views = [teacher.view(batch) for batch in micro_batches]
         rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
-        result = engine.step(micro_batches, views, forward, term_weights(params, step, on_policy), rate,
-                             f"distill step {step}")
+        result = engine.step(micro_batches, views, term_weights(params, step, on_policy), rate, f"distill step {step}")
 
         seconds = time.perf_counter() - started
         metrics = {**result.metrics, **{f"{name}_loss": value for name, value in result.values.items()},
@@ -165,16 +149,16 @@ def train(
                    "generation_seconds": generation_seconds, "update_seconds": seconds - generation_seconds,
                    "seconds": seconds}
         history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
-        if not ranks.main:
-            continue
-        log_metrics(metrics, step + 1)
-        bar.set_postfix(loss=f"{result.loss:.4f}")
+        if ranks.main:
+            log_metrics(metrics, step + 1)
+            bar.set_postfix(loss=f"{result.loss:.4f}")
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
             checkpoint.save(step + 1, history)
 
+    weights = student_weights(model)  # a collective: every rank gathers its shards
     if ranks.main:
         with atomic_path(out_dir) as temporary:
-            student.save_pretrained(temporary)
+            student.save_pretrained(temporary, state_dict=weights)
             tokenizer.save_pretrained(temporary)
             write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
                                                 "distilled_from": student_card["name"], "loss": params.losses})
@@ -184,7 +168,7 @@ def train(
                "final_loss": history[-1]["loss"], "on_policy_steps": sum(row["on_policy"] for row in history),
                "median_seconds_per_step": median([row["seconds"] for row in timed]),
                "median_update_seconds": median([row["update_seconds"] for row in timed]),
-               "runtime": runtime.describe()}
+               "runtime": {**runtime.describe(), "processes": ranks.size}}
     if any(row["on_policy"] for row in timed):
         summary["median_generation_seconds"] = median([row["generation_seconds"] for row in timed if row["on_policy"]])
     return summary

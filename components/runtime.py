@@ -76,6 +76,7 @@ class Runtime:
     micro_batch_size: int | None  # examples per forward/backward of one process (None: its whole share)
     gradient_checkpointing: bool
     compile: bool
+    strategy: str  # ddp | fsdp, when several processes train
 
     @classmethod
     def resolve(cls, params: RuntimeParams, flags: frozenset[str] | None = None) -> Runtime:
@@ -90,7 +91,8 @@ class Runtime:
             inference = torch.bfloat16
         else:
             inference = torch.bfloat16 if native else torch.float32
-        return cls(device, mixed, inference, params.micro_batch_size, params.gradient_checkpointing, params.compile)
+        return cls(device, mixed, inference, params.micro_batch_size, params.gradient_checkpointing, params.compile,
+                   params.strategy)
 
     @property
     def precision(self) -> str:
@@ -111,7 +113,6 @@ class Runtime:
         model = model.to(self.device)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
         if self.compile:
             model.get_decoder().compile(dynamic=True)
         return model
@@ -120,7 +121,8 @@ class Runtime:
         """What ran where, for metrics files and MLflow."""
         return {"device": self.device.type, "device_name": device_name(self.device), "precision": self.precision,
                 "inference_dtype": self.inference_dtype_name, "micro_batch_size": self.micro_batch_size,
-                "gradient_checkpointing": self.gradient_checkpointing, "compile": self.compile}
+                "gradient_checkpointing": self.gradient_checkpointing, "compile": self.compile,
+                "strategy": self.strategy}
 
 
 def device_name(device: torch.device) -> str:

@@ -30,18 +30,19 @@ from components.config import TeacherTruncation, TransferParams
 from components.data.chat import Encoded, encode_example
 from components.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
 from components.losses.alm import AlmLoss
-from components.losses.base import LossOutput, StudentView, TeacherView
+from components.losses.base import LossOutput, TeacherView
 from components.losses.latents import hidden_state_loss
-from components.losses.token_stats import hidden_states, next_token_stats, output_head
 from components.models import MODEL_CARD, copy_tokenizer_files, load_model, load_tokenizer, model_card, save_tokenizer
 from components.runtime import Runtime
 from components.training.batching import Batch, batch_indices, make_batch, split
 from components.training.engine import Engine
 from components.training.history import history_csv, median
+from components.training.parallel import TrainingModule
 from components.training.ranks import Ranks
 from components.training.schedules import learning_rate
 from components.training.teachers import LiveTeacher, Teacher
-from components.models.token_bytes import _gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
+from components.training.views import student_view
+from components.models.token_bytes import gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
 
 BYTE = "byte"
 SPECIAL_ROLES = ("pad_token", "unk_token", "eos_token", "bos_token")  # later roles win a shared target token
@@ -51,7 +52,7 @@ CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
 def byte_tokenizer(source: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
     """Every byte is one token (ids 0-255, GPT-2's printable byte alphabet), then the source's special tokens,
     with its bos/eos/pad and chat template (spec 1.16: special tokens are kept)."""
-    by_byte = {byte: char for char, byte in _gpt2_unicode_to_byte().items()}
+    by_byte = {byte: char for char, byte in gpt2_unicode_to_byte().items()}
     backend = Tokenizer(models.BPE(vocab={by_byte[byte]: byte for byte in range(256)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -206,22 +207,13 @@ def _with_lora(model: torch.nn.Module, params: TransferParams) -> torch.nn.Modul
 
 def transfer_forward(student: torch.nn.Module, vocab_size: int, boundary: torch.Tensor, alm: AlmLoss):
     """The transfer forward: ALM between the FVT student and its original (the live teacher), plus the hidden-state
-    loss at chunk ends when it is weighted (byte targets). Counting skips the student's decoder."""
+    loss at chunk ends when it is weighted (byte targets)."""
     def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
-        if counts_only:
-            width = student.get_input_embeddings().weight.shape[1]
-            hidden = torch.zeros(*batch.student_ids.shape, width, device=batch.student_ids.device)
-            token_rows = boundary_rows = torch.zeros(batch.student_ids.shape, device=batch.student_ids.device)
-        else:
-            hidden = hidden_states(student, batch.student_ids, batch.student_attention)
-            stats = next_token_stats(hidden, batch.student_ids, output_head(student), vocab_size, boundary,
-                                     chunk_size=CHUNK_SIZE)
-            token_rows, boundary_rows = stats.token_logprobs, stats.boundary_logprobs
-        view = StudentView(student, hidden, output_head(student), vocab_size, batch.student_ids,
-                           batch.student_attention, batch.student_loss_mask, token_rows, boundary_rows, CHUNK_SIZE)
+        view = student_view(student, batch, vocab_size, boundary, CHUNK_SIZE, counts_only)
         outputs = {"alm": alm(view, teacher, batch.alignment)}
         if "hidden_state" in names:
-            outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, hidden, batch.alignment.teacher_chunks,
+            outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, view.hidden,
+                                                                    batch.alignment.teacher_chunks,
                                                                     batch.alignment.student_chunks),))
         return outputs
 
@@ -266,17 +258,18 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
         for parameter in _embedding_parameters(student):
             parameter.requires_grad_(True)
         trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
-        engine = Engine(trainable, torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0), runtime,
-                        Ranks(), params.max_grad_norm)
-        forward = transfer_forward(student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm)
+        module = TrainingModule(student, torch.nn.ModuleDict(), transfer_forward(
+            student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm))
+        engine = Engine(module, torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0), runtime, Ranks(),
+                        params.max_grad_norm)
         for phase_step in tqdm(range(steps), desc=f"transfer ({phase})", unit="step"):
             started = time.perf_counter()
             indices = batch_indices(step, params.batch_size, len(students), len(students), params.seed)
             micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries).to(runtime.device)
                              for part in split(indices, runtime.micro_batch_size)]
             rate = learning_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
-            result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], forward, weights,
-                                 rate, f"transfer step {step}")
+            result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
+                                 f"transfer step {step}")
             step += 1
             history.append({"step": step, "phase": phase, "loss": result.loss, "alm_loss": result.values["alm"],
                             "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,

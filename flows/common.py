@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from components import tracking
-from components.config import ParamsError, PipelineParams, load_params
+from components.config import ParamsError, PipelineParams, RuntimeParams, load_params
 
 
 @contextlib.contextmanager
@@ -38,3 +39,39 @@ def stage_cli(flow: Callable[..., object], doc: str | None, **options: dict) -> 
         print(error, file=sys.stderr)
         sys.exit(2)
     flow(params_file=args.params, **{name: getattr(args, name) for name in options})
+
+
+def torchrun_command(runtime: RuntimeParams, module: str, argv: list[str], environ: dict[str, str]) -> list[str] | None:
+    """The torchrun command that runs `python -m module argv` as `runtime`'s processes; None for one process.
+    Several machines each run it with MASTER_ADDR, MASTER_PORT and NODE_RANK set (docs/distributed.md)."""
+    if runtime.processes_per_node * runtime.nodes == 1:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(runtime.processes_per_node)]
+    if runtime.nodes == 1:
+        command.append("--standalone")
+    else:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if name not in environ]
+        if missing:
+            raise ParamsError(f"runtime.nodes is {runtime.nodes}: set {', '.join(missing)} on every machine "
+                              "(the first machine's address and a free port; this machine's index from 0)")
+        command += ["--nnodes", str(runtime.nodes), "--node-rank", environ["NODE_RANK"],
+                    "--master-addr", environ["MASTER_ADDR"], "--master-port", environ["MASTER_PORT"]]
+    return [*command, "-m", module, *argv]
+
+
+def launch_processes(module: str) -> None:
+    """Replace this process by torchrun running the same command when params ask for several training processes
+    (so `dvc repro` needs no other command); under torchrun already, or for one process, return."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--params", default="params.yaml")
+    try:
+        runtime = load_params(Path(parser.parse_known_args()[0].params)).runtime
+        command = torchrun_command(runtime, module, sys.argv[1:], dict(os.environ))
+    except ParamsError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    if command is not None:
+        print("launching:", " ".join(command), flush=True)
+        os.execv(command[0], command)

@@ -10,8 +10,9 @@ params `distill.*`. Outputs: models/distilled/ (HF directory), metrics/distill_h
 metrics/distill.json, checkpoints/distill/. Loss curves also go to MLflow.
 Run alone: python -m flows.distill   (or: dvc repro distill)
 Device, precision, micro-batches (gradient accumulation), gradient checkpointing, compile: params `runtime.*`.
-Several processes: torchrun --standalone --nproc-per-node N -m flows.distill [--params FILE]
-  (or `accelerate launch --multi_gpu --num_processes N -m flows.distill`). Every rank trains on its contiguous
+Several processes: set runtime.processes_per_node (and runtime.nodes, runtime.strategy: ddp | fsdp); this command
+  (so `dvc repro`) then relaunches itself under torchrun. By hand: torchrun --standalone --nproc-per-node N -m
+  flows.distill, or `accelerate launch --multi_gpu --num_processes N -m flows.distill`. Every rank trains on its contiguous
   share of each step's `distill.batch_size` examples (the global batch), one GPU per process (NCCL) or on CPUs
   (gloo); the result equals one process on the same batches (components/training/engine.py). Rank 0 alone runs
   the Prefect flow, logs to MLflow and writes outputs. docs/distributed.md.
@@ -30,7 +31,7 @@ from components.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, 
                               STUDENT_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR)
 from components.runtime import Runtime
 from components.training.ranks import process_group
-from flows.common import stage_cli, tracked_stage
+from flows.common import launch_processes, stage_cli, tracked_stage
 
 
 def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None
@@ -42,7 +43,7 @@ def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int]
 
 @flow(name="distill", log_prints=True)
 def distill(params_file: str = "params.yaml") -> dict:
-    with tracked_stage("distill", params_file, ("distill",)) as params:
+    with tracked_stage("distill", params_file, ("distill", "runtime")) as params:
         summary = _train(params, tracking.log_metrics)
         write_json(DISTILL_METRICS, summary)
         tracking.log_artifact(DISTILL_HISTORY)
@@ -55,5 +56,6 @@ def distill_rank(params_file: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
+    launch_processes("flows.distill")
     with process_group() as ranks:
         stage_cli(distill if ranks.main else distill_rank, __doc__)

@@ -56,7 +56,7 @@ def extract_shards(plan: ExtractionPlan) -> list[dict]:
 
 @flow(name="teacher_logits", log_prints=True)
 def teacher_logits(params_file: str = "params.yaml") -> dict:
-    with tracked_stage("teacher_logits", params_file, ("teacher_logits",)) as params:
+    with tracked_stage("teacher_logits", params_file, ("teacher_logits", "runtime")) as params:
         if params.distill.teacher_mode == "online":
             manifest = {"skipped": "distill.teacher_mode is online: the teacher runs at every distill step"}
             write_json(TEACHER_LOGITS_DIR / "manifest.json", manifest)

@@ -25,7 +25,7 @@ from flows.common import stage_cli, tracked_stage
 
 @flow(name="transfer", log_prints=True)
 def transfer(params_file: str = "params.yaml") -> dict:
-    with tracked_stage("transfer", params_file, ("transfer",)) as params:
+    with tracked_stage("transfer", params_file, ("transfer", "runtime")) as params:
         target = target_directory(params.transfer.tokenizer, {"student": STUDENT_DIR, "teacher": TEACHER_DIR})
         summaries = {}
         for name, spec in params.transfer.sources.items():

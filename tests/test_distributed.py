@@ -1,5 +1,6 @@
-"""The distill stage under `torchrun` with two processes (gloo, CPU) trains exactly like one process on the same
-global batch, though the two ranks' shares hold different numbers of examples and of each loss's units.
+"""The distill stage under `torchrun` with two processes (gloo, CPU), with DDP or with FSDP2, trains exactly like one
+process on the same global batch, though the two ranks' shares hold different numbers of examples and of each
+loss's units; and a checkpoint of any layout resumes in any other.
 
 Run as a script, this file is one rank: `PYTHONPATH=. torchrun --nproc-per-node 2 tests/test_distributed.py RUNS.json`.
 """
@@ -71,13 +72,22 @@ def _targets_per_rank(prepared: Path, params: DistillParams, teacher_params: Tea
     return counts
 
 
-def test_two_processes_give_the_losses_and_weights_of_one_process_on_the_same_global_batch(
+def _assert_same_training(reference: Path, other: Path, label: str) -> None:
+    for single, double in zip(_history(reference), _history(other), strict=True):
+        assert double == pytest.approx(single, rel=1e-5, abs=1e-7), label
+    weights = _weights(reference)
+    for key, tensor in _weights(other).items():  # atol: Adam turns rounding in a near-zero gradient into
+        # up to ~1e-5 of weight (2e-6 seen); averaging the ranks' means instead is off by ~5e-3
+        torch.testing.assert_close(tensor, weights[key], rtol=1e-5, atol=5e-5, msg=lambda m: f"{label} {key}: {m}")
+
+
+def test_two_processes_with_ddp_or_fsdp2_train_exactly_like_one_process_and_resume_each_others_checkpoints(
         cross_tokenizer_pair, same_tokenizer_pair, tiny_params, tmp_path):
     base = {"steps": STEPS, "batch_size": BATCH, "checkpoint_every": 2}
     configurations = {  # name -> (pair, loss settings)
         "alm": (cross_tokenizer_pair, {}),  # the default: ALM + next-token CE
         "forward_kl": (same_tokenizer_pair, {"loss": "forward_kl"}),  # units: the student's target rows
-        "alm_uld_gradmag": (cross_tokenizer_pair, {"loss": ["alm", "uld"], "combine": "gradmag"}),
+        "alm_uld_gradmag": (cross_tokenizer_pair, {"loss": ["alm", "uld"], "combine": "gradmag"}),  # DDP only
     }
     runs = {}
     for name, ((root, dirs), settings) in configurations.items():
@@ -90,30 +100,36 @@ def test_two_processes_give_the_losses_and_weights_of_one_process_on_the_same_gl
         counts = _targets_per_rank(root / "prepared", params, tiny_params.teacher_logits)
         assert all(first != second for first, second in counts), f"{name}: equal shares prove nothing: {counts}"
 
+    def layout(run: dict, strategy: str, out: Path) -> dict:
+        return {**run, "runtime": {**run["runtime"], "strategy": strategy}, "out": str(out)}
+
     for name, run in runs.items():
         _train({**run, "out": str(tmp_path / "one" / name)})
-    # A two-process run resumes the one-process run's checkpoint at step 2 (as an interrupted run would).
-    shutil.copytree(tmp_path / "one" / "alm" / "checkpoints", tmp_path / "two" / "alm_resumed" / "checkpoints")
-    two = [{**run, "out": str(tmp_path / "two" / name)} for name, run in runs.items()]
-    two.append({**runs["alm"], "out": str(tmp_path / "two" / "alm_resumed")})
+    # Two-process runs of each layout, and runs that resume the one-process run's checkpoint at step 2 (as an
+    # interrupted run moved to more processes would).
+    two = [layout(run, "ddp", tmp_path / "ddp" / name) for name, run in runs.items()]
+    two += [layout(runs[name], "fsdp", tmp_path / "fsdp" / name) for name in ("alm", "forward_kl")]
+    for strategy in ("ddp", "fsdp"):
+        shutil.copytree(tmp_path / "one" / "alm" / "checkpoints", tmp_path / strategy / "alm_resumed" / "checkpoints")
+        two.append(layout(runs["alm"], strategy, tmp_path / strategy / "alm_resumed"))
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(two))
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
                     str(spec)], check=True, env=environment, cwd=ROOT, timeout=600)
+    # And back: one process resumes FSDP2's sharded run from its (full) checkpoint.
+    shutil.copytree(tmp_path / "fsdp" / "alm" / "checkpoints", tmp_path / "one" / "alm_resumed" / "checkpoints")
+    _train({**runs["alm"], "out": str(tmp_path / "one" / "alm_resumed")})
 
-    for name in [*runs, "alm_resumed"]:
-        one_out, two_out = tmp_path / "one" / name.removesuffix("_resumed"), tmp_path / "two" / name
-        for single, double in zip(_history(one_out), _history(two_out), strict=True):
-            assert double == pytest.approx(single, rel=1e-5, abs=1e-7), name
-        reference = _weights(one_out)
-        for key, tensor in _weights(two_out).items():  # atol: Adam turns rounding in a near-zero gradient into
-            # up to ~1e-5 of weight (2e-6 seen); averaging the ranks' means instead is off by ~5e-3
-            torch.testing.assert_close(tensor, reference[key], rtol=1e-5, atol=5e-5, msg=lambda m: f"{name} {key}: {m}")
-    one_state = torch.load(tmp_path / "one" / "alm" / "checkpoints" / "state.pt", weights_only=False)
-    two_state = torch.load(tmp_path / "two" / "alm" / "checkpoints" / "state.pt", weights_only=False)
-    assert two_state["step"] == one_state["step"] == 2
-    torch.testing.assert_close(two_state["model"], one_state["model"], rtol=1e-5, atol=5e-5)
+    for run in two:
+        out = Path(run["out"])
+        _assert_same_training(tmp_path / "one" / out.name.removesuffix("_resumed"), out, f"{out.parent.name}/{out.name}")
+    _assert_same_training(tmp_path / "one" / "alm", tmp_path / "one" / "alm_resumed", "one process from FSDP2")
+    states = {strategy: torch.load(tmp_path / strategy / "alm" / "checkpoints" / "state.pt", weights_only=False)
+              for strategy in ("one", "ddp", "fsdp")}
+    assert {state["step"] for state in states.values()} == {2}
+    for strategy in ("ddp", "fsdp"):
+        torch.testing.assert_close(states[strategy]["model"], states["one"]["model"], rtol=1e-5, atol=5e-5)
 
 
 if __name__ == "__main__":

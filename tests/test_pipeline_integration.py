@@ -176,3 +176,11 @@ def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_sid
     assert (path / "results/plots/loss-comparison-tiny.png").stat().st_size > 0
     experiments = _run(["dvc", "exp", "list", "--name-only"], path, env).split()
     assert sum(name.startswith("cmp-") for name in experiments) == 2
+
+
+def test_params_asking_for_two_processes_make_dvc_repro_train_under_torchrun(repo):
+    path, env, _ = repo
+    _set_param(path, lambda raw: raw["profiles"]["tiny"]["runtime"].update(processes_per_node=2))
+    output = _run(["dvc", "repro", "--single-item", "distill"], path, env)
+    assert "torch.distributed.run --nproc-per-node 2 --standalone -m flows.distill" in output, output[-3000:]
+    assert json.loads((path / "metrics/distill.json").read_text())["runtime"]["processes"] == 2

@@ -96,7 +96,7 @@ def _chunk_sums(values: torch.Tensor, chunks: torch.Tensor, num_chunks: int) -> 
     return out.scatter_add(1, slots, values)[:, :num_chunks]
 
 
-def _chunk_extent(chunks: torch.Tensor, num_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_extent(chunks: torch.Tensor, num_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of each chunk's first and last token ([B, C] each); a chunk without tokens gets (L, -1)."""
     batch, length = chunks.shape
     slots = torch.where(chunks < 0, num_chunks, chunks)
@@ -130,8 +130,8 @@ def word_chunks(
     ids and, per word, whether it counts: all its chunks count.
     """
     num_chunks = counted.shape[1]
-    teacher_first, teacher_last = _chunk_extent(teacher_chunks, num_chunks)
-    student_first, student_last = _chunk_extent(student_chunks, num_chunks)
+    teacher_first, teacher_last = chunk_extent(teacher_chunks, num_chunks)
+    student_first, student_last = chunk_extent(student_chunks, num_chunks)
 
     def starts_word_after(word_start: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         after_end = torch.ones_like(word_start[:, :1])  # the sequence end is a boundary
@@ -179,8 +179,8 @@ def alm_loss(
     teacher_token_rows, teacher_boundary_rows = teacher_token_rows.detach().float(), teacher_boundary_rows.detach().float()
     student_token_rows, student_boundary_rows = student_token_rows.float(), student_boundary_rows.float()
 
-    _, teacher_last = _chunk_extent(teacher_chunks, num_chunks)
-    _, student_last = _chunk_extent(student_chunks, num_chunks)
+    _, teacher_last = chunk_extent(teacher_chunks, num_chunks)
+    _, student_last = chunk_extent(student_chunks, num_chunks)
     present = teacher_last >= 0
     valid = counted.bool() & present
     # Log-probs are clipped at 0 (bf16 rounding can push them above), so every chunk log-likelihood is <= 0.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from components.losses.alm import _chunk_extent
+from components.losses.alm import chunk_extent
 from components.losses.base import Mean
 
 
@@ -25,8 +25,8 @@ def hidden_state_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor
     num_chunks = int(max(teacher_chunks.max(), student_chunks.max()).clamp(min=-1)) + 1
     if num_chunks == 0:
         return Mean(student_hidden.sum() * 0.0, 0)
-    _, teacher_last = _chunk_extent(teacher_chunks, num_chunks)
-    _, student_last = _chunk_extent(student_chunks, num_chunks)
+    _, teacher_last = chunk_extent(teacher_chunks, num_chunks)
+    _, student_last = chunk_extent(student_chunks, num_chunks)
     valid = (teacher_last >= 0) & (student_last >= 0)
 
     def at_ends(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ The byte-level model gets an embedding matrix padded past its tokenizer, like Qw
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -67,10 +68,32 @@ def _train_tokenizer(spec: TinyModelSpec, specials: list[str], text: str) -> Tok
     return tokenizer
 
 
-def build_tiny_model(spec: TinyModelSpec, out_dir: Path) -> Path:
-    """Train the tokenizer, build a random-init Llama, save both as a HF directory."""
+def synthetic_words(count: int, seed: int = 0) -> list[str]:
+    """Seeded English-like words, each with its trailing space, punctuation or line break: text for tokenizers
+    and examples where reasoning-gym's corpus is not installed (the GPU checks). The first `count` words do not
+    depend on how many are asked for, so a prefix of them is a shorter text of the same stream."""
+    rng = random.Random(seed)
+    syllables = ("an", "be", "ca", "de", "en", "for", "ge", "his", "in", "ka", "lo", "men", "no", "or", "pa", "qu",
+                 "re", "st", "th", "to", "un", "ve", "wa", "you")
+    lexicon = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(600)]
+    zipf = [1 / rank for rank in range(1, len(lexicon) + 1)]
+    words = []
+    for _ in range(count):
+        word = str(rng.randint(0, 9999)) if rng.random() < 0.06 else rng.choices(lexicon, zipf)[0]
+        mark = rng.random()
+        words.append(word + (".\n" if mark < 0.03 else ". " if mark < 0.08 else ", " if mark < 0.14 else " "))
+    return words
+
+
+def synthetic_text(count: int, seed: int = 0) -> str:
+    return "".join(synthetic_words(count, seed)).strip()
+
+
+def build_tiny_model(spec: TinyModelSpec, out_dir: Path, text: str | None = None) -> Path:
+    """Train the tokenizer (on `text`, else reasoning-gym's local corpus), build a random-init Llama, save both
+    as a HF directory."""
     specials, eos, bos, pad, template = _FORMATS[spec.chat_format]
-    backend = _train_tokenizer(spec, specials, corpus_text())
+    backend = _train_tokenizer(spec, specials, corpus_text() if text is None else text)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token=eos, bos_token=bos, pad_token=pad, clean_up_tokenization_spaces=False,
         model_input_names=["input_ids", "attention_mask"],

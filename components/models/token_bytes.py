@@ -22,7 +22,7 @@ BOUNDARY_BYTES = frozenset(b" \t\n\r")
 
 
 @lru_cache(maxsize=1)
-def _gpt2_unicode_to_byte() -> dict[str, int]:
+def gpt2_unicode_to_byte() -> dict[str, int]:
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     mapping = {}
     extra = 0
@@ -44,7 +44,7 @@ def is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
 def vocab_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
     """The byte string of every token id in the tokenizer (len == len(tokenizer))."""
     byte_level = is_byte_level(tokenizer)
-    unicode_to_byte = _gpt2_unicode_to_byte()
+    unicode_to_byte = gpt2_unicode_to_byte()
     # Added tokens are matched as literal text; in SentencePiece vocabularies some are runs of "▁" (spaces).
     added = {token.content for token in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()}
     table: list[bytes] = [b""] * len(tokenizer)

@@ -1,5 +1,7 @@
-"""Resumable training state: model, trainable loss modules, optimizer, step and history, saved atomically under
-a fingerprint of the configuration, so a rerun resumes only a run of the same configuration."""
+"""Resumable training state: model, optimizer, step and history, saved atomically under a fingerprint of the
+configuration, so a rerun resumes only a run of the same configuration. The state is full (unsharded) and keyed
+by parameter names (`parallel.full_state`), so a checkpoint of one layout (one process, DDP, FSDP2) resumes in
+any other."""
 
 from __future__ import annotations
 
@@ -9,15 +11,19 @@ from pathlib import Path
 import torch
 
 from components.io import atomic_path
+from components.training.parallel import full_state, load_full_state
 from components.training.ranks import Ranks
+
+FORMAT = "tokenbridge.checkpoint/v2"
 
 
 class Checkpoint:
-    """`directory/state.pt`, written by rank 0; modules are saved and restored by `state_dict`."""
+    """`directory/state.pt`, written by rank 0."""
 
-    def __init__(self, directory: Path, fingerprint: str, modules: dict[str, torch.nn.Module | torch.optim.Optimizer],
+    def __init__(self, directory: Path, fingerprint: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  ranks: Ranks):
-        self.directory, self.fingerprint, self.modules, self.ranks = Path(directory), fingerprint, modules, ranks
+        self.directory, self.fingerprint, self.ranks = Path(directory), fingerprint, ranks
+        self.model, self.optimizer = model, optimizer
         self.path = self.directory / "state.pt"
 
     def resume(self) -> tuple[int, list[dict]]:
@@ -26,9 +32,8 @@ class Checkpoint:
         start, history = 0, []
         if self.path.exists():
             state = torch.load(self.path, weights_only=False, map_location="cpu")
-            if state["fingerprint"] == self.fingerprint:
-                for name, module in self.modules.items():
-                    module.load_state_dict(state[name])
+            if state.get("format") == FORMAT and state["fingerprint"] == self.fingerprint:
+                load_full_state(self.model, self.optimizer, state)
                 start, history = state["step"], state["history"]
         self.ranks.barrier()  # every rank has read the checkpoint before rank 0 may remove it
         if self.ranks.main:
@@ -38,8 +43,9 @@ class Checkpoint:
         return start, history
 
     def save(self, step: int, history: list[dict]) -> None:
-        if not self.ranks.main:
-            return
-        with atomic_path(self.path) as temporary:
-            torch.save({"fingerprint": self.fingerprint, "step": step, "history": history,
-                        **{name: module.state_dict() for name, module in self.modules.items()}}, temporary)
+        """Every rank calls this (gathering sharded state is collective); rank 0 writes."""
+        state = full_state(self.model, self.optimizer)
+        if self.ranks.main:
+            with atomic_path(self.path) as temporary:
+                torch.save({"format": FORMAT, "fingerprint": self.fingerprint, "step": step, "history": history,
+                            **state}, temporary)
