@@ -6,8 +6,8 @@ runtime's inference dtype: bf16 where the hardware computes it natively, else fp
 by the model's own tokenizer and chat template (so any model, transferred or an ensemble, is measured the same
 way). Both run on `runtime.device`. One DVC stage per model, so a changed student re-evaluates only itself.
 Outputs: `metrics/eval/<model>.json` (a DVC metrics file) and `data/eval/<model>/` (the generated lm-eval task,
-the tokenized test set, per-question samples, and `run.json`: where and in what dtype it ran, and how long
-each part took).
+the tokenized test set, per-question samples, `lm_eval_config.json`: the harness's own record of the run, and
+`run.json`: the resolved runtime and each part's wall and CPU seconds).
 
 `run_evaluate` also scores the transfer stage's models (`evaluate_transfer`), which by default get
 bits-per-byte alone (`gsm_limit=0`): README "Evaluation plan".

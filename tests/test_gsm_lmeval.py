@@ -173,8 +173,8 @@ def test_batched_generation_gives_the_answers_of_one_question_at_a_time(task_dir
     assert len(set(generations[1])) > 1, generations  # answers that differ by question: the check has teeth
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])])
 def test_the_evaluate_stage_generates_on_the_runtimes_device_in_its_inference_dtype(tiny_params, tiny_dirs, prepared,
                                                                                    tmp_path, monkeypatch, device):
     """The harness's own record of the run: device, the loaded model's dtype and the batch size come from
