@@ -48,7 +48,7 @@ def test_a_bad_value_inside_a_profile_is_caught_even_when_another_profile_is_sel
 
 def test_an_unknown_profile_lists_the_known_ones(tmp_path):
     path = _write(tmp_path, lambda raw: raw.update(profile="huge"))
-    with pytest.raises(ParamsError, match="unknown profile 'huge'; allowed: default, tiny, gpu"):
+    with pytest.raises(ParamsError, match="unknown profile 'huge'; allowed: default, gpu, tiny"):
         load_params(path)
 
 
