@@ -56,3 +56,18 @@ def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     run_teacher_logits(root / "prepared", dirs["teacher"], root / "logits", tiny_params.teacher_logits,
                        Runtime.resolve(tiny_params.runtime))
     return root, dirs
+
+
+@pytest.fixture(scope="session")
+def cross_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
+    """The tiny profile's pair (different tokenizers) with prepared data and stored teacher logits:
+    (root, {"teacher": dir, "student": dir}). Tests write their runs under their own subfolders of root."""
+    from components.prepare import run_prepare
+    from components.runtime import Runtime
+    from components.teacher_logits import run_teacher_logits
+
+    root = tmp_path_factory.mktemp("cross_tokenizer")
+    run_prepare(tiny_dirs, root / "prepared", tiny_params.prepare)
+    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits,
+                       Runtime.resolve(tiny_params.runtime))
+    return root, tiny_dirs

@@ -11,17 +11,11 @@ from safetensors.torch import load_file
 
 from components.runtime import Runtime
 from components.distill import train
-from components.prepare import run_prepare
-from components.teacher_logits import run_teacher_logits
 
 
 @pytest.fixture(scope="module")
-def inputs(tiny_params, tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    run_prepare(tiny_dirs, root / "prepared", tiny_params.prepare)
-    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits,
-                       Runtime.resolve(tiny_params.runtime))
-    return root
+def inputs(cross_tokenizer_pair):
+    return cross_tokenizer_pair[0]
 
 
 def _train(inputs, tiny_params, tiny_dirs, name, log_metrics=lambda metrics, step: None, **overrides):

@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.runtime import Runtime
 from components.config import DistillParams, RuntimeParams, TeacherLogitsParams
 from components.distill import train
 from components.training.batching import batch_indices
 from components.training.ranks import Ranks, process_group
 from components.io import read_jsonl
+from components.runtime import Runtime
 
 ROOT = Path(__file__).parents[1]
 
@@ -48,18 +48,6 @@ def _history(out: Path) -> list[dict[str, float]]:
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def cross_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
-    from components.prepare import run_prepare
-    from components.teacher_logits import run_teacher_logits
-
-    root = tmp_path_factory.mktemp("distributed")
-    run_prepare(tiny_dirs, root / "prepared", tiny_params.prepare)
-    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits,
-                       Runtime.resolve(tiny_params.runtime))
-    return root, tiny_dirs
 
 
 def _targets_per_rank(prepared: Path, params: DistillParams, teacher_params: TeacherLogitsParams) -> list[list[int]]:

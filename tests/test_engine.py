@@ -20,8 +20,6 @@ from components.models.gguf import default_cache_dir
 from components.models.token_bytes import boundary_mask
 from components.runtime import Runtime
 from components.stored_logits import TeacherLogitsReader
-from components.prepare import run_prepare
-from components.teacher_logits import run_teacher_logits
 from components.training.batching import batch_indices, make_batch, split
 from components.training.teachers import LiveTeacher, StoredTeacher, Teacher
 
@@ -30,19 +28,11 @@ def _runtime(**settings) -> Runtime:
     return Runtime.resolve(RuntimeParams(device="cpu", precision="fp32", **settings))
 
 
-@pytest.fixture(scope="module")
-def cross_pair(tiny_params, tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    run_prepare(tiny_dirs, root / "prepared", tiny_params.prepare)
-    run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits, _runtime())
-    return root, tiny_dirs
-
-
 def _train(pair, tiny_params, name, runtime, **overrides):
     root, dirs = pair
     params = type(tiny_params.distill).model_validate(
         {**tiny_params.distill.model_dump(), "steps": 2, "batch_size": 8, "checkpoint_every": 10, **overrides})
-    out = root / "runs" / name
+    out = root / "engine" / name
     train(root / "prepared", dirs["student"], out / "model", out / "checkpoints", out / "history.csv", params,
           tiny_params.teacher_logits, dirs["teacher"], root / "logits", runtime=runtime)
     with open(out / "history.csv") as handle:
@@ -64,24 +54,24 @@ def _assert_same_training(first, second, label):
     ("same", {"loss": "forward_kl"}),  # a same-tokenizer loss (units: the student's target rows)
     ("same", {"loss": "forward_kl", "teacher_mode": "online"}),  # live teacher, one view per micro-batch
 ])
-def test_four_micro_batches_of_two_train_exactly_like_one_batch_of_eight(cross_pair, same_tokenizer_pair, tiny_params,
-                                                                          pair_name, overrides):
-    pair = cross_pair if pair_name == "cross" else same_tokenizer_pair
+def test_four_micro_batches_of_two_train_exactly_like_one_batch_of_eight(cross_tokenizer_pair, same_tokenizer_pair,
+                                                                          tiny_params, pair_name, overrides):
+    pair = cross_tokenizer_pair if pair_name == "cross" else same_tokenizer_pair
     label = f"{pair_name}-{'-'.join(str(v) for v in overrides.values()) or 'alm'}"
     whole = _train(pair, tiny_params, f"{label}-whole", _runtime(), **overrides)
     accumulated = _train(pair, tiny_params, f"{label}-micro", _runtime(micro_batch_size=2), **overrides)
     _assert_same_training(whole, accumulated, label)
 
 
-def test_gradient_checkpointing_gives_the_same_training(cross_pair, tiny_params):
-    plain = _train(cross_pair, tiny_params, "plain", _runtime())
-    checkpointed = _train(cross_pair, tiny_params, "checkpointed", _runtime(gradient_checkpointing=True))
+def test_gradient_checkpointing_gives_the_same_training(cross_tokenizer_pair, tiny_params):
+    plain = _train(cross_tokenizer_pair, tiny_params, "plain", _runtime())
+    checkpointed = _train(cross_tokenizer_pair, tiny_params, "checkpointed", _runtime(gradient_checkpointing=True))
     _assert_same_training(plain, checkpointed, "gradient checkpointing")
 
 
-def test_gradmag_with_gradient_accumulation_is_refused_naming_the_fix(cross_pair, tiny_params):
+def test_gradmag_with_gradient_accumulation_is_refused_naming_the_fix(cross_tokenizer_pair, tiny_params):
     with pytest.raises(ValueError, match="micro_batch_size"):
-        _train(cross_pair, tiny_params, "gradmag", _runtime(micro_batch_size=2), loss=["alm", "uld"], combine="gradmag")
+        _train(cross_tokenizer_pair, tiny_params, "gradmag", _runtime(micro_batch_size=2), loss=["alm", "uld"], combine="gradmag")
 
 
 def _views_and_batches(root, dirs, tiny_params, live: bool):
@@ -105,11 +95,12 @@ def _views_and_batches(root, dirs, tiny_params, live: bool):
 
 
 @pytest.mark.parametrize("name", sorted(set(LOSSES)))
-def test_a_losss_units_never_depend_on_the_students_values(cross_pair, same_tokenizer_pair, tiny_params, name):
+def test_a_losss_units_never_depend_on_the_students_values(cross_tokenizer_pair, same_tokenizer_pair, tiny_params,
+                                                           name):
     """What makes accumulation exact: the counting pass (placeholder student, no decoder) finds the units the
     real forward averages over, for every registered loss."""
     loss_class = LOSSES[name]
-    root, dirs = same_tokenizer_pair if loss_class.same_tokenizer_only else cross_pair
+    root, dirs = same_tokenizer_pair if loss_class.same_tokenizer_only else cross_tokenizer_pair
     params = tiny_params.distill.model_copy(update={"teacher_mode": "online" if loss_class.online_only else "offline"})
     setup = LossSetup(dirs["teacher"], dirs["student"], loss_class.same_tokenizer_only, default_cache_dir())
     losses = torch.nn.ModuleDict(build_losses([name], params, setup))
@@ -125,7 +116,7 @@ def test_a_losss_units_never_depend_on_the_students_values(cross_pair, same_toke
         assert counted == real and sum(real) > 0, f"{name}: counting pass {counted}, forward {real}"
 
 
-def test_a_compiled_student_trains_like_the_eager_one(cross_pair, tiny_params):
-    eager = _train(cross_pair, tiny_params, "eager", _runtime())
-    compiled = _train(cross_pair, tiny_params, "compiled", _runtime(compile=True))
+def test_a_compiled_student_trains_like_the_eager_one(cross_tokenizer_pair, tiny_params):
+    eager = _train(cross_tokenizer_pair, tiny_params, "eager", _runtime())
+    compiled = _train(cross_tokenizer_pair, tiny_params, "compiled", _runtime(compile=True))
     _assert_same_training(eager, compiled, "torch.compile")
