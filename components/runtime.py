@@ -27,18 +27,23 @@ from components.config import RuntimeParams
 NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (Linux x86 `flags`, aarch64 `Features`); empty where they cannot be read."""
+@functools.lru_cache(maxsize=4)
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key is one of `keys`; None where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux x86 `flags`, aarch64 `Features`); empty where they cannot be read."""
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
 
 
 def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
@@ -128,8 +133,4 @@ class Runtime:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
+    return _cpuinfo("model name") or platform.processor() or platform.machine()

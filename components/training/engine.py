@@ -57,7 +57,8 @@ class Engine:
         totals: list[float] = []
         with torch.no_grad(), self.runtime.autocast():
             for batch, view in zip(micro_batches, views):
-                counts = [float(part.count) for output in self.model(batch, view, names, True).values() for part in output.parts]
+                outputs = self.model(batch, view, names, True)
+                counts = [float(part.count) for output in outputs.values() for part in output.parts]
                 totals = [a + b for a, b in zip(totals, counts)] if totals else counts
         return self.ranks.sum_floats(totals)
 
