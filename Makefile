@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(PY) -m flows.pipeline
+	$(PY) -m tokenbridge pipeline
 
 test: install
 	$(PY) -m pytest -q

@@ -4,7 +4,7 @@ Both train the same tiny same-tokenizer pair (a random Llama student and a bigge
 tokenizer files) on the same prepared GSM-style data, with the same seed, steps, batch size, learning rate,
 student-data fraction lambda, JSD beta, sampling temperature and max new tokens:
 
-- ours: `components.distill.train` with `loss: jsd`, `alpha: 1` (the divergence alone, as GKD), the live
+- ours: `tokenbridge.stages.distill.train` with `loss: jsd`, `alpha: 1` (the divergence alone, as GKD), the live
   teacher, `on_policy: {fraction: lambda, ...}`; its per-step time is the history's `seconds` (batch,
   sampling, teacher and student passes, loss, backward, optimizer step);
 - TRL: `GKDTrainer(...).train()`, per-step time from `on_step_begin` to `on_step_end` (the same work; TRL
@@ -43,17 +43,17 @@ from transformers import TrainerCallback  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.config import (DistillParams, HfModelSpec, PrepareParams, RuntimeParams, TeacherLogitsParams,  # noqa: E402
+from tokenbridge.config import (DistillParams, HfModelSpec, PrepareParams, RuntimeParams, TeacherLogitsParams,  # noqa: E402
                                TinyModelSpec)
-from components.data.chat import chat_messages  # noqa: E402
-from components.runtime import Runtime  # noqa: E402
-from components.distill import train  # noqa: E402
-from components.training.batching import batch_indices  # noqa: E402
-from components.io import read_jsonl, write_json  # noqa: E402
-from components.models import load_model, load_tokenizer, materialize  # noqa: E402
-from components.models.tiny import build_tiny_teacher_like  # noqa: E402
-from components.prepare import run_prepare  # noqa: E402
-from components.data.padding import pad_batch  # noqa: E402
+from tokenbridge.data.chat import chat_messages  # noqa: E402
+from tokenbridge.runtime import Runtime  # noqa: E402
+from tokenbridge.stages.distill import train  # noqa: E402
+from tokenbridge.training.batching import batch_indices  # noqa: E402
+from tokenbridge.io import read_jsonl, write_json  # noqa: E402
+from tokenbridge.models import load_model, load_tokenizer, materialize  # noqa: E402
+from tokenbridge.models.tiny import build_tiny_teacher_like  # noqa: E402
+from tokenbridge.stages.prepare import run_prepare  # noqa: E402
+from tokenbridge.data.padding import pad_batch  # noqa: E402
 
 TOLERANCE = 1e-4
 LEARNING_RATE = 1e-4

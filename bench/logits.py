@@ -39,14 +39,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components import logit_codec  # noqa: E402
-from components.config import HfModelSpec, RuntimeParams, TeacherLogitsParams  # noqa: E402
-from components.data.padding import pad_batch  # noqa: E402
-from components.io import read_jsonl, sha256_file, write_json, write_jsonl  # noqa: E402
-from components.losses.token_stats import hidden_states, output_head  # noqa: E402
-from components.models import copy_tokenizer_files, materialize  # noqa: E402
-from components.runtime import Runtime  # noqa: E402
-from components.teacher_logits import _process_teacher, run_teacher_logits  # noqa: E402
+from tokenbridge import logit_codec  # noqa: E402
+from tokenbridge.config import HfModelSpec, RuntimeParams, TeacherLogitsParams  # noqa: E402
+from tokenbridge.data.padding import pad_batch  # noqa: E402
+from tokenbridge.io import read_jsonl, sha256_file, write_json, write_jsonl  # noqa: E402
+from tokenbridge.losses.token_stats import hidden_states, output_head  # noqa: E402
+from tokenbridge.models import copy_tokenizer_files, materialize  # noqa: E402
+from tokenbridge.runtime import Runtime  # noqa: E402
+from tokenbridge.stages.teacher_logits import _process_teacher, run_teacher_logits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, build_model, grow_vocabulary, synthetic_examples, tokenizer_dirs  # noqa: E402

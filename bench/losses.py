@@ -53,15 +53,15 @@ import torch
 from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import components.losses.registry  # noqa: E402,F401  (registers every loss)
-from components.config import DistillParams  # noqa: E402
-from components.io import write_json  # noqa: E402
-from components.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView  # noqa: E402
-from components.losses.registry import build_losses  # noqa: E402
-from components.losses.token_stats import next_token_stats, truncated_next_token_stats  # noqa: E402
-from components.config import RuntimeParams  # noqa: E402
-from components.models import MODEL_CARD  # noqa: E402
-from components.runtime import Runtime  # noqa: E402
+import tokenbridge.losses.registry  # noqa: E402,F401  (registers every loss)
+from tokenbridge.config import DistillParams  # noqa: E402
+from tokenbridge.io import write_json  # noqa: E402
+from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView  # noqa: E402
+from tokenbridge.losses.registry import build_losses  # noqa: E402
+from tokenbridge.losses.token_stats import next_token_stats, truncated_next_token_stats  # noqa: E402
+from tokenbridge.config import RuntimeParams  # noqa: E402
+from tokenbridge.models import MODEL_CARD  # noqa: E402
+from tokenbridge.runtime import Runtime  # noqa: E402
 
 BASELINE = "naive_ce"
 DEFAULT_VOCABS = (49152, 151936, 262144)

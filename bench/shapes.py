@@ -3,7 +3,7 @@ examples: what the GPU checks (bench/step.py, bench/logits.py) run on, since rea
 GPU machine and nothing may be fetched from a model hub.
 
 A shape is the architecture's config written out (hidden size, layers, heads, vocabulary rows); the weights are
-random. The tokenizers are small (trained on seeded synthetic text by `components/models/tiny.py`); the models'
+random. The tokenizers are small (trained on seeded synthetic text by `tokenbridge/models/tiny.py`); the models'
 embedding matrices have the real vocabulary rows, and the benches pass the real tokenizer size as the vocabulary
 the losses and statistics span, so every softmax runs over the real width.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from components.config import TinyModelSpec
-from components.data.chat import Encoded, encode_example
-from components.models import load_tokenizer
-from components.models.tiny import build_tiny_model, synthetic_text, synthetic_words
-from components.models.token_bytes import vocab_bytes
+from tokenbridge.config import TinyModelSpec
+from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.models import load_tokenizer
+from tokenbridge.models.tiny import build_tiny_model, synthetic_text, synthetic_words
+from tokenbridge.token_bytes import vocab_bytes
 
 
 @dataclass(frozen=True)

@@ -36,19 +36,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.config import DistillParams, RuntimeParams, TeacherTruncation  # noqa: E402
-from components.distill import student_forward  # noqa: E402
-from components.losses.base import LossSetup, TeacherView  # noqa: E402
-from components.losses.registry import build_losses  # noqa: E402
-from components.models import load_tokenizer  # noqa: E402
-from components.models.token_bytes import boundary_mask  # noqa: E402
-from components.runtime import Runtime  # noqa: E402
-from components.training.batching import Batch, make_batch  # noqa: E402
-from components.training.engine import Engine  # noqa: E402
-from components.training.parallel import TrainingModule  # noqa: E402
-from components.training.ranks import Ranks  # noqa: E402
-from components.training.schedules import term_weights  # noqa: E402
-from components.training.teachers import LiveTeacher, Teacher  # noqa: E402
+from tokenbridge.config import DistillParams, RuntimeParams, TeacherTruncation  # noqa: E402
+from tokenbridge.stages.distill import student_forward  # noqa: E402
+from tokenbridge.losses.base import LossSetup, TeacherView  # noqa: E402
+from tokenbridge.losses.registry import build_losses  # noqa: E402
+from tokenbridge.models import load_tokenizer  # noqa: E402
+from tokenbridge.token_bytes import boundary_mask  # noqa: E402
+from tokenbridge.runtime import Runtime  # noqa: E402
+from tokenbridge.training.batching import Batch, make_batch  # noqa: E402
+from tokenbridge.training.engine import Engine  # noqa: E402
+from tokenbridge.training.parallel import TrainingModule  # noqa: E402
+from tokenbridge.training.ranks import Ranks  # noqa: E402
+from tokenbridge.training.schedules import term_weights  # noqa: E402
+from tokenbridge.training.teachers import LiveTeacher, Teacher  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, build_model, synthetic_examples, tokenizer_dirs  # noqa: E402

@@ -19,9 +19,9 @@ import time
 def _variant(name: str, batch: int, length: int, hidden: int, vocab: int, chunk: int, device: str) -> dict:
     import torch
 
-    from components.config import RuntimeParams
-    from components.losses.token_stats import next_token_stats
-    from components.runtime import Runtime
+    from tokenbridge.config import RuntimeParams
+    from tokenbridge.losses.token_stats import next_token_stats
+    from tokenbridge.runtime import Runtime
 
     torch.manual_seed(0)
     torch.set_default_device(Runtime.resolve(RuntimeParams(device=device, precision="fp32")).device)

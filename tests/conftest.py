@@ -15,14 +15,14 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_params():
-    from components.config import load_params
+    from tokenbridge.config import load_params
 
     return load_params(Path(__file__).parents[1] / "params.yaml", profile="tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tiny_params, tmp_path_factory) -> dict[str, Path]:
-    from components.models import materialize
+    from tokenbridge.models import materialize
 
     root = tmp_path_factory.mktemp("tiny_models")
     for role in ("teacher", "student"):
@@ -41,12 +41,12 @@ def tiny_tokenizers(tiny_dirs):
 def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     """A bigger random teacher that shares the tiny student's tokenizer files, with prepared data and stored
     teacher logits: (root, {"teacher": dir, "student": dir})."""
-    from components.config import HfModelSpec
-    from components.models import materialize
-    from components.models.tiny import build_tiny_teacher_like
-    from components.prepare import run_prepare
-    from components.runtime import Runtime
-    from components.teacher_logits import run_teacher_logits
+    from tokenbridge.config import HfModelSpec
+    from tokenbridge.models import materialize
+    from tokenbridge.models.tiny import build_tiny_teacher_like
+    from tokenbridge.stages.prepare import run_prepare
+    from tokenbridge.runtime import Runtime
+    from tokenbridge.stages.teacher_logits import run_teacher_logits
 
     root = tmp_path_factory.mktemp("same_tokenizer")
     build_tiny_teacher_like(tiny_dirs["student"], root / "source", hidden_size=48, seed=7)
@@ -62,9 +62,9 @@ def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
 def cross_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     """The tiny profile's pair (different tokenizers) with prepared data and stored teacher logits:
     (root, {"teacher": dir, "student": dir}). Tests write their runs under their own subfolders of root."""
-    from components.prepare import run_prepare
-    from components.runtime import Runtime
-    from components.teacher_logits import run_teacher_logits
+    from tokenbridge.stages.prepare import run_prepare
+    from tokenbridge.runtime import Runtime
+    from tokenbridge.stages.teacher_logits import run_teacher_logits
 
     root = tmp_path_factory.mktemp("cross_tokenizer")
     run_prepare(tiny_dirs, root / "prepared", tiny_params.prepare)

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from components.alignment import align_chunks, example_chunks
-from components.data.chat import Encoded, encode_example
-from components.losses.alm import word_chunks
-from components.models.tiny import PLAIN_TEMPLATE
-from components.models.token_bytes import boundary_mask, byte_offsets, vocab_bytes
+from tokenbridge.alignment import align_chunks, example_chunks
+from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.losses.alm import word_chunks
+from tokenbridge.models.tiny import PLAIN_TEMPLATE
+from tokenbridge.token_bytes import boundary_mask, byte_offsets, vocab_bytes
 
 TEXTS = [
     "Tom has 3 apples and buys 12 more. How many?",

@@ -10,17 +10,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.alignment import example_chunks
-from components.config import AlmParams, TeacherTruncation
-from components.data.chat import encode_example
-from components.losses import divergences
-from components.losses.alm import AlmLoss, AlmOptions, alm_loss, chunk_divergence, word_chunks
-from components.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView
-from components.losses.sft import sft_loss
-from components.losses.token_stats import hidden_states, next_token_stats, output_head
-from components.models import load_model
-from components.models.token_bytes import boundary_mask
-from components.data.padding import pad_batch
+from tokenbridge.alignment import example_chunks
+from tokenbridge.config import AlmParams, TeacherTruncation
+from tokenbridge.data.chat import encode_example
+from tokenbridge.losses import divergences
+from tokenbridge.losses.alm import AlmLoss, AlmOptions, alm_loss, chunk_divergence, word_chunks
+from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView
+from tokenbridge.losses.sft import sft_loss
+from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
+from tokenbridge.models import load_model
+from tokenbridge.token_bytes import boundary_mask
+from tokenbridge.data.padding import pad_batch
 
 DIFF_FNS = ["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit", "joschu_k2",
             "joschu_k3"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.config import DistillParams
-from components.losses.combine import combine, gradmag_weights
-from components.training.schedules import alpha_at, term_weights
+from tokenbridge.config import DistillParams
+from tokenbridge.losses.combine import combine, gradmag_weights
+from tokenbridge.training.schedules import alpha_at, term_weights
 
 BASE = dict(teacher_mode="offline", steps=101, batch_size=1, learning_rate=1e-3, checkpoint_every=10)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ParamsError, load_params
+from tokenbridge.config import ParamsError, load_params
 
 ROOT = Path(__file__).parents[1]
 
@@ -60,7 +60,7 @@ def test_jsonl_source_requires_both_files(tmp_path):
 
 def test_a_stage_command_refuses_bad_params_before_any_work(tmp_path):
     path = _write(tmp_path, lambda raw: raw["evaluate"].update(limit=-1))
-    result = subprocess.run([sys.executable, "-m", "flows.distill", "--params", str(path)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tokenbridge", "distill", "--params", str(path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "evaluate.limit" in result.stderr and "greater than or equal to 1" in result.stderr
@@ -86,7 +86,7 @@ def test_loss_choices_that_cannot_work_are_refused_at_load_with_the_fix(tmp_path
 
 
 def test_every_registered_loss_can_be_named_in_params_and_every_name_is_registered():
-    from components.config import LOSS_NAMES
-    from components.losses.registry import LOSSES
+    from tokenbridge.config import LOSS_NAMES
+    from tokenbridge.losses.registry import LOSSES
 
     assert set(LOSSES) == set(LOSS_NAMES)

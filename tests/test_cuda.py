@@ -21,25 +21,25 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from components.config import (LOSS_NAMES, SAME_TOKENIZER_LOSSES, DistillParams, HfModelSpec, PrepareParams,
+from tokenbridge.config import (LOSS_NAMES, SAME_TOKENIZER_LOSSES, DistillParams, HfModelSpec, PrepareParams,
                                RuntimeParams)
-from components.data.chat import Encoded
-from components.distill import student_forward, train
-from components.io import read_jsonl, write_jsonl
-from components.losses.base import LossSetup
-from components.losses.registry import build_losses
-from components.models import load_model, load_tokenizer, materialize, model_card
-from components.models.tiny import build_tiny_model, build_tiny_teacher_like, synthetic_text
-from components.models.token_bytes import boundary_mask
-from components.prepare import run_prepare
-from components.runtime import Runtime
-from components.teacher_logits import run_teacher_logits
-from components.training.batching import make_batch, split
-from components.training.engine import Engine
-from components.training.parallel import TrainingModule
-from components.training.ranks import Ranks
-from components.training.schedules import term_weights
-from components.training.teachers import LiveTeacher, Teacher
+from tokenbridge.data.chat import Encoded
+from tokenbridge.stages.distill import student_forward, train
+from tokenbridge.io import read_jsonl, write_jsonl
+from tokenbridge.losses.base import LossSetup
+from tokenbridge.losses.registry import build_losses
+from tokenbridge.models import load_model, load_tokenizer, materialize, model_card
+from tokenbridge.models.tiny import build_tiny_model, build_tiny_teacher_like, synthetic_text
+from tokenbridge.token_bytes import boundary_mask
+from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.teacher_logits import run_teacher_logits
+from tokenbridge.training.batching import make_batch, split
+from tokenbridge.training.engine import Engine
+from tokenbridge.training.parallel import TrainingModule
+from tokenbridge.training.ranks import Ranks
+from tokenbridge.training.schedules import term_weights
+from tokenbridge.training.teachers import LiveTeacher, Teacher
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

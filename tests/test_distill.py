@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.runtime import Runtime
-from components.distill import train
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.distill import train
 
 
 @pytest.fixture(scope="module")

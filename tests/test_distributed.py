@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.config import DistillParams, RuntimeParams, TeacherLogitsParams
-from components.distill import train
-from components.training.batching import batch_indices
-from components.training.ranks import Ranks, process_group
-from components.io import read_jsonl
-from components.runtime import Runtime
+from tokenbridge.config import DistillParams, RuntimeParams, TeacherLogitsParams
+from tokenbridge.stages.distill import train
+from tokenbridge.training.batching import batch_indices
+from tokenbridge.training.ranks import Ranks, process_group
+from tokenbridge.io import read_jsonl
+from tokenbridge.runtime import Runtime
 
 ROOT = Path(__file__).parents[1]
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from components.config import DskdParams, TeacherTruncation
-from components.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView
-from components.losses.dskd import (
+from tokenbridge.config import DskdParams, TeacherTruncation
+from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView
+from tokenbridge.losses.dskd import (
     DskdLoss,
     DskdProjectors,
     accuracy_masked_kd,
@@ -247,8 +247,8 @@ def test_dskd_is_registered_as_an_online_cross_tokenizer_loss():
 
 
 def _tiny_views(tiny_dirs, tiny_tokenizers, teacher_role: str, student_role: str) -> tuple[StudentView, TeacherView]:
-    from components.losses.token_stats import hidden_states, output_head
-    from components.models import load_model
+    from tokenbridge.losses.token_stats import hidden_states, output_head
+    from tokenbridge.models import load_model
 
     texts = ["Question: 3 + 4 = ?\nAnswer: 7", "Tom has 12 apples and eats 5."]
     views = {}

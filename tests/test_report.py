@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components.report import MISSING, PRIMARY_MARK, format_value, render_report, use_log_scale
+from tokenbridge.stages.report import MISSING, PRIMARY_MARK, format_value, render_report, use_log_scale
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = "step,loss,alm_loss,sft_loss,learning_rate,seconds"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import ParamsError, RuntimeParams, load_params
-from components.runtime import Runtime
+from tokenbridge.config import ParamsError, RuntimeParams, load_params
+from tokenbridge.runtime import Runtime
 
 # Flags as /proc/cpuinfo lists them (abridged to what matters).
 INTEL_SAPPHIRE_RAPIDS = frozenset("avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8".split())

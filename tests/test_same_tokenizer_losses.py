@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from components.config import TeacherTruncation
-from components.losses import divergences
-from components.losses.base import StudentView, TeacherView
-from components.losses.kd import ForwardKL, divergence_mean
-from components.losses.teacher_distribution import truncate
+from tokenbridge.config import TeacherTruncation
+from tokenbridge.losses import divergences
+from tokenbridge.losses.base import StudentView, TeacherView
+from tokenbridge.losses.kd import ForwardKL, divergence_mean
+from tokenbridge.losses.teacher_distribution import truncate
 
 VOCAB = 12
 

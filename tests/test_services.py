@@ -91,7 +91,7 @@ def deployment_run(repo, services):
     api = httpx.Client(base_url=services["PREFECT_API_URL"], timeout=30)
     log = path.parent / "serve.log"
     with log.open("w") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--serve", "--cron", CRON], cwd=path, env=env,
+        serve = subprocess.Popen([sys.executable, "-m", "tokenbridge", "pipeline", "--serve", "--cron", CRON], cwd=path, env=env,
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -171,7 +171,7 @@ def test_a_deployment_on_a_work_pool_records_the_schedule_and_the_project_direct
     path, env = repo
     _run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "tokenbridge", "--type", "process"],
          path, env)
-    _run([sys.executable, "-m", "flows.pipeline", "--pool", "tokenbridge", "--name", "on-pool", "--cron", CRON],
+    _run([sys.executable, "-m", "tokenbridge", "pipeline", "--pool", "tokenbridge", "--name", "on-pool", "--cron", CRON],
          path, env)
     with httpx.Client(base_url=services["PREFECT_API_URL"], timeout=30) as api:
         deployment = api.get(f"/deployments/name/{FLOW}/on-pool").json()

@@ -17,21 +17,21 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from components import logit_codec
-from components.config import RuntimeParams, TeacherTruncation
-from components.data.chat import Encoded
-from components.training.batching import batch_indices
-from components.io import read_json, read_jsonl
-from components.losses.base import TeacherView
-from components.losses.teacher_distribution import teacher_log_probs
-from components.losses.token_stats import truncated_next_token_stats
-from components.models import load_model, load_tokenizer
-from components.prepare import run_prepare
-from components.data.padding import pad_batch
-from components.stored_logits import FIELDS, TeacherLogitsReader, read_shard
-from components.teacher_logits import run_teacher_logits
-from components.runtime import Runtime
-from components.training.teachers import Teacher
+from tokenbridge import logit_codec
+from tokenbridge.config import RuntimeParams, TeacherTruncation
+from tokenbridge.data.chat import Encoded
+from tokenbridge.training.batching import batch_indices
+from tokenbridge.io import read_json, read_jsonl
+from tokenbridge.losses.base import TeacherView
+from tokenbridge.losses.teacher_distribution import teacher_log_probs
+from tokenbridge.losses.token_stats import truncated_next_token_stats
+from tokenbridge.models import load_model, load_tokenizer
+from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.data.padding import pad_batch
+from tokenbridge.stored_logits import FIELDS, TeacherLogitsReader, read_shard
+from tokenbridge.stages.teacher_logits import run_teacher_logits
+from tokenbridge.runtime import Runtime
+from tokenbridge.training.teachers import Teacher
 
 FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny teacher in exact fp32
 
@@ -290,9 +290,9 @@ def test_padded_vocabulary_rows_never_receive_probability(tiny_params, tiny_dirs
 _EXTRACT = """
 import sys
 from pathlib import Path
-from components.config import RuntimeParams, TeacherLogitsParams
-from components.runtime import Runtime
-from components.teacher_logits import run_teacher_logits
+from tokenbridge.config import RuntimeParams, TeacherLogitsParams
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.teacher_logits import run_teacher_logits
 run_teacher_logits(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), TeacherLogitsParams.model_validate_json(sys.argv[4]),
                    Runtime.resolve(RuntimeParams(precision="fp32")))
 """

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from components.runtime import Runtime
-from components.prepare import run_prepare
-from components.stored_logits import TeacherLogitsReader
-from components.teacher_logits import plan_extraction, run_teacher_logits, write_manifest
-from flows.teacher_logits import extract_shards, task_runner
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.stored_logits import TeacherLogitsReader
+from tokenbridge.stages.teacher_logits import plan_extraction, run_teacher_logits, write_manifest
+from tokenbridge.flows.teacher_logits import extract_shards, task_runner
 
 pytestmark = pytest.mark.integration
 

@@ -17,16 +17,16 @@ import pytest
 import torch
 import yaml
 
-from components.runtime import Runtime
-from components.config import RuntimeParams
-from components.data.gsm import generate_gsm_symbolic
-from components.ensemble import build_ensemble
-from components.models.ensemble import EnsembleForCausalLM
-from components.io import read_json, write_jsonl
-from components.losses.latents import hidden_state_loss
-from components.models import load_model, load_tokenizer
-from components.models.token_bytes import special_ids, vocab_bytes
-from components.transfer import fvt_path, fvt_rows, run_transfer, train_transfer
+from tokenbridge.runtime import Runtime
+from tokenbridge.config import RuntimeParams
+from tokenbridge.data.gsm import generate_gsm_symbolic
+from tokenbridge.stages.ensemble import build_ensemble
+from tokenbridge.models.ensemble import EnsembleForCausalLM
+from tokenbridge.io import read_json, write_jsonl
+from tokenbridge.losses.latents import hidden_state_loss
+from tokenbridge.models import load_model, load_tokenizer
+from tokenbridge.token_bytes import special_ids, vocab_bytes
+from tokenbridge.stages.transfer import fvt_path, fvt_rows, run_transfer, train_transfer
 
 FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny models in exact fp32
 
@@ -191,7 +191,7 @@ def test_lm_eval_scores_an_ensemble_by_log_likelihood_and_generation(self_ensemb
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from components.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
+    from tokenbridge.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     records = [{"question": "Tom has 3 apples and gets 4 more. How many?", "answer": "3 + 4 = 7.\n#### 7"}]

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import MultiLevelOtParams, TeacherTruncation, UldParams
-from components.losses.base import LOSSES, LossSetup, StudentView, TeacherView
-from components.losses.multilevel_ot import (
+from tokenbridge.config import MultiLevelOtParams, TeacherTruncation, UldParams
+from tokenbridge.losses.base import LOSSES, LossSetup, StudentView, TeacherView
+from tokenbridge.losses.multilevel_ot import (
     MultiLevelOtLoss, column_mass, holistic_absolute_difference, multilevel_ot_loss, ranked_ids, sequence_order,
     sequential_log_loss, sinkhorn_distance, sinkhorn_plan,
 )
-from components.losses.uld import UldLoss, sorted_with_tail, uld_distance
+from tokenbridge.losses.uld import UldLoss, sorted_with_tail, uld_distance
 
 SETUP = LossSetup(Path("teacher"), Path("student"), same_tokenizer=False, cache_dir=Path("cache"))
 NO_ALIGNMENT = None  # both losses pair positions by index within the answer and never read ALM's chunks

@@ -1,0 +1,77 @@
+"""What every stage flow shares: a `--help`-able command line and a tracked stage context."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tokenbridge import tracking
+from tokenbridge.config import ParamsError, PipelineParams, RuntimeParams, load_params
+
+
+@contextlib.contextmanager
+def tracked_stage(name: str, params_file: str, sections: tuple[str, ...]) -> Iterator[PipelineParams]:
+    """Load params and open the stage's MLflow run, logging the params sections the stage reads."""
+    params = load_params(Path(params_file))
+    logged = {section: getattr(params, section).model_dump() for section in sections}
+    with tracking.stage_run(name, params.tracking.experiment, params.profile, logged):
+        yield params
+
+
+def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **options: dict) -> None:
+    """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: validate params before any work, then run the flow.
+
+    Each keyword names an extra flow argument and gives its `argparse.add_argument` settings.
+    """
+    parser = argparse.ArgumentParser(prog=f"tokenbridge {flow.__module__.rsplit('.', 1)[-1]}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    for name, settings in options.items():
+        parser.add_argument(f"--{name}", **settings)
+    args = parser.parse_args(argv)
+    try:
+        load_params(Path(args.params))
+    except ParamsError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    flow(params_file=args.params, **{name: getattr(args, name) for name in options})
+
+
+def torchrun_command(runtime: RuntimeParams, stage: str, argv: list[str], environ: dict[str, str]) -> list[str] | None:
+    """The torchrun command that runs `tokenbridge stage argv` as `runtime`'s processes; None for one process.
+    Several machines each run it with MASTER_ADDR, MASTER_PORT and NODE_RANK set (docs/distributed.md)."""
+    if runtime.processes_per_node * runtime.nodes == 1:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(runtime.processes_per_node)]
+    if runtime.nodes == 1:
+        command.append("--standalone")
+    else:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if name not in environ]
+        if missing:
+            raise ParamsError(f"runtime.nodes is {runtime.nodes}: set {', '.join(missing)} on every machine "
+                              "(the first machine's address and a free port; this machine's index from 0)")
+        command += ["--nnodes", str(runtime.nodes), "--node-rank", environ["NODE_RANK"],
+                    "--master-addr", environ["MASTER_ADDR"], "--master-port", environ["MASTER_PORT"]]
+    return [*command, "-m", "tokenbridge", stage, *argv]
+
+
+def launch_processes(stage: str, argv: list[str]) -> None:
+    """Replace this process by torchrun running the same command when params ask for several training processes
+    (so `dvc repro` needs no other command); under torchrun already, or for one process, return."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--params", default="params.yaml")
+    try:
+        runtime = load_params(Path(parser.parse_known_args(argv)[0].params)).runtime
+        command = torchrun_command(runtime, stage, argv, dict(os.environ))
+    except ParamsError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    if command is not None:
+        print("launching:", " ".join(command), flush=True)
+        os.execv(command[0], command)

@@ -1,0 +1,94 @@
+"""Compare distillation losses on equal terms: one DVC experiment per method, same data, steps and seed.
+
+  tokenbridge compare                              alm uld mined multilevel_ot dskd, and sft (next-token only)
+  tokenbridge compare --losses alm sft             a subset
+  tokenbridge compare --overrides distill.steps=80 extra `dvc exp run -S` overrides for every method
+
+First `dvc repro` brings the baseline up to date; then each method runs as
+`dvc exp run -n cmp-<loss>-<time> -S distill.loss=<loss>` in the workspace, so the stages upstream of
+`distill` (models, prepare, teacher_logits, evaluate@teacher, evaluate@student_before) are shared and not
+rerun. DSKD needs the live teacher and runs with `distill.teacher_mode=online`, so it goes last. Each
+experiment stays in `dvc exp show`; params.yaml is restored afterwards (`dvc exp apply <name>` brings back
+any method's outputs). Writes docs/results/loss-comparison-<profile>.{md,html,json} and
+docs/results/plots/loss-comparison-<profile>.png (`--out` for another folder), and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+from prefect import flow
+
+from tokenbridge import tracking
+from tokenbridge.config import CROSS_TOKENIZER_LOSSES, load_params
+from tokenbridge.stages.evaluate import collect_metrics
+from tokenbridge.io import read_json, write_json
+from tokenbridge.losses.registry import LOSSES
+from tokenbridge.models import model_card
+from tokenbridge.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
+from tokenbridge.stages.report import render_comparison
+from tokenbridge.flows.common import stage_cli
+
+DEFAULT_LOSSES = [*CROSS_TOKENIZER_LOSSES, "sft"]
+
+
+def _run(command: list[str]) -> None:
+    print("running:", " ".join(command))
+    subprocess.run(command, check=True)
+
+
+@flow(name="compare-losses", log_prints=True)
+def compare(params_file: str = "params.yaml", losses: list[str] | None = None, overrides: list[str] | None = None,
+            out: str = "docs/results") -> dict:
+    params_path = Path(params_file)
+    saved = params_path.read_text()
+    params = load_params(params_path)
+    losses = sorted(losses or DEFAULT_LOSSES, key=lambda name: LOSSES[name].online_only)  # online runs last
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results: dict[str, dict] = {}
+    try:
+        _run(["dvc", "repro"])
+        references = collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"])
+        for loss in losses:
+            sets = [f"distill.loss={loss}", *(overrides or [])]
+            if LOSSES[loss].online_only:
+                sets.append("distill.teacher_mode=online")
+            started = time.perf_counter()
+            _run(["dvc", "exp", "run", "-n", f"cmp-{loss.replace('_', '-')}-{stamp}",
+                  *(arg for item in sets for arg in ("-S", item))])
+            results[loss] = {**read_json(EVAL_METRICS_DIR / "student_after.json"), **read_json(DISTILL_METRICS),
+                             "experiment_seconds": time.perf_counter() - started}
+    finally:
+        params_path.write_text(saved)
+    context = {
+        "teacher": model_card(TEACHER_DIR)["name"], "student": model_card(STUDENT_DIR)["name"],
+        "profile": params.profile, **tracking.revision_tags(),
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "train examples": read_json(PREPARED_DIR / "manifest.json")["splits"]["train"]["examples"],
+        "steps": params.distill.steps, "batch_size": params.distill.batch_size,
+        "learning_rate": params.distill.learning_rate, "alpha": params.distill.alpha, "seed": params.distill.seed,
+        "teacher_logits.top_k": params.teacher_logits.top_k, "evaluate.limit": params.evaluate.limit,
+        "overrides": overrides or [],
+        "minutes per method": {loss: round(result["experiment_seconds"] / 60, 1) for loss, result in results.items()},
+    }
+    stem = f"loss-comparison-{params.profile}"
+    write_json(Path(out) / f"{stem}.json", {"references": references, "methods": results, "context": context})
+    files = render_comparison(results, references, context, Path(out), stem)
+    with tracking.stage_run("compare", params.tracking.experiment, params.profile, {"losses": losses}):
+        for loss, result in results.items():
+            tracking.log_metrics({f"{loss}.{key}": value for key, value in result.items()
+                                  if isinstance(value, int | float) and not isinstance(value, bool)})
+        for path in (*files.values(), Path(out) / f"{stem}.json"):
+            tracking.log_artifact(path, "comparison")
+    return {name: str(path) for name, path in files.items()}
+
+
+def main(argv: list[str]) -> None:
+    stage_cli(compare, __doc__, argv,
+              losses={"nargs": "+", "help": f"losses to compare (default: {' '.join(DEFAULT_LOSSES)}; online-only ones run last)"},
+              overrides={"nargs": "+", "metavar": "KEY=VALUE", "help": "extra `dvc exp run -S` overrides for every method"},
+              out={"default": "docs/results", "help": "folder for the comparison files (default: docs/results)"})

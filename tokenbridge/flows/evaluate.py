@@ -1,0 +1,38 @@
+"""Stage `evaluate@<model>` for model in teacher, student_before, student_after: held-out bits-per-byte (fp32)
+and lm-eval's real harness on the local GSM-style test set (`evaluate.limit` questions, batched greedy
+generation). These three models are the distillation comparison the report is about, so they always get GSM;
+the transfer stage's models get bits-per-byte alone by default (README "Evaluation plan").
+Device and generation dtype: params `runtime.*` (README "Runtime").
+
+Inputs: data/prepared and the model's directory (models/teacher, models/student or models/distilled);
+params `evaluate.*`, `runtime.*`. Outputs: metrics/eval/<model>.json (DVC metrics), data/eval/<model>/
+(generated lm-eval task, per-question samples, lm-eval's record of the run, run.json: runtime and seconds).
+Run alone: tokenbridge evaluate --model student_after   (or: dvc repro evaluate@student_after)
+"""
+
+from prefect import flow
+
+from tokenbridge import tracking
+from tokenbridge.stages.evaluate import run_evaluate
+from tokenbridge.paths import EVAL_DIR, EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR
+from tokenbridge.runtime import Runtime
+from tokenbridge.flows.common import stage_cli, tracked_stage
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(params_file: str = "params.yaml", model: str = "student_after") -> dict:
+    with tracked_stage(f"evaluate@{model}", params_file, ("evaluate", "runtime")) as params:
+        metrics_path = EVAL_METRICS_DIR / f"{model}.json"
+        runtime = Runtime.resolve(params.runtime)
+        print(f"evaluate@{model}: {runtime.describe()}")
+        scores = run_evaluate(PREPARED_DIR, EVAL_MODELS[model], EVAL_DIR / model, metrics_path, params.evaluate,
+                              runtime)
+        tracking.log_metrics({f"{model}.{key}": value for key, value in scores.items()})
+        tracking.log_artifact(metrics_path)
+        tracking.log_artifact(EVAL_DIR / model, "eval")
+        return scores
+
+
+def main(argv: list[str]) -> None:
+    stage_cli(evaluate, __doc__, argv, model={"choices": list(EVAL_MODELS), "default": "student_after",
+                                        "help": "which model to evaluate (default: student_after)"})

@@ -1,0 +1,59 @@
+"""Stage `evaluate_transfer`: the transfer and ensemble models on the evaluate stage's terms (`evaluate.*`,
+`runtime.*`): each source as it was (`<name>.original`), after FVT alone (`<name>.fvt`) and after FVT then ALM
+(`<name>.transferred`), and the ensemble. Members that are the student or the teacher take the evaluate
+stage's scores. The report stage puts them side by side.
+
+Evaluation plan (README "Evaluation plan"): every model here gets held-out bits-per-byte, which is cheap (one
+forward pass over the answers) and tells the variants apart; GSM generation, the pipeline's dominant cost,
+runs on `evaluate.transfer_limit` questions per model, 0 by default: after the default transfer budget (a
+dozen steps) every model here scored 0 of 3 GSM questions when it was measured, while generating 10 answers
+for each of seven models (the ensemble runs three models a token) is, from issue 14's per-question times, about
+half an hour of the hour `make run` took on a 2-core AMD EPYC in fp32. Set `evaluate.transfer_limit` > 0 for a
+transfer trained long enough to answer.
+
+Inputs: data/prepared, models/sources, models/transferred, models/ensemble, metrics/eval/<role>.json.
+Outputs: metrics/eval/transfer.json (label -> scores), data/eval/transfer/<label>/.
+Run alone: tokenbridge evaluate_transfer   (or: dvc repro evaluate_transfer)
+"""
+
+from prefect import flow
+
+from tokenbridge import tracking
+from tokenbridge.stages.evaluate import collect_metrics, run_evaluate
+from tokenbridge.io import write_json
+from tokenbridge.models import model_card
+from tokenbridge.paths import (ENSEMBLE_DIR, EVAL_DIR, EVAL_METRICS_DIR, PREPARED_DIR, SOURCES_DIR, TRANSFER_EVAL_METRICS,
+                              TRANSFERRED_DIR)
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.transfer import fvt_path
+from tokenbridge.flows.common import stage_cli, tracked_stage
+
+EVALUATED_ROLES = {"student": "student_before", "teacher": "teacher"}  # members the evaluate stage scored
+
+
+@flow(name="evaluate_transfer", log_prints=True)
+def evaluate_transfer(params_file: str = "params.yaml") -> dict:
+    with tracked_stage("evaluate_transfer", params_file, ("evaluate", "ensemble", "runtime")) as params:
+        runtime = Runtime.resolve(params.runtime)
+        models = {}
+        for name in params.transfer.sources:
+            for variant, directory in (("original", SOURCES_DIR / name), ("fvt", fvt_path(TRANSFERRED_DIR / name)),
+                                       ("transferred", TRANSFERRED_DIR / name)):
+                models[f"{name}.{variant}"] = directory
+        models["ensemble"] = ENSEMBLE_DIR
+        scores = {}
+        for label, directory in models.items():
+            print(f"evaluate_transfer: {label} ({model_card(directory)['name']}) on {runtime.device}")
+            scores[label] = run_evaluate(PREPARED_DIR, directory, EVAL_DIR / "transfer" / label,
+                                         EVAL_DIR / "transfer" / label / "metrics.json", params.evaluate, runtime,
+                                         gsm_limit=params.evaluate.transfer_limit)
+            tracking.log_metrics({f"{label}.{key}": value for key, value in scores[label].items()})
+        roles = [member for member in params.ensemble.members if member in EVALUATED_ROLES]
+        evaluated = collect_metrics(EVAL_METRICS_DIR, [EVALUATED_ROLES[role] for role in roles])
+        scores.update({role: evaluated[EVALUATED_ROLES[role]] for role in roles})
+        write_json(TRANSFER_EVAL_METRICS, scores)
+        return scores
+
+
+def main(argv: list[str]) -> None:
+    stage_cli(evaluate_transfer, __doc__, argv)

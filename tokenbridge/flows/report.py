@@ -1,0 +1,54 @@
+"""Stage `report`: a Markdown and an HTML report (metrics table, loss curves, metrics by model), the
+tokenizer-transfer and ensemble report, and the Model Registry: the distilled student is registered with
+alias `candidate`; alias `champion` moves to it only when it beats the current champion on
+`tracking.primary_metric`.
+
+Inputs: metrics/eval/*.json, metrics/distill_history.csv, models/distilled, metrics/transfer.json,
+models/ensemble/tokenbridge.json; params `tracking.*`. Outputs: reports/ (report.md, report.html,
+transfer.md, transfer.html, plots/, registry.json); MLflow artifacts and a model version.
+Run alone: tokenbridge report   (or: dvc repro report)
+"""
+
+import platform
+
+import psutil
+from prefect import flow
+
+from tokenbridge import tracking
+from tokenbridge.stages.evaluate import collect_metrics
+from tokenbridge.io import read_json, write_json
+from tokenbridge.models import model_card
+from tokenbridge.paths import (DISTILL_HISTORY, DISTILLED_DIR, ENSEMBLE_DIR, EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR,
+                              TEACHER_DIR, TRANSFER_EVAL_METRICS, TRANSFER_METRICS)
+from tokenbridge.stages.report import render_report, render_transfer
+from tokenbridge.flows.common import stage_cli, tracked_stage
+
+
+@flow(name="report", log_prints=True)
+def report(params_file: str = "params.yaml") -> dict:
+    with tracked_stage("report", params_file, ("tracking",)) as params:
+        models = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        primary = params.tracking.primary_metric
+        value = models["student_after"][primary]
+        registry = tracking.register_candidate(DISTILLED_DIR, params.tracking.registered_model, primary, value,
+                                               params.tracking.higher_is_better)
+        print(f"registry: version {registry['version']} is '{tracking.CANDIDATE}'; {registry['reason']}")
+        write_json(REPORT_DIR / "registry.json", registry)
+        context = {
+            "teacher": model_card(TEACHER_DIR)["name"], "student": model_card(DISTILLED_DIR)["name"],
+            "profile": params.profile, **tracking.revision_tags(),
+            "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps,
+            "registry": registry, "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
+        }
+        files = render_report({"primary_metric": primary, "models": models}, DISTILL_HISTORY, context, REPORT_DIR)
+        transfer = render_transfer(read_json(TRANSFER_EVAL_METRICS), read_json(TRANSFER_METRICS),
+                                   list(params.transfer.sources), params.ensemble.members,
+                                   model_card(ENSEMBLE_DIR), REPORT_DIR)
+        tracking.log_artifact(REPORT_DIR, "report")
+        tracking.log_metrics({f"student_after.{primary}": value})
+        return {name: str(path) for name, path in {**files, **{f"transfer_{k}": v for k, v in transfer.items()}}.items()}
+
+
+def main(argv: list[str]) -> None:
+    stage_cli(report, __doc__, argv)

@@ -1,0 +1,46 @@
+"""Stage `transfer`: move each `transfer.sources` model onto `transfer.tokenizer` (a role's tokenizer, a
+local one, or bytes): FVT initialisation, then ALM self-distillation with the original model as the frozen
+teacher (an embeddings-only phase, then LoRA or every parameter). Byte-level targets add the hidden-state
+loss. README "Tokenizer transfer".
+
+Inputs: data/prepared (the training texts), models/student and models/teacher (when the target names a
+role); params `transfer.*`. Outputs: models/sources/<name>/ (each source as materialised),
+models/transferred/<name>/ (FVT then ALM) and models/transferred/<name>-fvt/ (FVT alone),
+metrics/transfer/<name>.csv (per-step history), metrics/transfer.json.
+Run alone: tokenbridge transfer   (or: dvc repro transfer)
+"""
+
+from prefect import flow
+
+from tokenbridge import tracking
+from tokenbridge.io import write_json
+from tokenbridge.models import materialize
+from tokenbridge.models.gguf import default_cache_dir
+from tokenbridge.paths import (PREPARED_DIR, SOURCES_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFER_HISTORY_DIR,
+                              TRANSFER_METRICS, TRANSFERRED_DIR)
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.transfer import run_transfer, target_directory
+from tokenbridge.flows.common import stage_cli, tracked_stage
+
+
+@flow(name="transfer", log_prints=True)
+def transfer(params_file: str = "params.yaml") -> dict:
+    with tracked_stage("transfer", params_file, ("transfer", "runtime")) as params:
+        target = target_directory(params.transfer.tokenizer, {"student": STUDENT_DIR, "teacher": TEACHER_DIR})
+        summaries = {}
+        for name, spec in params.transfer.sources.items():
+            source_dir = SOURCES_DIR / name
+            card = materialize(spec, source_dir, default_cache_dir())
+            print(f"transfer: {card['name']} -> {params.transfer.tokenizer} tokenizer")
+            history = TRANSFER_HISTORY_DIR / f"{name}.csv"
+            summaries[name] = run_transfer(PREPARED_DIR, source_dir, target, TRANSFERRED_DIR / name, history,
+                                           params.transfer, Runtime.resolve(params.runtime))
+            tracking.log_metrics({f"{name}.{key}": value for key, value in summaries[name].items()
+                                  if isinstance(value, (int, float))})
+            tracking.log_artifact(history, "transfer")
+        write_json(TRANSFER_METRICS, summaries)
+        return summaries
+
+
+def main(argv: list[str]) -> None:
+    stage_cli(transfer, __doc__, argv)

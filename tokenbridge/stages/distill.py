@@ -1,0 +1,174 @@
+"""Stage `distill`: train the student with the distillation loss(es) `distill.loss` names, mixed with next-token
+cross-entropy, across tokenizers (or within one).
+
+Inputs: `data/prepared/` (both models' tokenizations of the training set), the teacher either as stored
+logits (`data/teacher_logits/`, offline) or as a model run at every step (online), the student directory.
+Outputs: the distilled student as a HF directory, a per-step history CSV, and checkpoints that let an
+interrupted run resume at its last checkpoint.
+
+On a share `distill.on_policy.fraction` of the steps (GKD's lambda; online teacher) the batch is not the
+dataset's answers but responses the student samples (`tokenbridge.on_policy`); generation and update times
+are logged apart.
+
+The loop is `train` below: batch (dataset or student samples) -> teacher view -> student view -> loss terms
+-> one engine step (`tokenbridge.training.engine`: accumulation over `runtime.micro_batch_size`, ranks, clip).
+Under `torchrun --nproc-per-node N -m tokenbridge distill` each of N processes trains on its contiguous share of
+every step's `distill.batch_size` examples; the result equals one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tokenbridge.config import DistillParams, TeacherLogitsParams
+from tokenbridge.data.chat import Encoded
+from tokenbridge.io import atomic_path, fingerprint, read_jsonl, require_manifest, write_json, write_text
+from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
+from tokenbridge.losses.registry import build_losses, teacher_fields
+from tokenbridge.models import MODEL_CARD, load_model, load_tokenizer, model_card
+from tokenbridge.models.gguf import default_cache_dir
+from tokenbridge.token_bytes import boundary_mask
+from tokenbridge.on_policy import OnPolicySampler, is_on_policy_step
+from tokenbridge.runtime import Runtime
+from tokenbridge.stored_logits import TeacherLogitsReader
+from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
+from tokenbridge.training.checkpoint import Checkpoint
+from tokenbridge.training.engine import Engine
+from tokenbridge.training.parallel import TrainingModule, gathered, parallelize, student_weights
+from tokenbridge.training.history import history_csv, median
+from tokenbridge.training.ranks import Ranks
+from tokenbridge.training.schedules import alpha_at, learning_rate, term_weights
+from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
+from tokenbridge.training.views import student_view
+
+
+def student_forward(student: torch.nn.Module, losses: torch.nn.ModuleDict, vocab_size: int,
+                    boundary: torch.Tensor, chunk_size: int):
+    """The distill forward: the student's view of a micro-batch and each named loss term on it."""
+    def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
+        needs_boundary = any(losses[name].needs_student_boundary for name in names)
+        view = student_view(student, batch, vocab_size, boundary if needs_boundary else None, chunk_size, counts_only)
+        return {name: losses[name](view, teacher, batch.alignment) for name in names}
+
+    return forward
+
+
+def train(
+    prepared_dir: Path, student_dir: Path, out_dir: Path, checkpoint_dir: Path, history_path: Path,
+    params: DistillParams, teacher_params: TeacherLogitsParams, teacher_dir: Path, teacher_logits_dir: Path | None,
+    log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+    *, runtime: Runtime,
+) -> dict:
+    """Train the student; every rank of a `process_group` runs this, on its share of each step's batch."""
+    ranks = Ranks.current()  # params validation guarantees every rank at least one example a step
+    torch.manual_seed(params.seed)
+    prepared = require_manifest(prepared_dir, "prepare")
+    students = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.student.jsonl")]
+    student_card, teacher_card = model_card(student_dir), model_card(teacher_dir)
+    setup = LossSetup(teacher_dir, student_dir, teacher_card["tokenizer_sha256"] == student_card["tokenizer_sha256"],
+                      default_cache_dir())
+    term_names = params.losses if params.losses == ["sft"] else [*params.losses, "sft"]
+    losses = torch.nn.ModuleDict(build_losses(term_names, params, setup))
+    if params.teacher_mode == "offline":
+        reader = TeacherLogitsReader(teacher_logits_dir, teacher_fields(losses),
+                                     prepared["splits"]["train"]["sha256"]["teacher"], teacher_card)
+        teacher = StoredTeacher(reader, params.teacher)
+    else:
+        teachers = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.teacher.jsonl")]
+        teacher = LiveTeacher(Teacher.load(teacher_dir, runtime.inference_dtype, runtime.device), teachers,
+                              params.teacher, teacher_params.temperature, params.logits_chunk_size)
+
+    tokenizer, teacher_tokenizer = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
+    student = runtime.prepare_student(load_model(student_dir, torch.float32).train())
+    losses.to(runtime.device)
+    boundary = boundary_mask(tokenizer, student.get_output_embeddings().weight.shape[0])
+    word_starts = {"student": boundary, "teacher": boundary_mask(teacher_tokenizer, len(teacher_tokenizer))}
+    if params.on_policy.fraction > 0:  # some steps train on the student's own answers to these questions
+        questions = [record["question"] for record in read_jsonl(prepared_dir / "train.jsonl")]
+        generation_eos = student.generation_config.eos_token_id
+        sampler = OnPolicySampler(tokenizer, None if setup.same_tokenizer else teacher_tokenizer,
+                                  set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None},
+                                  params.on_policy, params.seed)
+    module = TrainingModule(student, losses, student_forward(student, losses, len(tokenizer),
+                                                             boundary.to(runtime.device), params.logits_chunk_size))
+    ranks.broadcast([parameter.data for parameter in module.parameters()])  # the ranks start equal
+    model = parallelize(module, runtime, ranks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
+    engine = Engine(model, optimizer, runtime, ranks, params.max_grad_norm, params.combine,
+                    [student.get_output_embeddings().weight])
+
+    key = fingerprint({"params": params.model_dump(), "prepared": prepared["splits"]["train"]["sha256"],
+                       "student": student_card, "teacher_temperature": teacher.temperature})
+    checkpoint = Checkpoint(checkpoint_dir, key, model, optimizer, ranks)
+    start_step, history = checkpoint.resume()
+    if start_step and ranks.main:
+        print(f"distill: resuming from checkpoint at step {start_step}")
+    history_fields = ("step", "loss", *(f"{name}_loss" for name in term_names), "alpha", "learning_rate", "on_policy",
+                      "completion_tokens", "generation_seconds", "update_seconds", "seconds")
+
+    bar = tqdm(range(start_step, params.steps), desc=f"distill ({'+'.join(params.losses)})", unit="step",
+               initial=start_step, total=params.steps, disable=not ranks.main)
+    for step in bar:
+        started = time.perf_counter()
+        indices = ranks.share(batch_indices(step, params.batch_size, len(students), teacher_params.examples_per_shard,
+                                            params.seed))
+        on_policy = is_on_policy_step(step, params.on_policy.fraction, params.seed)
+        generation_seconds, completion_tokens = 0.0, 0.0
+        if on_policy:  # the student answers the batch's questions; the teacher scores its samples
+            # Each rank seeds its draws with its own key, so ranks never share a random stream.
+            sample_key = step if ranks.size == 1 else step * ranks.size + ranks.rank
+            with gathered(model), runtime.autocast():
+                sampled = sampler(student, [questions[i] for i in indices], sample_key)
+            generation_seconds = time.perf_counter() - started
+            (sampled_tokens,) = ranks.sum_floats([sum(e.loss_mask.count(True) for e in sampled[0])])
+            completion_tokens = sampled_tokens / params.batch_size
+            parts = split(list(range(len(indices))), runtime.micro_batch_size)
+            micro_batches = [make_batch([sampled[0][i] for i in part], [sampled[1][i] for i in part], word_starts)
+                             for part in parts]
+        else:
+            micro_batches = []
+            for part in split(indices, runtime.micro_batch_size):
+                teacher_side, stored = teacher.examples(part)
+                micro_batches.append(make_batch([students[i] for i in part], teacher_side, word_starts, stored))
+        micro_batches = [batch.to(runtime.device) for batch in micro_batches]
+        views = [teacher.view(batch) for batch in micro_batches]
+        rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
+        result = engine.step(micro_batches, views, term_weights(params, step, on_policy), rate, f"distill step {step}")
+
+        seconds = time.perf_counter() - started
+        metrics = {**result.metrics, **{f"{name}_loss": value for name, value in result.values.items()},
+                   **{f"weight.{name}": value for name, value in result.weights.items()},
+                   "grad_norm": result.grad_norm, "loss": result.loss,
+                   "alpha": 1.0 if on_policy else alpha_at(step, params), "learning_rate": rate,
+                   "on_policy": int(on_policy), "completion_tokens": completion_tokens,
+                   "generation_seconds": generation_seconds, "update_seconds": seconds - generation_seconds,
+                   "seconds": seconds}
+        history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
+        if ranks.main:
+            log_metrics(metrics, step + 1)
+            bar.set_postfix(loss=f"{result.loss:.4f}")
+        if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
+            checkpoint.save(step + 1, history)
+
+    weights = student_weights(model)  # a collective: every rank gathers its shards
+    if ranks.main:
+        with atomic_path(out_dir) as temporary:
+            student.save_pretrained(temporary, state_dict=weights)
+            tokenizer.save_pretrained(temporary)
+            write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
+                                                "distilled_from": student_card["name"], "loss": params.losses})
+        write_text(history_path, history_csv(history, history_fields))
+    timed = history[start_step:]
+    summary = {"loss": "+".join(params.losses), "steps": params.steps, "resumed_from_step": start_step,
+               "final_loss": history[-1]["loss"], "on_policy_steps": sum(row["on_policy"] for row in history),
+               "median_seconds_per_step": median([row["seconds"] for row in timed]),
+               "median_update_seconds": median([row["update_seconds"] for row in timed]),
+               "runtime": {**runtime.describe(), "processes": ranks.size}}
+    if any(row["on_policy"] for row in timed):
+        summary["median_generation_seconds"] = median([row["generation_seconds"] for row in timed if row["on_policy"]])
+    return summary

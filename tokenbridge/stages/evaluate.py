@@ -1,0 +1,81 @@
+"""Stage `evaluate@<model>`: one model (teacher, student before or after distillation) on equal terms.
+
+Each model gets held-out bits-per-byte on the test answers (fp32) and lm-eval's real harness on the local
+GSM-style test set (`evaluate.limit` questions, greedy generation in batches of `evaluate.batch_size`, in the
+runtime's inference dtype: bf16 where the hardware computes it natively, else fp32), the test set tokenized
+by the model's own tokenizer and chat template (so any model, transferred or an ensemble, is measured the same
+way). Both run on `runtime.device`. One DVC stage per model, so a changed student re-evaluates only itself.
+Outputs: `metrics/eval/<model>.json` (a DVC metrics file) and `data/eval/<model>/` (the generated lm-eval task,
+the tokenized test set, per-question samples, `lm_eval_config.json`: the harness's own record of the run, and
+`run.json`: the resolved runtime and each part's wall and CPU seconds).
+
+`run_evaluate` also scores the transfer stage's models (`evaluate_transfer`), which by default get
+bits-per-byte alone (`gsm_limit=0`): README "Evaluation plan".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenbridge.config import EvaluateParams
+from tokenbridge.evaluation.bpb import bits_per_byte
+from tokenbridge.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
+from tokenbridge.data.chat import encode_example
+from tokenbridge.io import read_json, read_jsonl, require_manifest, write_json, write_jsonl
+from tokenbridge.models import load_tokenizer
+from tokenbridge.token_bytes import vocab_bytes
+from tokenbridge.runtime import Runtime
+
+
+def tokenize_test_set(test_jsonl: Path, model_dir: Path, out_path: Path) -> Path:
+    """The test records in the model's own tokenization, on the common byte stream (as `prepare` writes)."""
+    tokenizer = load_tokenizer(model_dir)
+    table = vocab_bytes(tokenizer)
+    write_jsonl(out_path, (encode_example(tokenizer, r["question"], r["answer"], table).to_json()
+                           for r in read_jsonl(test_jsonl)))
+    return out_path
+
+
+def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
+                 runtime: Runtime, gsm_limit: int | None = None) -> dict:
+    """Bits-per-byte, then GSM on `gsm_limit` questions (default `params.limit`; 0: bits-per-byte alone, no
+    generation, no `gsm_*` scores). Writes the scores to `metrics_path` and returns them."""
+    require_manifest(prepared_dir, "prepare")
+    gsm_limit = params.limit if gsm_limit is None else gsm_limit
+    encoded = tokenize_test_set(prepared_dir / "test.jsonl", model_dir, out_dir / "test.encoded.jsonl")
+    seconds: dict[str, float] = {}
+    with _timed("bpb", seconds):
+        scores = bits_per_byte(model_dir, encoded, params.bpb_examples, runtime.device)
+    if gsm_limit > 0:
+        task_dir = out_dir / "task"
+        write_gsm_task(task_dir, prepared_dir / "test.jsonl", prepared_dir / "train.jsonl")
+        with _timed("gsm", seconds):
+            scores.update(evaluate_gsm(model_dir, task_dir, gsm_limit, params.num_fewshot, params.max_gen_toks,
+                                       params.batch_size, runtime.inference_dtype_name, str(runtime.device),
+                                       samples_path=out_dir / "samples.jsonl",
+                                       config_path=out_dir / "lm_eval_config.json"))
+        seconds["gsm_seconds_per_question"] = round(seconds["gsm_seconds"] / scores["gsm_n"], 2)
+    write_json(out_dir / "run.json", {"runtime": runtime.describe(), "batch_size": params.batch_size, **seconds})
+    write_json(metrics_path, scores)
+    return scores
+
+
+@contextlib.contextmanager
+def _timed(part: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Adds the block's wall and process CPU seconds to `seconds` as `<part>_seconds`, `<part>_cpu_seconds` (CPU:
+    all threads; on a busy machine it is the part that does not depend on other jobs)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    seconds[f"{part}_seconds"] = round(time.perf_counter() - wall, 2)
+    seconds[f"{part}_cpu_seconds"] = round(time.process_time() - cpu, 2)
+
+
+def collect_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
+    """Every evaluated model's scores, in the given order; fails naming the stage that has not run."""
+    missing = [name for name in names if not (metrics_dir / f"{name}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no metrics for {missing}: run 'dvc repro' (stages evaluate@<model>) first")
+    return {name: read_json(metrics_dir / f"{name}.json") for name in names}

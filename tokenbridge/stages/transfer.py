@@ -1,0 +1,301 @@
+"""Stage `transfer`: move a model onto another tokenizer (spec 1.15-1.16).
+
+1. FVT initialisation (`fvt_rows`): for each target token, the source row of the same special role (bos, eos,
+   pad, unk), else of the same bytes, else the mean of the rows of the source tokens that spell its bytes,
+   else a draw from the source rows' per-dimension mean and std. Input embeddings and (when untied) the
+   output head are initialised alike. The result is saved on its own (`<out>-fvt`), so evaluation can
+   compare FVT alone with FVT then ALM.
+2. ALM self-distillation (`train_transfer`): the original model with its own tokenizer is the frozen teacher;
+   the FVT model with the new tokenizer is the student, on the same texts, aligned on common bytes. An
+   embeddings-only phase (`embedding_steps`), then LoRA adapters (peft) or every parameter (`steps`), with
+   the embeddings still training. A byte-level target adds the hidden-state loss at chunk ends.
+
+Inputs: the prepared train split's texts (`data/prepared/train.jsonl`), each source model (materialised
+like the `models` stage's), the target tokenizer. Outputs per source: `models/transferred/<name>/` and
+`models/transferred/<name>-fvt/` (HF directories with the target tokenizer and a model card),
+`metrics/transfer/<name>.csv` (per-step history).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from tokenbridge.config import TeacherTruncation, TransferParams
+from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
+from tokenbridge.losses.alm import AlmLoss
+from tokenbridge.losses.base import LossOutput, TeacherView
+from tokenbridge.losses.latents import hidden_state_loss
+from tokenbridge.models import MODEL_CARD, copy_tokenizer_files, load_model, load_tokenizer, model_card, save_tokenizer
+from tokenbridge.runtime import Runtime
+from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
+from tokenbridge.training.engine import Engine
+from tokenbridge.training.history import history_csv, median
+from tokenbridge.training.parallel import TrainingModule
+from tokenbridge.training.ranks import Ranks
+from tokenbridge.training.schedules import learning_rate
+from tokenbridge.training.teachers import LiveTeacher, Teacher
+from tokenbridge.training.views import student_view
+from tokenbridge.token_bytes import gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
+
+BYTE = "byte"
+SPECIAL_ROLES = ("pad_token", "unk_token", "eos_token", "bos_token")  # later roles win a shared target token
+CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
+
+
+def byte_tokenizer(source: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
+    """Every byte is one token (ids 0-255, GPT-2's printable byte alphabet), then the source's special tokens,
+    with its bos/eos/pad and chat template (spec 1.16: special tokens are kept)."""
+    by_byte = {byte: char for char, byte in gpt2_unicode_to_byte().items()}
+    backend = Tokenizer(models.BPE(vocab={by_byte[byte]: byte for byte in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    added = source.backend_tokenizer.get_added_tokens_decoder()
+    backend.add_special_tokens([added[index].content for index in sorted(special_ids(source))])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=source.bos_token, eos_token=source.eos_token, pad_token=source.pad_token,
+        unk_token=None, clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"])
+    tokenizer.chat_template = source.chat_template
+    return tokenizer
+
+
+def fvt_rows(source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, matrix: torch.Tensor,
+             seed: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
+    """Rows for the target vocabulary from the source rows `matrix` ([>= len(source), d]); returns them and how
+    many tokens each rule initialised (spec 1.15 item 1)."""
+    source_table, target_table = vocab_bytes(source), vocab_bytes(target)
+    source_specials, target_specials = special_ids(source), special_ids(target)
+    by_bytes: dict[bytes, int] = {}
+    for index, piece in enumerate(source_table):
+        if index not in source_specials and piece:
+            by_bytes.setdefault(piece, index)
+    rows = matrix[: len(source)].float()
+    generator = torch.Generator().manual_seed(seed)
+    out = rows.mean(0) + rows.std(0) * torch.randn(len(target), rows.shape[1], generator=generator)
+    counts = {"special": 0, "exact": 0, "fvt": 0, "random": 0}
+
+    mapped: dict[int, int] = {}
+    for role in SPECIAL_ROLES:
+        target_id, source_id = getattr(target, f"{role}_id", None), getattr(source, f"{role}_id", None)
+        if target_id is not None and source_id is not None:
+            mapped[target_id] = source_id
+    source_pieces = source.get_vocab()
+    decompose: list[int] = []
+    for index, (name, piece) in enumerate(zip(target.convert_ids_to_tokens(range(len(target))), target_table)):
+        same_piece = source_pieces.get(name)
+        if index in mapped:
+            out[index] = rows[mapped[index]]
+            counts["special"] += 1
+        elif same_piece is not None and same_piece < len(source_table) and source_table[same_piece] == piece:
+            out[index] = rows[same_piece]  # the same token (an identical tokenizer maps every id to itself)
+            counts["exact"] += 1
+        elif index not in target_specials and piece in by_bytes:
+            out[index] = rows[by_bytes[piece]]
+            counts["exact"] += 1
+        elif piece:
+            decompose.append(index)
+        else:
+            counts["random"] += 1
+    for index, parts in zip(decompose, _spellings(source, source_table, by_bytes, [target_table[i] for i in decompose])):
+        if parts:
+            out[index] = rows[parts].mean(0)
+            counts["fvt"] += 1
+        else:
+            counts["random"] += 1
+    return out.to(matrix.dtype), counts
+
+
+def _spellings(source: PreTrainedTokenizerBase, table: list[bytes], by_bytes: dict[bytes, int],
+               pieces: list[bytes]) -> list[list[int]]:
+    """Source token ids spelling each byte string: the source tokenizer's own segmentation when the bytes are
+    text it reproduces, else one source token per byte (byte-level and byte-fallback vocabularies have all);
+    an empty list when neither works."""
+    texts = [piece.decode("utf-8", errors="replace") for piece in pieces]
+    encoded = source(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = []
+    for piece, ids in zip(pieces, encoded):
+        if ids and b"".join(table[i] for i in ids) == piece:
+            out.append(ids)
+        elif all(bytes([byte]) in by_bytes for byte in piece):
+            out.append([by_bytes[bytes([byte])] for byte in piece])
+        else:
+            out.append([])
+    return out
+
+
+def target_directory(spec: str, roles: dict[str, Path]) -> Path | None:
+    """The directory holding the tokenizer `transfer.tokenizer` names (None: bytes, built per source)."""
+    if spec == BYTE:
+        return None
+    directory = roles.get(spec, Path(spec).expanduser())
+    if not (directory / "tokenizer.json").exists():
+        raise FileNotFoundError(f"transfer.tokenizer: {directory} holds no tokenizer.json; give 'student', 'teacher', "
+                                "'byte' or a local HF model/tokenizer directory")
+    return directory
+
+
+def fvt_model(source_dir: Path, target_dir: Path | None, out_dir: Path, seed: int) -> dict:
+    """Save the source model with FVT-initialised embeddings (and head) for the tokenizer in `target_dir`
+    (copied verbatim, so models moved onto it share its exact files) or, for None, bytes."""
+    source = load_tokenizer(source_dir)
+    tokenizer = byte_tokenizer(source) if target_dir is None else load_tokenizer(target_dir)
+    model = load_model(source_dir, torch.float32)
+    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    inputs, counts = fvt_rows(source, tokenizer, model.get_input_embeddings().weight.detach(), seed)
+    head = None if tied else fvt_rows(source, tokenizer, model.get_output_embeddings().weight.detach(), seed)[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.get_input_embeddings().weight.data.copy_(inputs)
+    if head is not None:
+        model.get_output_embeddings().weight.data.copy_(head)
+    for config in (model.config, model.generation_config):
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    card = model_card(source_dir)
+    with atomic_path(out_dir) as temporary:
+        model.save_pretrained(temporary)
+        if target_dir is None:
+            save_tokenizer(tokenizer, temporary)
+        else:
+            copy_tokenizer_files(target_dir, temporary)
+        write_json(temporary / MODEL_CARD, {
+            "name": f"{card['name']}-fvt", "transferred_from": card["name"], "fvt": counts,
+            "tokenizer_sha256": sha256_file(temporary / "tokenizer.json"), "tokenizer_size": len(tokenizer),
+            "parameters": model.num_parameters(), "eos_token": tokenizer.eos_token, "byte_level": target_dir is None})
+    return counts
+
+
+def fvt_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + "-fvt")
+
+
+def _encoded_pairs(records: list[dict], teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
+                   max_length: int) -> tuple[list[Encoded], list[Encoded]]:
+    tables = vocab_bytes(teacher), vocab_bytes(student)
+    teachers, students = [], []
+    for record in records:
+        pair = [encode_example(tok, record["question"], record["answer"], table)
+                for tok, table in zip((teacher, student), tables)]
+        if all(len(encoded.input_ids) <= max_length for encoded in pair):
+            teachers.append(pair[0])
+            students.append(pair[1])
+    if not teachers:
+        raise ValueError(f"transfer: every training example is longer than max_length={max_length}; raise it")
+    return teachers, students
+
+
+def _embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    found = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    unique = {id(parameter): parameter for parameter in found}
+    return list(unique.values())
+
+
+def _with_lora(model: torch.nn.Module, params: TransferParams) -> torch.nn.Module:
+    """Wrap every linear layer of the decoder's blocks with LoRA adapters (q/k/v/o and MLP, spec 1.15 item 3)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.get_decoder().named_modules()
+                      if isinstance(module, torch.nn.Linear)})
+    config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def transfer_forward(student: torch.nn.Module, vocab_size: int, boundary: torch.Tensor, alm: AlmLoss):
+    """The transfer forward: ALM between the FVT student and its original (the live teacher), plus the hidden-state
+    loss at chunk ends when it is weighted (byte targets)."""
+    def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
+        view = student_view(student, batch, vocab_size, boundary, CHUNK_SIZE, counts_only)
+        outputs = {"alm": alm(view, teacher, batch.alignment)}
+        if "hidden_state" in names:
+            outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, view.hidden,
+                                                                    batch.alignment.teacher_chunks,
+                                                                    batch.alignment.student_chunks),))
+        return outputs
+
+    return forward
+
+
+def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir: Path, history_path: Path,
+                   params: TransferParams, runtime: Runtime) -> dict:
+    """ALM self-distillation from the original model (teacher, own tokenizer) into the FVT model; saves the
+    result (LoRA merged) at `out_dir`. A finished output of the same configuration is kept as it is."""
+    key = fingerprint({"params": params.model_dump(), "source": model_card(source_dir), "fvt": model_card(fvt_dir),
+                       "records": fingerprint(records)})
+    if (out_dir / MODEL_CARD).exists() and read_json(out_dir / MODEL_CARD).get("fingerprint") == key:
+        print(f"transfer: {out_dir} is up to date")
+        return read_json(out_dir / MODEL_CARD)["training"]
+    torch.manual_seed(params.seed)
+    teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(fvt_dir)
+    teachers, students = _encoded_pairs(records, teacher_tokenizer, student_tokenizer, params.max_length)
+    teacher = LiveTeacher(Teacher.load(source_dir, runtime.inference_dtype, runtime.device), teachers,
+                          TeacherTruncation(), 1.0, CHUNK_SIZE)
+    student = runtime.prepare_student(load_model(fvt_dir, torch.float32).train())
+    byte_level = model_card(fvt_dir)["byte_level"]
+    boundaries = {"teacher": boundary_mask(teacher_tokenizer, teacher.teacher.model.get_output_embeddings().weight.shape[0]),
+                  "student": boundary_mask(student_tokenizer, student.get_output_embeddings().weight.shape[0])}
+    alm = AlmLoss(params.alm, setup=None)  # ALM needs no facts about the pair beyond the batch
+    hidden_weight = params.hidden_state_weight if byte_level else 0.0
+    weights = {"alm": 1.0, "hidden_state": hidden_weight}
+
+    history: list[dict] = []
+    phases = [("embeddings", params.embedding_steps, params.embedding_learning_rate),
+              (params.train, params.steps, params.learning_rate)]
+    step = 0
+    for phase, steps, peak in phases:
+        if steps == 0:
+            continue
+        if phase == "lora":
+            student = _with_lora(student, params)
+        student.requires_grad_(phase == "full")
+        if phase == "lora":
+            for name, parameter in student.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        for parameter in _embedding_parameters(student):
+            parameter.requires_grad_(True)
+        trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
+        module = TrainingModule(student, torch.nn.ModuleDict(), transfer_forward(
+            student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm))
+        engine = Engine(module, torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0), runtime, Ranks(),
+                        params.max_grad_norm)
+        for phase_step in tqdm(range(steps), desc=f"transfer ({phase})", unit="step"):
+            started = time.perf_counter()
+            indices = batch_indices(step, params.batch_size, len(students), len(students), params.seed)
+            micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries).to(runtime.device)
+                             for part in split(indices, runtime.micro_batch_size)]
+            rate = learning_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
+            result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
+                                 f"transfer step {step}")
+            step += 1
+            history.append({"step": step, "phase": phase, "loss": result.loss, "alm_loss": result.values["alm"],
+                            "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
+                            "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
+
+    if hasattr(student, "merge_and_unload"):
+        student = student.merge_and_unload()
+    summary = {"steps": step, "final_loss": history[-1]["loss"] if history else None,
+               "first_loss": history[0]["loss"] if history else None, "examples": len(students),
+               "median_seconds_per_step": median([r["seconds"] for r in history]) if history else None}
+    card = model_card(fvt_dir)
+    with atomic_path(out_dir) as temporary:
+        student.save_pretrained(temporary)
+        copy_tokenizer_files(fvt_dir, temporary)
+        write_json(temporary / MODEL_CARD, {**card, "name": card["transferred_from"] + "-transferred",
+                                            "fingerprint": key, "training": summary, "transfer": params.model_dump()})
+    write_text(history_path, history_csv(history, ("step", "phase", "loss", "alm_loss", "hidden_state_loss",
+                                                   "learning_rate", "grad_norm", "seconds")))
+    return summary
+
+
+def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
+                 params: TransferParams, runtime: Runtime) -> dict:
+    """FVT then ALM self-distillation for one source; writes `<out_dir>-fvt` and `out_dir`."""
+    fvt_dir = fvt_path(out_dir)
+    counts = fvt_model(source_dir, target_dir, fvt_dir, params.seed)
+    records = read_jsonl(Path(prepared_dir) / "train.jsonl")
+    summary = train_transfer(records, source_dir, fvt_dir, out_dir, history_path, params, runtime)
+    return {"fvt": counts, **summary}

@@ -1,0 +1,148 @@
+"""Every MLflow call of the project lives here: stage runs, metrics, artifacts, the Model Registry.
+
+By default MLflow uses a sqlite store and a local artifact folder in the project root; set
+`MLFLOW_TRACKING_URI` (e.g. http://127.0.0.1:5000) to use a server instead.
+
+Grouping: all stage runs of one pipeline execution share the tag `tokenbridge.pipeline_id`, and are
+children of the pipeline's parent run when `tokenbridge/flows/pipeline.py` started them (it exports
+`TOKENBRIDGE_PARENT_RUN_ID`). Under a bare `dvc repro`, the id is derived from the `dvc` process that
+runs the stages, so its stages still share one id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import psutil
+from mlflow.tracking import MlflowClient
+
+PARENT_RUN_ENV = "TOKENBRIDGE_PARENT_RUN_ID"
+PIPELINE_ID_ENV = "TOKENBRIDGE_PIPELINE_ID"
+PIPELINE_TAG = "tokenbridge.pipeline_id"
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+def configure(experiment: str) -> None:
+    """Point MLflow at the tracking store and select (creating if needed) the experiment."""
+    root = Path.cwd()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = None if uri.startswith("http") else (root / "mlartifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+
+
+def pipeline_id() -> str:
+    """The id shared by all stage runs of one pipeline execution."""
+    if os.environ.get(PIPELINE_ID_ENV):
+        return os.environ[PIPELINE_ID_ENV]
+    for process in psutil.Process().parents():
+        with contextlib.suppress(psutil.Error):
+            if any(Path(part).name == "dvc" for part in process.cmdline()[:2]):
+                return f"dvc-{process.pid}-{int(process.create_time())}"
+    return f"single-{uuid.uuid4().hex[:12]}"
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return result.stdout.strip()
+
+
+def revision_tags() -> dict[str, str]:
+    """The code and data revision a run used: git commit, dirty flag, and a hash of dvc.lock."""
+    lock = Path("dvc.lock")
+    return {
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
+        "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "none",
+    }
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, profile: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one stage execution, tagged and grouped with its pipeline execution."""
+    configure(experiment)
+    tags = {PIPELINE_TAG: pipeline_id(), "tokenbridge.stage": stage, "tokenbridge.profile": profile, **revision_tags()}
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
+        mlflow.log_params(_flatten(params))
+        yield run
+
+
+@contextlib.contextmanager
+def pipeline_run(experiment: str, profile: str) -> Iterator[mlflow.ActiveRun]:
+    """The parent run of a whole pipeline execution; exports its id so stage processes nest under it."""
+    configure(experiment)
+    group = f"pipeline-{uuid.uuid4().hex[:12]}"
+    tags = {PIPELINE_TAG: group, "tokenbridge.stage": "pipeline", "tokenbridge.profile": profile, **revision_tags()}
+    with mlflow.start_run(run_name="pipeline", tags=tags) as run:
+        os.environ[PARENT_RUN_ENV], os.environ[PIPELINE_ID_ENV] = run.info.run_id, group
+        try:
+            yield run
+        finally:
+            os.environ.pop(PARENT_RUN_ENV, None)
+            os.environ.pop(PIPELINE_ID_ENV, None)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    if Path(path).is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def register_candidate(model_dir: Path, name: str, metric: str, value: float, higher_is_better: bool) -> dict[str, Any]:
+    """Log the model, register it with alias `candidate`; move `champion` to it only if it beats the champion."""
+    import transformers
+
+    from tokenbridge.models import load_model, load_tokenizer
+
+    model_info = mlflow.transformers.log_model(
+        transformers_model={"model": load_model(model_dir), "tokenizer": load_tokenizer(model_dir)},
+        name="model", task="text-generation", registered_model_name=name,
+        pip_requirements=[f"transformers=={transformers.__version__}", "torch==2.13.0", "accelerate"],
+    )
+    client = MlflowClient()
+    version = str(model_info.registered_model_version)
+    client.set_model_version_tag(name, version, metric, str(value))
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    champion_value = float(champion.tags[metric]) if champion is not None and metric in champion.tags else None
+    beats = champion_value is None or (value > champion_value if higher_is_better else value < champion_value)
+    if beats:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    comparison = "no champion yet" if champion_value is None else f"{value:.4g} vs champion {champion_value:.4g} on {metric}"
+    return {
+        "model": name, "version": int(version), "candidate": True, "champion_moved": beats,
+        "champion_version": int(version) if beats else int(champion.version),
+        "reason": f"{'beats' if beats else 'does not beat'} the champion: {comparison}",
+    }

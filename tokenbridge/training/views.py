@@ -1,0 +1,28 @@
+"""The student's side of a micro-batch, as every loss reads it (`StudentView`)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenbridge.losses.base import StudentView
+from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
+from tokenbridge.training.batching import Batch
+
+
+def student_view(student: torch.nn.Module, batch: Batch, vocab_size: int, boundary: torch.Tensor | None,
+                 chunk_size: int, counts_only: bool) -> StudentView:
+    """The student's hidden states (with gradient) and per-row statistics; the boundary log-probs only when
+    `boundary` is given. `counts_only`: zeros in place of the student's values and no decoder forward, for the
+    engine's counting pass (a loss's units never depend on the student's values)."""
+    head = output_head(student)
+    if counts_only:
+        width = student.get_input_embeddings().weight.shape[1]
+        hidden = torch.zeros(*batch.student_ids.shape, width, device=batch.student_ids.device)
+        rows = torch.zeros(batch.student_ids.shape, device=batch.student_ids.device)
+        token_rows, boundary_rows = rows, rows if boundary is not None else None
+    else:
+        hidden = hidden_states(student, batch.student_ids, batch.student_attention)
+        stats = next_token_stats(hidden, batch.student_ids, head, vocab_size, boundary, chunk_size=chunk_size)
+        token_rows, boundary_rows = stats.token_logprobs, stats.boundary_logprobs
+    return StudentView(student, hidden, head, vocab_size, batch.student_ids, batch.student_attention,
+                       batch.student_loss_mask, token_rows, boundary_rows, chunk_size)
