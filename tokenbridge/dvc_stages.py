@@ -128,11 +128,10 @@ def imported_names(path: Path, package: Path = PACKAGE) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                raise ValueError(f"{path}:{node.lineno}: relative import; write it as `from {package.name}.... "
-                                 "import ...` (the dvc.yaml code deps and tests/test_architecture.py read absolute "
-                                 "imports only)")
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise ValueError(f"{path}:{node.lineno}: relative import; write it as `from {package.name}.... import ...` "
+                             "(the dvc.yaml code deps and tests/test_architecture.py read absolute imports only)")
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
     return {name for name in names if name.split(".")[0] == package.name}
 
@@ -152,9 +151,9 @@ def import_closure(modules: Iterable[str], package: Path = PACKAGE) -> set[Path]
     return files
 
 
-def stage_code(stage: str, package: Path = PACKAGE) -> set[Path]:
+def stage_code(stage: str) -> set[Path]:
     """The files `python -m tokenbridge <stage>` imports."""
-    return import_closure([ENTRY_MODULE, f"{FLOW_PACKAGE}.{stage}"], package)
+    return import_closure([ENTRY_MODULE, f"{FLOW_PACKAGE}.{stage}"])
 
 
 def code_deps(files: set[Path], package: Path = PACKAGE) -> list[str]:
@@ -188,11 +187,11 @@ def stage_params(keys: Iterable[str], profiles: dict[str, Any]) -> list[str]:
                                 if has_key(overrides, key))]
 
 
-def stage_body(stage: Stage, profiles: dict[str, Any], package: Path = PACKAGE) -> dict[str, Any]:
+def stage_body(stage: Stage, profiles: dict[str, Any]) -> dict[str, Any]:
     """What dvc.yaml says about one stage, as the plain data YAML parses it to."""
     body: dict[str, Any] = {
-        "cmd": " ".join(["python -m tokenbridge", stage.name, stage.options]).strip(),
-        "deps": [*code_deps(stage_code(stage.name, package), package), *map(str, stage.deps)],
+        "cmd": f"python -m tokenbridge {stage.name} {stage.options}".strip(),
+        "deps": [*code_deps(stage_code(stage.name)), *map(str, stage.deps)],
         "params": stage_params(stage.params, profiles),
         "outs": [{str(out.path): {"persist": True}} if isinstance(out, Persist) else str(out) for out in stage.outs],
     }
@@ -205,9 +204,9 @@ def stage_body(stage: Stage, profiles: dict[str, Any], package: Path = PACKAGE) 
     return body
 
 
-def pipeline(profiles: dict[str, Any], package: Path = PACKAGE) -> dict[str, Any]:
+def pipeline(profiles: dict[str, Any]) -> dict[str, Any]:
     """dvc.yaml's content as plain data."""
-    return {"stages": {stage.name: stage_body(stage, profiles, package) for stage in STAGES}}
+    return {"stages": {stage.name: stage_body(stage, profiles) for stage in STAGES}}
 
 
 def _yaml_lines(value: Any, path: tuple[str, ...], indent: str, comments: dict[tuple[str, ...], str]) -> list[str]:
@@ -232,10 +231,10 @@ def _yaml_lines(value: Any, path: tuple[str, ...], indent: str, comments: dict[t
     return lines
 
 
-def dvc_yaml(params_file: Path = DEFAULT_PARAMS, package: Path = PACKAGE) -> str:
+def dvc_yaml(params_file: Path = DEFAULT_PARAMS) -> str:
     """The text of dvc.yaml for the profiles in `params_file`."""
     profiles = (yaml.safe_load(params_file.read_text()) or {}).get("profiles") or {}
-    document = pipeline(profiles, package)
+    document = pipeline(profiles)
     blocks = []
     for stage in STAGES:
         inner = ("do",) if stage.foreach else ()
