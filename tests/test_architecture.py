@@ -16,7 +16,7 @@ LAYERS = [
     {"alignment", "stored_logits", "losses", "on_policy", "tracking"},
     {"training", "evaluation"},
     {"stages"},
-    {"flows", "cli", "__main__"},
+    {"flows", "cli", "__main__", "dvc_stages"},
 ]
 LAYER_OF = {part: index for index, layer in enumerate(LAYERS) for part in layer}
 # `data` and `models` stand on two layers above only so the order is total: neither may import the other.
