@@ -43,8 +43,9 @@ from transformers import TrainerCallback  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenbridge.config import (DistillParams, HfModelSpec, PrepareParams, RuntimeParams, TeacherLogitsParams,  # noqa: E402
+from tokenbridge.config import (HfModelSpec, PrepareParams, RuntimeParams, TeacherLogitsParams,  # noqa: E402
                                TinyModelSpec)
+from tokenbridge.params import DistillParams  # noqa: E402
 from tokenbridge.data.chat import chat_messages  # noqa: E402
 from tokenbridge.runtime import Runtime  # noqa: E402
 from tokenbridge.stages.distill import train  # noqa: E402

@@ -54,13 +54,13 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenbridge.losses.registry  # noqa: E402,F401  (registers every loss)
-from tokenbridge.config import DistillParams  # noqa: E402
 from tokenbridge.io import write_json  # noqa: E402
 from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView  # noqa: E402
 from tokenbridge.losses.registry import build_losses  # noqa: E402
 from tokenbridge.losses.token_stats import next_token_stats, truncated_next_token_stats  # noqa: E402
 from tokenbridge.config import RuntimeParams  # noqa: E402
 from tokenbridge.models import MODEL_CARD  # noqa: E402
+from tokenbridge.params import DistillParams  # noqa: E402
 from tokenbridge.runtime import Runtime  # noqa: E402
 
 BASELINE = "naive_ce"
@@ -177,7 +177,9 @@ def _loss_step(name: str, student_model: SyntheticModel, hidden: torch.Tensor, i
     vocab = student_model.lm_head.out_features
     teacher_model = SyntheticModel(vocab, hidden_size).requires_grad_(False)
     teacher_hidden = torch.randn(batch, length, hidden_size)
-    live = LOSSES[name].online_only or name == "reverse_kl"  # reverse KL needs the teacher's full support
+    params = DistillParams(teacher_mode="online", steps=1, batch_size=batch, learning_rate=1e-4, checkpoint_every=1)
+    loss_class = LOSSES[name]
+    live = loss_class.needs_online_teacher or loss_class.needs_full_teacher(loss_class.params_in(params))
     with torch.no_grad():
         stored = (next_token_stats(teacher_hidden, input_ids, teacher_model.lm_head, vocab, boundary, chunk_size=chunk)
                   if live else truncated_next_token_stats(teacher_hidden, input_ids, torch.ones_like(input_ids),
@@ -185,7 +187,6 @@ def _loss_step(name: str, student_model: SyntheticModel, hidden: torch.Tensor, i
     attention_mask = torch.ones_like(input_ids)
     common = dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
                   token_logprobs=stored.token_logprobs, boundary_logprobs=stored.boundary_logprobs, vocab_size=vocab)
-    params = DistillParams(teacher_mode="online", steps=1, batch_size=batch, learning_rate=1e-4, checkpoint_every=1)
     if live:
         teacher = TeacherView(**common, truncation=params.teacher, model=teacher_model, hidden=teacher_hidden,
                               head=teacher_model.lm_head)

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenbridge.config import DistillParams, RuntimeParams, TeacherTruncation  # noqa: E402
+from tokenbridge.config import RuntimeParams, TeacherTruncation  # noqa: E402
+from tokenbridge.params import DistillParams  # noqa: E402
 from tokenbridge.stages.distill import student_forward  # noqa: E402
 from tokenbridge.losses.base import LossSetup, TeacherView  # noqa: E402
 from tokenbridge.losses.registry import build_losses  # noqa: E402

@@ -15,7 +15,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_params():
-    from tokenbridge.config import load_params
+    from tokenbridge.params import load_params
 
     return load_params(Path(__file__).parents[1] / "params.yaml", profile="tiny")
 

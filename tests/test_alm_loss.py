@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenbridge.alignment import example_chunks
-from tokenbridge.config import AlmParams, TeacherTruncation
+from tokenbridge.config import TeacherTruncation
 from tokenbridge.data.chat import encode_example
 from tokenbridge.losses import divergences
-from tokenbridge.losses.alm import AlmLoss, AlmOptions, alm_loss, chunk_divergence, word_chunks
+from tokenbridge.losses.alm import AlmLoss, AlmOptions, AlmParams, alm_loss, chunk_divergence, word_chunks
 from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView
 from tokenbridge.losses.sft import sft_loss
 from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
@@ -434,9 +434,9 @@ def _adapter(tiny_dirs, **params) -> AlmLoss:
 
 
 def test_alm_is_registered_with_its_params_section_and_stored_teacher_fields():
-    assert LOSSES["alm"] is AlmLoss and AlmLoss.params_field == "alm"
-    assert set(AlmLoss.teacher_fields) == {"token_logprobs", "boundary_logprobs"}
-    assert not AlmLoss.same_tokenizer_only and not AlmLoss.online_only
+    assert LOSSES["alm"] is AlmLoss and AlmLoss.section() == "alm" and AlmLoss.params_model is AlmParams
+    assert set(AlmLoss.teacher_fields) == {"token_logprobs", "boundary_logprobs"} and AlmLoss.needs_student_boundary
+    assert not AlmLoss.same_tokenizer_only and not AlmLoss.needs_online_teacher
 
 
 @pytest.mark.parametrize("params", [{}, {"merge_by_space_prob": False, "append_space": False},

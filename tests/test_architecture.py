@@ -14,6 +14,7 @@ LAYERS = [
     {"data"},
     {"models"},
     {"alignment", "stored_logits", "losses", "on_policy", "tracking"},
+    {"params"},  # built from the loss registry
     {"training", "evaluation"},
     {"stages"},
     {"flows", "cli", "__main__", "dvc_stages"},

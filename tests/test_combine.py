@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenbridge.config import DistillParams
+from tokenbridge.params import DistillParams
 from tokenbridge.losses.combine import combine, gradmag_weights
 from tokenbridge.training.schedules import alpha_at, term_weights
 

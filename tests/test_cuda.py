@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from tokenbridge.config import (LOSS_NAMES, SAME_TOKENIZER_LOSSES, DistillParams, HfModelSpec, PrepareParams,
-                               RuntimeParams)
+from tokenbridge.config import HfModelSpec, PrepareParams, RuntimeParams
+from tokenbridge.params import DistillParams
 from tokenbridge.data.chat import Encoded
 from tokenbridge.stages.distill import student_forward, train
 from tokenbridge.io import read_jsonl, write_jsonl
 from tokenbridge.losses.base import LossSetup
-from tokenbridge.losses.registry import build_losses
+from tokenbridge.losses.registry import LOSSES, build_losses
 from tokenbridge.models import load_model, load_tokenizer, materialize, model_card
 from tokenbridge.models.tiny import build_tiny_model, build_tiny_teacher_like, synthetic_text
 from tokenbridge.token_bytes import boundary_mask
@@ -193,9 +193,9 @@ def test_the_distill_stage_trains_on_cuda_from_stored_or_live_teacher(pairs, ext
 # ------------------------------------------------------------------------------------------ precision
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_each_loss_under_bf16_autocast_matches_fp32_on_the_same_inputs(pairs, tiny_params, name):
-    pair = pairs["same" if name in SAME_TOKENIZER_LOSSES else "cross"]
+    pair = pairs["same" if LOSSES[name].same_tokenizer_only else "cross"]
     fp32 = Runtime.resolve(RuntimeParams(device="cuda", precision="fp32"))
     bf16 = Runtime.resolve(RuntimeParams(device="cuda", precision="bf16-mixed"))
     setup = Setup(pair, _params(tiny_params, name), fp32, [name])

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenbridge.config import DistillParams, RuntimeParams, TeacherLogitsParams
+from tokenbridge.config import RuntimeParams, TeacherLogitsParams
+from tokenbridge.params import DistillParams
 from tokenbridge.stages.distill import train
 from tokenbridge.training.batching import batch_indices
 from tokenbridge.training.ranks import Ranks, process_group

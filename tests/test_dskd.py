@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from tokenbridge.config import DskdParams, TeacherTruncation
+from tokenbridge.config import TeacherTruncation
 from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView
 from tokenbridge.losses.dskd import (
     DskdLoss,
+    DskdParams,
     DskdProjectors,
     accuracy_masked_kd,
     cross_model_attention,
@@ -242,8 +243,8 @@ def test_dskd_refuses_a_stored_teacher(toy_pair):
 
 def test_dskd_is_registered_as_an_online_cross_tokenizer_loss():
     assert LOSSES["dskd"] is DskdLoss
-    assert DskdLoss.online_only and not DskdLoss.same_tokenizer_only
-    assert DskdLoss.params_field == "dskd" and DskdLoss.teacher_fields == ()
+    assert DskdLoss.needs_online_teacher and not DskdLoss.same_tokenizer_only
+    assert DskdLoss.section() == "dskd" and DskdLoss.params_model is DskdParams and DskdLoss.teacher_fields == ()
 
 
 def _tiny_views(tiny_dirs, tiny_tokenizers, teacher_role: str, student_role: str) -> tuple[StudentView, TeacherView]:

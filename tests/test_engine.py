@@ -101,14 +101,14 @@ def test_a_losss_units_never_depend_on_the_students_values(cross_tokenizer_pair,
     real forward averages over, for every registered loss."""
     loss_class = LOSSES[name]
     root, dirs = same_tokenizer_pair if loss_class.same_tokenizer_only else cross_tokenizer_pair
-    params = tiny_params.distill.model_copy(update={"teacher_mode": "online" if loss_class.online_only else "offline"})
+    params = tiny_params.distill.model_copy(update={"teacher_mode": "online" if loss_class.needs_online_teacher else "offline"})
     setup = LossSetup(dirs["teacher"], dirs["student"], loss_class.same_tokenizer_only, default_cache_dir())
     losses = torch.nn.ModuleDict(build_losses([name], params, setup))
     student = load_model(dirs["student"], torch.float32)
     tokenizer = load_tokenizer(dirs["student"])
     boundary = boundary_mask(tokenizer, student.get_output_embeddings().weight.shape[0])
     forward = student_forward(student, losses, len(tokenizer), boundary, 16)
-    batches, views = _views_and_batches(root, dirs, tiny_params, live=loss_class.online_only)
+    batches, views = _views_and_batches(root, dirs, tiny_params, live=loss_class.needs_online_teacher)
     for batch, view in zip(batches, views):
         with torch.no_grad():
             counted = [int(part.count) for part in forward(batch, view, [name], True)[name].parts]

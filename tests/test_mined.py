@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from tokenbridge.config import MinedParams, TeacherTruncation
+from tokenbridge.config import TeacherTruncation
 from tokenbridge.losses import mined
 from tokenbridge.losses.base import Alignment, LossSetup, StudentView, TeacherView
-from tokenbridge.losses.mined import MinedLoss, Vocabulary, chunk_rows, mined_loss, mined_mapping
+from tokenbridge.losses.mined import MinedLoss, MinedParams, Vocabulary, chunk_rows, mined_loss, mined_mapping
 
 
 def levenshtein(a: bytes, b: bytes) -> int:

@@ -109,7 +109,7 @@ def test_with_lambda_one_every_batch_is_the_students_own_samples(cross_pair, tin
 
 
 def test_on_policy_needs_the_live_teacher():
-    from tokenbridge.config import DistillParams
+    from tokenbridge.params import DistillParams
 
     with pytest.raises(ValueError, match="teacher_mode: online"):
         DistillParams(teacher_mode="offline", steps=1, batch_size=1, learning_rate=1e-3, checkpoint_every=1,

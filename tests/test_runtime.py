@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenbridge.config import ParamsError, RuntimeParams, load_params
+from tokenbridge.config import ParamsError, RuntimeParams
+from tokenbridge.params import load_params
 from tokenbridge.runtime import Runtime
 
 # Flags as /proc/cpuinfo lists them (abridged to what matters).

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenbridge.config import MultiLevelOtParams, TeacherTruncation, UldParams
+from tokenbridge.config import TeacherTruncation
 from tokenbridge.losses.base import LOSSES, LossSetup, StudentView, TeacherView
 from tokenbridge.losses.multilevel_ot import (
-    MultiLevelOtLoss, column_mass, holistic_absolute_difference, multilevel_ot_loss, ranked_ids, sequence_order,
+    MultiLevelOtLoss, MultiLevelOtParams, column_mass, holistic_absolute_difference, multilevel_ot_loss, ranked_ids, sequence_order,
     sequential_log_loss, sinkhorn_distance, sinkhorn_plan,
 )
-from tokenbridge.losses.uld import UldLoss, sorted_with_tail, uld_distance
+from tokenbridge.losses.uld import UldLoss, UldParams, sorted_with_tail, uld_distance
 
 SETUP = LossSetup(Path("teacher"), Path("student"), same_tokenizer=False, cache_dir=Path("cache"))
 NO_ALIGNMENT = None  # both losses pair positions by index within the answer and never read ALM's chunks
@@ -339,9 +339,10 @@ def run(loss: torch.nn.Module, pair: Pair, live: bool):
 
 def test_losses_are_registered_with_the_teacher_fields_they_read():
     assert LOSSES["uld"] is UldLoss and LOSSES["multilevel_ot"] is MultiLevelOtLoss
-    for cls, field in ((UldLoss, "uld"), (MultiLevelOtLoss, "multilevel_ot")):
-        assert cls.params_field == field and cls.teacher_fields == ("topk_ids", "topk_logprobs")
-        assert not cls.same_tokenizer_only and not cls.online_only
+    for cls, (section, model) in ((UldLoss, ("uld", UldParams)), (MultiLevelOtLoss, ("multilevel_ot", MultiLevelOtParams))):
+        assert cls.section() == section and cls.params_model is model
+        assert cls.teacher_fields == ("topk_ids", "topk_logprobs")
+        assert not cls.same_tokenizer_only and not cls.needs_online_teacher
 
 
 @pytest.mark.parametrize("live, top_k", [(True, 16), (True, 5), (False, 256), (False, 4)])

@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tokenbridge import tracking
-from tokenbridge.config import ParamsError, PipelineParams, RuntimeParams, load_params
+from tokenbridge.config import ParamsError, RuntimeParams
+from tokenbridge.params import PipelineParams, load_params
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Compare distillation losses on equal terms: one DVC experiment per method, same data, steps and seed.
 
-  tokenbridge compare                              alm uld mined multilevel_ot dskd, and sft (next-token only)
+  tokenbridge compare                              every cross-tokenizer loss, then sft (next-token only)
   tokenbridge compare --losses alm sft             a subset
   tokenbridge compare --overrides distill.steps=80 extra `dvc exp run -S` overrides for every method
 
@@ -24,16 +24,16 @@ import psutil
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.config import CROSS_TOKENIZER_LOSSES, load_params
 from tokenbridge.stages.evaluate import collect_metrics
 from tokenbridge.io import read_json, write_json
-from tokenbridge.losses.registry import LOSSES
+from tokenbridge.losses.registry import LOSSES, cross_tokenizer_losses
 from tokenbridge.models import model_card
+from tokenbridge.params import load_params
 from tokenbridge.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from tokenbridge.stages.report import render_comparison
 from tokenbridge.flows.common import stage_cli
 
-DEFAULT_LOSSES = [*CROSS_TOKENIZER_LOSSES, "sft"]
+DEFAULT_LOSSES = [*cross_tokenizer_losses(), "sft"]
 
 
 def _run(command: list[str]) -> None:
@@ -47,7 +47,7 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
     params_path = Path(params_file)
     saved = params_path.read_text()
     params = load_params(params_path)
-    losses = sorted(losses or DEFAULT_LOSSES, key=lambda name: LOSSES[name].online_only)  # online runs last
+    losses = sorted(losses or DEFAULT_LOSSES, key=lambda name: LOSSES[name].needs_online_teacher)  # online runs last
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict] = {}
     try:
@@ -55,7 +55,7 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
         references = collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"])
         for loss in losses:
             sets = [f"distill.loss={loss}", *(overrides or [])]
-            if LOSSES[loss].online_only:
+            if LOSSES[loss].needs_online_teacher:
                 sets.append("distill.teacher_mode=online")
             started = time.perf_counter()
             _run(["dvc", "exp", "run", "-n", f"cmp-{loss.replace('_', '-')}-{stamp}",

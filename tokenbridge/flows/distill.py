@@ -24,7 +24,7 @@ from pathlib import Path
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.config import PipelineParams, load_params
+from tokenbridge.params import PipelineParams, load_params
 from tokenbridge.stages.distill import train
 from tokenbridge.io import write_json
 from tokenbridge.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, PREPARED_DIR,

@@ -21,7 +21,8 @@ from pathlib import Path
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.config import ParamsError, load_params
+from tokenbridge.config import ParamsError
+from tokenbridge.params import load_params
 from tokenbridge.stages.evaluate import collect_metrics
 from tokenbridge.paths import EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR
 

@@ -15,15 +15,32 @@ after token `j`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from tokenbridge.config import AlmParams
+from tokenbridge.config import Strict
 from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
                                     masked_mean, register)
 from tokenbridge.losses.positions import rows_to_tokens
 
 EPS = 1e-6  # kept inside the exponent: tempered probabilities stay below 1, so log(1 - b) is finite
+
+
+class AlmParams(Strict):
+    """ALM loss options (spec section 1.17); defaults are the paper's recommended configuration."""
+
+    binarization_temp: float = Field(100.0, gt=0, description="tau: chunk probabilities are raised to 1/tau")
+    diff_fn: Literal["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit",
+                     "joschu_k2", "joschu_k3"] = Field(
+        "binary_ce", description="per-chunk distance (spec 1.10); binary_ce has binary_kl's gradient")
+    chunks: Literal["unconstrained", "space"] = Field(
+        "unconstrained", description="unconstrained: minimal byte-exact chunks; space: merged into whole words")
+    merge_by_space_prob: bool = Field(True, description="merge chunks until the teacher's boundary prob > gamma")
+    append_space: bool = Field(True, description="debias: multiply each chunk's likelihood by P(a boundary follows)")
+    boundary_threshold: float = Field(0.1, description="gamma of merge_by_space_prob")
+    mask_prompt: bool = Field(True, description="only answer chunks count; false: prompt chunks count too")
 
 
 @dataclass(frozen=True)
@@ -221,7 +238,9 @@ class AlmLoss(DistillLoss):
     across tokenizers and within one (identical tokenizers give one chunk per token)."""
 
     name = "alm"
-    params_field = "alm"
+    params_model = AlmParams
+    needs_online_teacher = False
+    same_tokenizer_only = False
     teacher_fields = ("token_logprobs", "boundary_logprobs")
     needs_student_boundary = True
 

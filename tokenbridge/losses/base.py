@@ -111,28 +111,74 @@ class LossSetup:
 
 class DistillLoss(torch.nn.Module):
     """A registered loss. Subclasses may own trainable parameters (DSKD's projectors): they are optimised
-    and checkpointed with the student."""
+    and checkpointed with the student.
+
+    A subclass states everything the rest of the pipeline needs to know about it, and `register` refuses one
+    that leaves any of it out: the params section and the stored teacher fields are derived from these.
+    """
 
     name: ClassVar[str]
-    params_field: ClassVar[str | None] = None  # the `distill.<field>` section holding this loss's params
-    same_tokenizer_only: ClassVar[bool] = False
-    online_only: ClassVar[bool] = False  # needs the live teacher (hidden states, weights)
-    teacher_fields: ClassVar[tuple[str, ...]] = ()  # what stored teacher data must hold (offline)
-    needs_student_boundary: ClassVar[bool] = False  # reads StudentView.boundary_logprobs (ALM's debiasing)
+    # The options model, validated as `distill.<section>` when params load (None: the loss has no options);
+    # its defaults are the documented ones, so it must build without arguments.
+    params_model: ClassVar[type[BaseModel] | None]
+    params_section: ClassVar[str | None] = None  # the `distill.<section>`; None: the loss's name (losses may share one)
+    needs_online_teacher: ClassVar[bool]  # the live teacher (hidden states, weights): `teacher_mode: online`
+    same_tokenizer_only: ClassVar[bool]  # compares distributions over one shared vocabulary
+    teacher_fields: ClassVar[tuple[str, ...]]  # what stored teacher data must hold (offline)
+    needs_student_boundary: ClassVar[bool]  # reads StudentView.boundary_logprobs (ALM's debiasing)
 
     def __init__(self, params: BaseModel | None, setup: LossSetup):
         super().__init__()
         self.params = params
         self.setup = setup
 
+    @classmethod
+    def section(cls) -> str | None:
+        """The `distill.<section>` holding this loss's options; None when it has none."""
+        return None if cls.params_model is None else cls.params_section or cls.name
+
+    @classmethod
+    def params_in(cls, distill: BaseModel) -> BaseModel | None:
+        """This loss's options, read from the validated `distill` params."""
+        section = cls.section()
+        return None if section is None else getattr(distill, section)
+
+    @classmethod
+    def reads_teacher(cls) -> bool:
+        """True for a distillation loss (it reads the teacher, live or stored); False for the next-token term
+        `sft`, which reads the student alone."""
+        return cls.needs_online_teacher or bool(cls.teacher_fields)
+
+    @classmethod
+    def needs_full_teacher(cls, params: BaseModel | None) -> bool:
+        """True when, with these options, the loss is infinite where a truncated teacher has zero probability
+        (reverse KL): it then needs the live teacher's whole distribution."""
+        return False
+
     def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:
         raise NotImplementedError
 
 
 LOSSES: dict[str, type[DistillLoss]] = {}
+DECLARATIONS = ("name", "params_model", "needs_online_teacher", "same_tokenizer_only", "teacher_fields",
+                "needs_student_boundary")
 
 
 def register(cls: type[DistillLoss]) -> type[DistillLoss]:
+    """Add `cls` to LOSSES under its name, once it declares what it needs (see DistillLoss)."""
+    missing = [attribute for attribute in DECLARATIONS if not hasattr(cls, attribute)]
+    if missing:
+        raise TypeError(f"loss {cls.__name__} must declare {', '.join(missing)} (see DistillLoss in {__file__})")
+    if cls.name in LOSSES and LOSSES[cls.name] is not cls:
+        raise TypeError(f"loss name {cls.name!r} of {cls.__name__} is already taken by {LOSSES[cls.name].__name__}")
+    section = cls.section()
+    shared = [other for other in LOSSES.values()
+              if section is not None and other.section() == section and other.params_model is not cls.params_model]
+    if shared:
+        raise TypeError(f"loss {cls.name!r}: section distill.{section} already holds {shared[0].name!r}'s "
+                        f"{shared[0].params_model.__name__}; give it its own params_section")
+    if cls.params_model is not None:
+        cls.params_model()  # the defaults must make a whole section: a loss left unconfigured still runs
     LOSSES[cls.name] = cls
     return cls
 

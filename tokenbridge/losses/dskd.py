@@ -27,13 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from transformers import AutoConfig
 
-from tokenbridge.config import DskdParams
+from tokenbridge.config import Strict
 from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
                                     masked_mean, register)
 from tokenbridge.losses.divergences import forward_kl, skew_reverse_kl
 from tokenbridge.losses.positions import gather_rows, map_positions, target_rows
+
+
+class DskdParams(Strict):
+    """Dual-space KD (spec 1.19): cross-model attention projectors; needs the live teacher."""
+
+    kd_temperature: float = Field(2.0, gt=0, description="T of both KD terms (t2s and s2t); the CE_t2s is untempered")
+    skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed reverse KL (srkl) in KD_t2s")
 
 
 def index_embeddings(token_embeddings: torch.Tensor) -> torch.Tensor:
@@ -205,8 +213,11 @@ class DskdLoss(DistillLoss):
     """Dual-space KD. Owns trainable projectors (`projectors.*`), optimised and checkpointed with the student."""
 
     name = "dskd"
-    params_field = "dskd"
-    online_only = True
+    params_model = DskdParams
+    needs_online_teacher = True
+    same_tokenizer_only = False
+    teacher_fields = ()
+    needs_student_boundary = False
     params: DskdParams
 
     def __init__(self, params: DskdParams, setup: LossSetup):

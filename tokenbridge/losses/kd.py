@@ -9,10 +9,11 @@ target rows (TRL's `batchmean`). Refused when the tokenizers differ: rows would 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, Field
 
+from tokenbridge.config import Strict
 from tokenbridge.losses import divergences
 from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView,
                                     counted_mean, register)
@@ -20,6 +21,18 @@ from tokenbridge.losses.positions import gather_rows, map_positions, target_rows
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_log_probs
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class JsdParams(Strict):
+    """Generalised JSD: the teacher and the student mixed with weight beta."""
+
+    beta: float = Field(0.5, ge=0, le=1, description="0: forward KL, 1: reverse KL (exact endpoints)")
+
+
+class SkewParams(Strict):
+    """Skew KL (both directions share this section)."""
+
+    weight: float = Field(0.1, gt=0, lt=1, description="lambda: mix of the own distribution into the other")
 
 
 def _slice_divergence(hidden: torch.Tensor, topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
@@ -39,16 +52,19 @@ def divergence_mean(student: StudentView, teacher: TeacherView, divergence: Dive
 
 
 class SameTokenizerLoss(DistillLoss):
+    params_model = None
+    needs_online_teacher = False
     same_tokenizer_only = True
     teacher_fields = ("topk_ids", "topk_logprobs")
+    needs_student_boundary = False
 
     def divergence(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:
         if student.input_ids.shape != teacher.input_ids.shape or not torch.equal(student.input_ids, teacher.input_ids):
-            raise ValueError(f"{self.name} compares the two models row by row and needs identical token sequences; "
-                             "use a cross-tokenizer loss (alm, uld, mined, multilevel_ot, dskd)")
+            raise ValueError(f"{self.name} compares the two models row by row and needs identical token sequences, "
+                             "which only one shared tokenizer gives; use a cross-tokenizer loss")
         return LossOutput((divergence_mean(student, teacher, self.divergence),))
 
 
@@ -64,6 +80,10 @@ class ForwardKL(SameTokenizerLoss):
 class ReverseKL(SameTokenizerLoss):
     name = "reverse_kl"
 
+    @classmethod
+    def needs_full_teacher(cls, params: BaseModel | None) -> bool:
+        return True
+
     def divergence(self, teacher, student):
         return divergences.reverse_kl(teacher, student)
 
@@ -71,7 +91,11 @@ class ReverseKL(SameTokenizerLoss):
 @register
 class GeneralizedJSD(SameTokenizerLoss):
     name = "jsd"
-    params_field = "jsd"
+    params_model = JsdParams
+
+    @classmethod
+    def needs_full_teacher(cls, params: BaseModel | None) -> bool:
+        return isinstance(params, JsdParams) and params.beta == 1  # beta 1 is the reverse KL
 
     def divergence(self, teacher, student):
         return divergences.jsd(teacher, student, self.params.beta)
@@ -88,7 +112,8 @@ class TotalVariation(SameTokenizerLoss):
 @register
 class SkewForwardKL(SameTokenizerLoss):
     name = "skew_forward_kl"
-    params_field: ClassVar[str] = "skew"
+    params_model = SkewParams
+    params_section = "skew"
 
     def divergence(self, teacher, student):
         return divergences.skew_forward_kl(teacher, student, self.params.weight)
@@ -97,7 +122,8 @@ class SkewForwardKL(SameTokenizerLoss):
 @register
 class SkewReverseKL(SameTokenizerLoss):
     name = "skew_reverse_kl"
-    params_field: ClassVar[str] = "skew"
+    params_model = SkewParams
+    params_section = "skew"
 
     def divergence(self, teacher, student):
         return divergences.skew_reverse_kl(teacher, student, self.params.weight)

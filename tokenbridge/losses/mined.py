@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from tokenbridge.config import MinedParams
+from tokenbridge.config import Strict
 from tokenbridge.io import atomic_path
 from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
                                     masked_mean, register)
@@ -48,6 +49,13 @@ from tokenbridge.token_bytes import is_byte_level, special_ids, vocab_bytes
 ROLES = ("eos", "bos", "pad", "unk")  # in priority order: a token with several roles takes the first
 _BYTE_FALLBACK_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _QUERY_BATCH = 512  # queries per distance matrix: 512 x (largest length bucket) int32 stays under ~100 MB
+
+
+class MinedParams(Strict):
+    """MinED (spec 1.19): KL through a minimum-edit-distance token mapping at 1:1 chunks, CE elsewhere."""
+
+    temperature: float = Field(2.0, gt=0, description="kd temperature T of both terms, as in tokenkit: the KL "
+                               "between softmax(z / T) at 1:1 chunks and the CE (one-hot KL) at the others")
 
 
 # --- the mapping --------------------------------------------------------------------------------------------
@@ -267,8 +275,11 @@ class MinedLoss(DistillLoss):
     """MinED across tokenizers (or within one, where mu is the identity and every chunk is 1:1)."""
 
     name = "mined"
-    params_field = "mined"
+    params_model = MinedParams
+    needs_online_teacher = False
+    same_tokenizer_only = False
     teacher_fields = ("topk_ids", "topk_logprobs")
+    needs_student_boundary = False
 
     def __init__(self, params: MinedParams, setup: LossSetup):
         super().__init__(params, setup)

@@ -31,13 +31,31 @@ ranking, 0.001 SD scale, means over positions) are deliberately not reproduced.
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from tokenbridge.config import MultiLevelOtParams
+import torch
+from pydantic import Field
+
+from tokenbridge.config import Strict
 from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView, masked_mean,
                                     register)
 from tokenbridge.losses.positions import gather_rows, map_positions, paired_target_rows
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_probabilities
+
+
+class MultiLevelOtParams(Strict):
+    """MultiLevelOT (spec 4.2-4.3), paper semantics: L = HAD + sl_weight * SL + sd_weight * SD."""
+
+    top_k: int = Field(50, ge=1, description="ranked vocabulary dimensions kept per side, not renormalised")
+    ranking: Literal["sequence", "token"] = Field(
+        "sequence", description="sequence: one order per example by mass summed over its answer (the student's "
+        "by its own mass); token: each position sorted on its own, as ULD")
+    sl_weight: float = Field(0.1, ge=0, description="beta: weight of the sequential log loss")
+    sd_weight: float = Field(0.1, ge=0, description="gamma: weight of the Sinkhorn distance")
+    sinkhorn_iterations: int = Field(20, ge=1, description="N: alternating row/column normalisations")
+    sinkhorn_lambda: float = Field(0.1, gt=0, description="lambda: kernel exp(-C / lambda)")
+    sd_temperature: float = Field(2.0, gt=0, description="softmax temperature of the vectors the Sinkhorn term compares")
+    skip_student_eos: bool = Field(True, description="drop the student's last answer target (its EOS) before pairing")
 
 
 def column_mass(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -143,8 +161,11 @@ class MultiLevelOtLoss(DistillLoss):
     """MultiLevelOT between index-paired answer positions: HAD + sl_weight * SL + sd_weight * SD."""
 
     name = "multilevel_ot"
-    params_field = "multilevel_ot"
+    params_model = MultiLevelOtParams
+    needs_online_teacher = False
+    same_tokenizer_only = False
     teacher_fields = ("topk_ids", "topk_logprobs")
+    needs_student_boundary = False
     params: MultiLevelOtParams
 
     def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:

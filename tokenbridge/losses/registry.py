@@ -1,15 +1,36 @@
-"""Build the losses `distill.loss` names, with their params, refusing combinations that cannot work."""
+"""The registry, complete: every module of `tokenbridge/losses/` is imported here, so each loss it registers
+(`base.register`) is known, and adding a loss is adding its file. Everything that lists losses derives the list
+from LOSSES: the params sections (`tokenbridge.params`), the allowed `distill.loss` names, the methods compared.
+"""
 
 from __future__ import annotations
 
-from tokenbridge.config import DistillParams
-# Importing each loss module registers its losses in LOSSES.
-from tokenbridge.losses import alm, dskd, kd, mined, multilevel_ot, sft, uld  # noqa: F401
+import importlib
+import pkgutil
+
+from pydantic import BaseModel
+
+import tokenbridge.losses
 from tokenbridge.losses.base import LOSSES, DistillLoss, LossSetup
 
+for _module in pkgutil.iter_modules(tokenbridge.losses.__path__, f"{tokenbridge.losses.__name__}."):
+    importlib.import_module(_module.name)
 
-def build_losses(names: list[str], params: DistillParams, setup: LossSetup) -> dict[str, DistillLoss]:
-    """One loss module per name, with its `distill.<section>` params."""
+
+def cross_tokenizer_losses() -> list[str]:
+    """The distillation losses that accept two different tokenizers, in registry order."""
+    return [name for name, cls in LOSSES.items() if cls.reads_teacher() and not cls.same_tokenizer_only]
+
+
+def params_sections() -> dict[str, type[BaseModel]]:
+    """`distill.<section>` -> its options model, one per section (losses may share one)."""
+    return {section: cls.params_model for cls in LOSSES.values()
+            if (section := cls.section()) is not None and cls.params_model is not None}
+
+
+def build_losses(names: list[str], distill: BaseModel, setup: LossSetup) -> dict[str, DistillLoss]:
+    """One loss module per name, with its options from the validated `distill` params (which already refused
+    what the params alone rule out); refuses what the two models rule out."""
     built = {}
     for name in names:
         cls = LOSSES[name]
@@ -17,10 +38,9 @@ def build_losses(names: list[str], params: DistillParams, setup: LossSetup) -> d
             raise ValueError(
                 f"distill.loss {name!r} compares next-token distributions over one shared vocabulary, but the teacher "
                 f"and the student have different tokenizers ({setup.teacher_dir} vs {setup.student_dir}): use a "
-                "cross-tokenizer loss (alm, uld, mined, multilevel_ot, dskd), or a teacher with the student's tokenizer")
-        if cls.online_only and params.teacher_mode != "online":
-            raise ValueError(f"distill.loss {name!r} needs the live teacher: set distill.teacher_mode: online")
-        built[name] = cls(getattr(params, cls.params_field) if cls.params_field else None, setup)
+                f"cross-tokenizer loss ({', '.join(cross_tokenizer_losses())}), or a teacher with the student's "
+                "tokenizer")
+        built[name] = cls(cls.params_in(distill), setup)
     return built
 
 

@@ -27,6 +27,11 @@ def sft_loss(student_token_rows: torch.Tensor, loss_mask: torch.Tensor) -> torch
 @register
 class NextTokenLoss(DistillLoss):
     name = "sft"
+    params_model = None
+    needs_online_teacher = False
+    same_tokenizer_only = False
+    teacher_fields = ()
+    needs_student_boundary = False
 
     def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:
         return LossOutput((sft_mean(student.token_logprobs, student.loss_mask),))

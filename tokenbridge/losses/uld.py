@@ -21,11 +21,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from tokenbridge.config import UldParams
+from tokenbridge.config import Strict
 from tokenbridge.losses.base import Alignment, DistillLoss, LossOutput, StudentView, TeacherView, counted_mean, register
 from tokenbridge.losses.positions import gather_rows, map_positions, paired_target_rows
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_probabilities
+
+
+class UldParams(Strict):
+    """Universal Logit Distillation (spec 4.1): L1 between sorted next-token probabilities, index-paired."""
+
+    top_k: int = Field(256, ge=1, description="sorted probabilities kept per side, the rest as one tail term: "
+                       "exact when it covers both vocabularies, a lower bound otherwise; offline capped at the stored top-k")
+    skip_student_eos: bool = Field(True, description="drop the student's last answer target (its EOS) before pairing")
 
 
 def sorted_with_tail(probs: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -58,8 +67,11 @@ class UldLoss(DistillLoss):
     """ULD between index-paired answer positions (temperature 1 on both sides): the mean over valid pairs."""
 
     name = "uld"
-    params_field = "uld"
+    params_model = UldParams
+    needs_online_teacher = False
+    same_tokenizer_only = False
     teacher_fields = ("topk_ids", "topk_logprobs")
+    needs_student_boundary = False
     params: UldParams
 
     def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:

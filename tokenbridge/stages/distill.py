@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tokenbridge.config import DistillParams, TeacherLogitsParams
+from tokenbridge.config import TeacherLogitsParams
 from tokenbridge.data.chat import Encoded
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, require_manifest, write_json, write_text
 from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
@@ -34,6 +34,7 @@ from tokenbridge.models import MODEL_CARD, load_model, load_tokenizer, model_car
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.on_policy import OnPolicySampler, is_on_policy_step
+from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split

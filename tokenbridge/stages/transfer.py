@@ -26,13 +26,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tokenbridge.config import TeacherTruncation, TransferParams
+from tokenbridge.config import TeacherTruncation
 from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
 from tokenbridge.losses.alm import AlmLoss
 from tokenbridge.losses.base import LossOutput, TeacherView
 from tokenbridge.losses.latents import hidden_state_loss
 from tokenbridge.models import MODEL_CARD, copy_tokenizer_files, load_model, load_tokenizer, model_card, save_tokenizer
+from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
 from tokenbridge.training.engine import Engine

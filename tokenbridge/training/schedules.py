@@ -3,7 +3,7 @@ fixed weight."""
 
 from __future__ import annotations
 
-from tokenbridge.config import DistillParams
+from tokenbridge.params import DistillParams
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
