@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from tokenbridge.config import DEFAULT_PARAMS
+from tokenbridge.params import DEFAULT_PARAMS
 from tokenbridge.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, ENSEMBLE_DIR, EVAL_DIR,
                                EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR, REPORT_DIR, SOURCES_DIR, STUDENT_DIR,
                                TEACHER_DIR, TEACHER_LOGITS_DIR, TRANSFER_EVAL_METRICS, TRANSFER_HISTORY_DIR,
@@ -123,10 +123,14 @@ def module_file(name: str, package: Path = PACKAGE) -> Path | None:
 
 def imported_names(path: Path, package: Path = PACKAGE) -> set[str]:
     """The dotted names of `package` a file imports anywhere in it (an import inside a function runs too);
-    `from a import b` counts as importing both a and a.b, since b may be a module."""
+    `from a import b` counts as importing both a and a.b, since b may be a module; a file that walks its folder with
+    `pkgutil.iter_modules` (the loss registry) imports every module in that folder."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "iter_modules":
+            folder = ".".join(path.parent.relative_to(package.parent).parts)
+            names |= {f"{folder}.{module.stem}" for module in path.parent.glob("*.py")}
+        elif isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level:
             raise ValueError(f"{path}:{node.lineno}: relative import; write it as `from {package.name}.... import ...` "
