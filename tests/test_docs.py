@@ -26,6 +26,7 @@ DOC_CITATION = re.compile(r"\bdocs/[\w./-]*?\.md(?:#[\w-]+)?")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 README_SECTION = re.compile(r"""README \\?["']([^"'\\]+)""")
 PATH_MENTION = re.compile(r"`((?:tokenbridge|bench|tests|infra|docs)/[\w./-]*)")
+NAMED_DEFINITION = re.compile(r"`((?:tokenbridge|bench|tests)/[\w/]+\.py): (\w+)")
 # A command as written in backticks or a code block: `tokenbridge X`, `python -m tokenbridge X`, .venv/bin/tokenbridge X.
 COMMAND_MENTION = re.compile(r"(?:`|-m |/bin/|^\s*)tokenbridge ([a-z_]+)")
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -151,6 +152,14 @@ def test_every_path_the_docs_name_exists_in_the_tree():
                 if not (ROOT / path).exists():
                     problems.append(f"{name}:{number}: {path}")
     assert not problems, "paths named in the docs that the tree does not have:\n" + "\n".join(problems)
+
+
+def test_every_function_the_docs_name_in_a_module_is_defined_there():
+    problems = [f"{name}:{number}: {match.group(1)}: {match.group(2)}"
+                for name in doc_pages() for number, line in lines_of(name)
+                for match in NAMED_DEFINITION.finditer(line)
+                if not re.search(rf"^\s*(?:def|class) {match.group(2)}\b", (ROOT / match.group(1)).read_text(), re.M)]
+    assert not problems, "functions or classes the docs name that their module does not define:\n" + "\n".join(problems)
 
 
 def test_every_tokenbridge_command_the_docs_name_is_a_cli_flow():
