@@ -79,7 +79,8 @@ class PrepareParams(Strict):
 
 
 class TeacherLogitsParams(Strict):
-    """Offline teacher extraction (spec 2.3, 2.7): which entries of each next-token distribution are stored, and how."""
+    """Offline teacher extraction (docs/stored-logits.md): which entries of each next-token distribution are
+    stored, and how."""
 
     top_p: float = Field(1.0, gt=0, le=1, description="keep the smallest prefix reaching this probability (at T=1)")
     top_k: int = Field(ge=1, le=1024, description="then keep at most this many entries")
@@ -96,7 +97,8 @@ LOSS_NAMES = (*CROSS_TOKENIZER_LOSSES, *SAME_TOKENIZER_LOSSES, "sft")
 
 
 class TeacherTruncation(Strict):
-    """The teacher distribution distribution-matching losses see (pre-training distillation, spec 2.3):
+    """The teacher distribution distribution-matching losses see (pre-training distillation,
+    docs/algorithms/pretraining-distillation.md#truncation-and-temperature):
     keep the smallest top-p prefix, cap it at top-k, then renormalise softmax(z / temperature) over it."""
 
     top_p: float = Field(1.0, gt=0, le=1)
@@ -105,12 +107,13 @@ class TeacherTruncation(Strict):
 
 
 class AlmParams(Strict):
-    """ALM loss options (spec section 1.17); defaults are the paper's recommended configuration."""
+    """ALM loss options (docs/algorithms/alm.md#binarised-divergence); defaults are the paper's recommended
+    configuration (docs/algorithms/alm.md#defaults)."""
 
     binarization_temp: float = Field(100.0, gt=0, description="tau: chunk probabilities are raised to 1/tau")
     diff_fn: Literal["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit",
                      "joschu_k2", "joschu_k3"] = Field(
-        "binary_ce", description="per-chunk distance (spec 1.10); binary_ce has binary_kl's gradient")
+        "binary_ce", description="per-chunk distance; binary_ce has binary_kl's gradient")
     chunks: Literal["unconstrained", "space"] = Field(
         "unconstrained", description="unconstrained: minimal byte-exact chunks; space: merged into whole words")
     merge_by_space_prob: bool = Field(True, description="merge chunks until the teacher's boundary prob > gamma")
@@ -120,7 +123,8 @@ class AlmParams(Strict):
 
 
 class UldParams(Strict):
-    """Universal Logit Distillation (spec 4.1): L1 between sorted next-token probabilities, index-paired."""
+    """Universal Logit Distillation (docs/algorithms/uld-multilevel-ot.md#uld): L1 between sorted next-token
+    probabilities, index-paired."""
 
     top_k: int = Field(256, ge=1, description="sorted probabilities kept per side, the rest as one tail term: "
                        "exact when it covers both vocabularies, a lower bound otherwise; offline capped at the stored top-k")
@@ -128,14 +132,16 @@ class UldParams(Strict):
 
 
 class MinedParams(Strict):
-    """MinED (spec 1.19): KL through a minimum-edit-distance token mapping at 1:1 chunks, CE elsewhere."""
+    """MinED (docs/algorithms/mined.md): KL through a minimum-edit-distance token mapping at 1:1 chunks, CE
+    elsewhere."""
 
     temperature: float = Field(2.0, gt=0, description="kd temperature T of both terms, as in tokenkit: the KL "
                                "between softmax(z / T) at 1:1 chunks and the CE (one-hot KL) at the others")
 
 
 class MultiLevelOtParams(Strict):
-    """MultiLevelOT (spec 4.2-4.3), paper semantics: L = HAD + sl_weight * SL + sd_weight * SD."""
+    """MultiLevelOT (docs/algorithms/uld-multilevel-ot.md#our-multilevelot), paper semantics:
+    L = HAD + sl_weight * SL + sd_weight * SD."""
 
     top_k: int = Field(50, ge=1, description="ranked vocabulary dimensions kept per side, not renormalised")
     ranking: Literal["sequence", "token"] = Field(
@@ -150,7 +156,7 @@ class MultiLevelOtParams(Strict):
 
 
 class DskdParams(Strict):
-    """Dual-space KD (spec 1.19): cross-model attention projectors; needs the live teacher."""
+    """Dual-space KD (docs/algorithms/dskd.md): cross-model attention projectors; needs the live teacher."""
 
     kd_temperature: float = Field(2.0, gt=0, description="T of both KD terms (t2s and s2t); the CE_t2s is untempered")
     skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed reverse KL (srkl) in KD_t2s")
@@ -165,7 +171,8 @@ class SkewParams(Strict):
 
 
 class OnPolicyParams(Strict):
-    """GKD's student-generated batches (spec 3.1-3.2); needs the live teacher to score the samples."""
+    """GKD's student-generated batches (docs/algorithms/gkd.md#the-objective-and-the-algorithm); needs the live
+    teacher to score the samples."""
 
     fraction: float = Field(0.0, ge=0, le=1, description="lambda: share of steps whose responses the student "
                             "samples (0: off-policy, the dataset's answers; 1: fully on-policy)")
@@ -186,7 +193,8 @@ class DistillParams(Strict):
     loss: str | list[str] = Field("alm", description="registered loss name, or a list of names to combine")
     loss_weights: dict[str, float] = Field(default_factory=dict, description="fixed weight per combined loss (default 1)")
     combine: Literal["fixed", "gradmag"] = Field(
-        "fixed", description="fixed: weights and alpha; gradmag: equal last-layer gradient norm per term (spec 1.14)")
+        "fixed", description="fixed: weights and alpha; gradmag: equal last-layer gradient norm per term "
+        "(docs/algorithms/alm.md#combining-losses)")
     alpha: float = Field(0.5, ge=0, le=1, description="(1 - alpha) * next-token CE + alpha * distillation loss")
     alpha_schedule: Literal["constant", "linear_increase", "linear_decrease", "wsd"] = "constant"
     alpha_warmup: float = Field(0.1, ge=0, le=1, description="wsd: fraction of steps ramping alpha up from 0")
@@ -235,7 +243,7 @@ class DistillParams(Strict):
 
 
 class EvaluateParams(Strict):
-    """Stages `evaluate@<model>` and `evaluate_transfer` (README "Evaluation plan"); device and generation dtype
+    """Stages `evaluate@<model>` and `evaluate_transfer` (docs/evaluation.md); device and generation dtype
     come from `runtime`."""
 
     limit: int = Field(ge=1, description="GSM test questions for each of teacher, student_before, student_after")
@@ -248,8 +256,8 @@ class EvaluateParams(Strict):
 
 
 class TransferParams(Strict):
-    """Stage `transfer` (spec 1.15-1.16): each source model moved onto `tokenizer` by FVT, then ALM
-    self-distillation with the original model (own tokenizer) as the frozen teacher."""
+    """Stage `transfer` (docs/algorithms/tokenizer-transfer.md): each source model moved onto `tokenizer` by FVT,
+    then ALM self-distillation with the original model (own tokenizer) as the frozen teacher."""
 
     tokenizer: str = Field(description="target tokenizer: 'student' or 'teacher' (that role's), a local HF "
                                        "directory holding one, or 'byte' (every byte one token, specials kept)")
@@ -261,12 +269,12 @@ class TransferParams(Strict):
     lora_rank: int = Field(64, ge=1)
     lora_alpha: int = Field(64, ge=1)
     batch_size: int = Field(2, ge=1)
-    learning_rate: float = Field(1e-4, gt=0, description="phase 2 peak; linear warm-up then decay (spec 1.17)")
+    learning_rate: float = Field(1e-4, gt=0, description="phase 2 peak; linear warm-up then decay")
     embedding_learning_rate: float = Field(1e-3, gt=0, description="phase 1 peak")
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=32, description="training examples longer than this (tokens, either side) are skipped")
-    hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss (spec 1.13b)")
+    hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
 
@@ -280,7 +288,8 @@ class TransferParams(Strict):
 
 
 class EnsembleParams(Strict):
-    """Stage `ensemble` (spec 1.18): next-token probabilities averaged over models sharing one tokenizer."""
+    """Stage `ensemble` (docs/algorithms/tokenizer-transfer.md#ensembles): next-token probabilities averaged over
+    models sharing one tokenizer."""
 
     members: list[str] = Field(min_length=1, description="'student', 'teacher', or a transfer source name "
                                                          "(its transferred model)")
@@ -294,7 +303,7 @@ class EnsembleParams(Strict):
 
 
 class RuntimeParams(Strict):
-    """Where and in what precision every stage computes (tokenbridge/runtime.py; README "Runtime")."""
+    """Where and in what precision every stage computes (tokenbridge/runtime.py; docs/runtime.md)."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU")
     precision: Literal["auto", "bf16-mixed", "fp32"] = Field(
@@ -392,7 +401,7 @@ def _format_errors(error: ValidationError, prefix: str) -> str:
     for item in error.errors():
         path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (remove it or check its spelling; see README 'Parameters')")
+            lines.append(f"  {path}: unknown key (remove it or check its spelling; see docs/parameters.md)")
         else:
             allowed = item.get("ctx", {}).get("expected")
             hint = f" (allowed: {allowed})" if allowed and str(allowed) not in item["msg"] else ""

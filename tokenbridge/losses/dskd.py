@@ -1,4 +1,4 @@
-"""DSKD: dual-space knowledge distillation with cross-model attention (Zhang et al. 2024; spec 1.19).
+"""DSKD: dual-space knowledge distillation with cross-model attention (Zhang et al. 2024; docs/algorithms/dskd.md).
 
 The two models' representations are brought into each other's space by trainable projectors, aligned
 position by position with a cross-model attention whose queries and keys are "index embeddings"

@@ -1,5 +1,5 @@
-"""Universal Logit Distillation (spec 4.1): next-token distributions over different vocabularies, compared
-by their sorted probabilities.
+"""Universal Logit Distillation (docs/algorithms/uld-multilevel-ot.md#uld): next-token distributions over different
+vocabularies, compared by their sorted probabilities.
 
 At one position ULD is the L1 distance between the two probability vectors sorted in descending order, the
 smaller vocabulary zero-padded. By the rearrangement inequality the sorted matching is the cheapest way to
