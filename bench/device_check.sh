@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (README "GPU checks"): for one H100 or H200 with torch, transformers, peft and
+# The GPU checks in one run (docs/runtime.md#gpu-checks): for one H100 or H200 with torch, transformers, peft and
 # accelerate installed and no network; under 8 minutes there.
 #
 #   bench/device_check.sh OUT_DIR [--cpu] [--quick]

@@ -1,4 +1,5 @@
-"""Alignment invariants of spec section 1.23 (items 1, 2, 3, 5, 6, 10) on real, deliberately different tokenizers."""
+"""Alignment invariants (docs/algorithms/alm.md#invariants, items 1, 2, 3, 5, 6, 10) on real, deliberately
+different tokenizers."""
 
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def test_byte_level_student_chunks_are_whole_teacher_tokens(tiny_tokenizers, tab
 
 
 def test_a_prefix_space_added_by_one_tokenizer_still_aligns(tiny_tokenizers):
-    """Spec 1.23 item 5: a dummy prefix space (SentencePiece `add_prefix_space`) is absorbed into the first token."""
+    """Invariant 5: a dummy prefix space (SentencePiece `add_prefix_space`) is absorbed into the first token."""
     text = "Hello world"
     teacher, student = tiny_tokenizers["teacher"], tiny_tokenizers["student"]
     teacher_ids = teacher(text, add_special_tokens=False)["input_ids"]
@@ -228,7 +229,7 @@ def test_space_chunks_merge_unless_both_next_tokens_start_a_word_and_count_only_
 @PROPERTY
 @given(question=QUESTIONS, answer=ANSWERS)
 def test_space_chunks_end_only_where_both_sides_start_a_word_or_the_run_breaks(tiny_tokenizers, question, answer):
-    """Spec 1.23 item 6: a word column ends after a minimal chunk exactly when the next teacher token and the
+    """Invariant 6: a word column ends after a minimal chunk exactly when the next teacher token and the
     next student token both start a word (whitespace-initial or special), or the next chunk does not follow
     directly on both sides (template text between)."""
     sides = {}

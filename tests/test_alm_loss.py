@@ -1,4 +1,5 @@
-"""ALM loss invariants of spec section 1.23 (items 7-14b), the registered adapter on real tiny models, and SFT."""
+"""ALM loss invariants (docs/algorithms/alm.md#invariants, items 7-14b), the registered adapter on real tiny models,
+and SFT."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A plain-Python reference of spec 1.8-1.12, written from the formulas and independent of the tensor code.
+# A plain-Python reference of docs/algorithms/alm.md#the-loss-in-one-formula, written from the formulas and
+# independent of the tensor code.
 
 def _reference_divergence(diff_fn: str, teacher: float, student: float, tau: float) -> float:
     log_a, log_b = teacher / tau - EPS, student / tau - EPS
@@ -117,7 +119,7 @@ def _layout_tensors(layout):
 @PROPERTY
 @given(layout=chunk_layouts(), diff_fn=st.sampled_from(DIFF_FNS), flags=st.sampled_from(FLAG_SETS),
        tau=st.sampled_from([1.0, 5.0, 100.0]))
-def test_loss_equals_the_plain_reference_of_the_spec_formula(layout, diff_fn, flags, tau):
+def test_loss_equals_the_plain_reference_of_the_documented_formula(layout, diff_fn, flags, tau):
     """Covers chunk sums, merging on the teacher's boundary, the last valid constituent's boundary,
     append_space on both sides, the clipping, every diff_fn and the mean over counted chunks."""
     options = AlmOptions(tau, diff_fn, flags.merge_by_space_prob, flags.append_space, flags.boundary_threshold)
@@ -220,7 +222,7 @@ def test_identical_tokenizers_without_flags_reduce_to_per_token_binary_cross_ent
     assert result.num_chunks.item() == 18
 
 
-def test_temperature_limits_match_the_spec_values():
+def test_temperature_limits_match_the_documented_values():
     teacher, student = torch.tensor([-3.0], dtype=torch.float64), torch.tensor([-5.0], dtype=torch.float64)
     tau = 1e4
     # The -1e-6 inside the exponent shifts each log-likelihood by tau * 1e-6 before the limit applies.
@@ -237,7 +239,8 @@ def test_temperature_limits_match_the_spec_values():
 @pytest.mark.parametrize("tau", [1.0, 100.0])
 @pytest.mark.parametrize("diff_fn", ["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp"])
 def test_binarised_divergences_keep_fp32_precision_for_near_certain_chunks(diff_fn, tau):
-    """Spec 1.21: at tau = 100 most tempered probabilities are within 1e-4 of 1; fp32 must still resolve them.
+    """Numerics (docs/algorithms/alm.md#numerics): at tau = 100 most tempered probabilities are within 1e-4 of 1;
+    fp32 must still resolve them.
 
     The bound is fp32's own: a computation that rounds its inputs (log a = teacher / tau - eps, likewise b) and
     then loses no more than a few ulps per operation is within c * u * (1 + kappa) relative of the exact value,
@@ -263,7 +266,7 @@ def test_binarised_divergences_keep_fp32_precision_for_near_certain_chunks(diff_
     assert torch.allclose(gradient.double(), exact_gradient, rtol=1e-4, atol=0)
 
 
-def test_schulman_estimators_follow_the_spec_table():
+def test_schulman_estimators_follow_the_documented_table():
     teacher, student, tau = torch.tensor([-3.0], dtype=torch.float64), torch.tensor([-5.0], dtype=torch.float64), 4.0
     r = (-3.0 + 5.0) / tau
     assert chunk_divergence(teacher, student, "joschu_k2", tau).item() == pytest.approx(r * r / 2)
@@ -273,7 +276,7 @@ def test_schulman_estimators_follow_the_spec_table():
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.5, 3.0, 10.0]))
 def test_binarised_kl_is_at_most_the_full_vocabulary_kl(seed, scale):
-    """Spec 1.23 item 14b (data processing, paper App. E): with tau = 1, BinKL(p_T(x) || p_S(x)) <= KL(p_T || p_S)."""
+    """Invariant 14b (data processing, paper App. E): with tau = 1, BinKL(p_T(x) || p_S(x)) <= KL(p_T || p_S)."""
     generator = torch.Generator().manual_seed(seed)
     teacher = (torch.randn(8, 30, generator=generator, dtype=torch.float64) * scale).log_softmax(-1)
     student = (torch.randn(8, 30, generator=generator, dtype=torch.float64) * scale).log_softmax(-1)
@@ -503,7 +506,7 @@ def test_adapter_with_one_model_on_both_sides_gives_one_chunk_per_target_token_a
 
 def test_permuting_the_student_vocabulary_with_its_embeddings_leaves_the_loss_unchanged(
         tiny_models, tiny_tokenizers, tiny_dirs):
-    """Spec 1.23 item 14: the loss sees the vocabulary only through observed tokens and boundary mass."""
+    """Invariant 14: the loss sees the vocabulary only through observed tokens and boundary mass."""
     tokenizer = tiny_tokenizers["student"]
     permutation = torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(0))
     permuted = copy.deepcopy(tiny_models["student"])

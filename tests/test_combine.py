@@ -1,4 +1,5 @@
-"""Combining loss terms: alpha schedules (spec 2.10 items 4 and 6) and GradMag balancing (spec 1.23 item 15)."""
+"""Combining loss terms: alpha schedules (docs/algorithms/pretraining-distillation.md#invariants, items 4 and 6)
+and GradMag balancing (docs/algorithms/alm.md#invariants, item 15)."""
 
 from __future__ import annotations
 

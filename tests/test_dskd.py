@@ -1,4 +1,5 @@
-"""DSKD (spec 1.19): cross-model attention, the accuracy-masked KD, gradient flow, and the registered adapter."""
+"""DSKD (docs/algorithms/dskd.md): cross-model attention, the accuracy-masked KD, gradient flow, and the registered
+adapter."""
 
 from __future__ import annotations
 

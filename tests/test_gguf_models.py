@@ -182,7 +182,7 @@ def test_a_missing_package_names_the_pip_command(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("teacher", ["qwen2.5-coder-0.5b-instruct", "gemma-3-270m"])
 def test_chunks_between_real_tokenizers_are_byte_exact(converted, teacher):
-    """Spec 1.23 item 2 on real pairs: byte-level BPE vs byte-level BPE, and SentencePiece BPE vs byte-level BPE."""
+    """ALM invariant 2 on real pairs: byte-level BPE vs byte-level BPE, and SentencePiece BPE vs byte-level BPE."""
     import random
 
     from tokenbridge.alignment import align_chunks

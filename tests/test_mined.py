@@ -1,4 +1,4 @@
-"""MinED (spec 1.19, 1.23 item 18): the minimum-edit-distance mapping, its cache, and the loss."""
+"""MinED (docs/algorithms/mined.md): the minimum-edit-distance mapping, its cache, and the loss."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""On-policy distillation (GKD, spec 3): the student-data fraction lambda, sampling with a KV cache, the
-teacher scoring the student's samples with its own tokenizer, and agreement with TRL's GKD loss."""
+"""On-policy distillation (GKD, docs/algorithms/gkd.md): the student-data fraction lambda, sampling with a KV
+cache, the teacher scoring the student's samples with its own tokenizer, and agreement with TRL's GKD loss."""
 
 from __future__ import annotations
 

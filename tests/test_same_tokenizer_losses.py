@@ -1,4 +1,5 @@
-"""Same-tokenizer KD (spec 2.10 and 3.6): teacher truncation and temperature, and the divergences."""
+"""Same-tokenizer KD (docs/algorithms/pretraining-distillation.md#invariants, docs/algorithms/gkd.md#invariants):
+teacher truncation and temperature, and the divergences."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _log_probs(seed: int, shape=(3, VOCAB), scale=2.0, dtype=torch.float64) -> t
     return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).log_softmax(-1)
 
 
-# --- Truncation (spec 2.10 items 1-2) ---------------------------------------------------------------------
+# --- Truncation (pre-training distillation invariants 1-2) ------------------------------------------------------
 
 def test_truncation_with_top_p_one_and_no_top_k_is_the_identity():
     lp = _log_probs(0, dtype=torch.float32)
@@ -67,7 +68,7 @@ def test_retempering_stored_log_probs_equals_tempering_the_original_logits():
                                (logits / 0.5).log_softmax(-1))
 
 
-# --- Divergences (spec 3.6, 2.10 items 3 and 5) ------------------------------------------------------------
+# --- Divergences (GKD invariants; pre-training distillation 3 and 5) ----------------------------------------------
 
 def test_jsd_endpoints_are_the_exact_kls():
     p, q = _log_probs(4), _log_probs(5)

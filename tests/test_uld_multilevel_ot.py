@@ -1,5 +1,5 @@
-"""ULD and MultiLevelOT (spec 4.1-4.5, 5): the pure functions on hand-made tensors, and the registered
-adapters on small hand-built student/teacher views against dense, loop-based reference implementations."""
+"""ULD and MultiLevelOT (docs/algorithms/uld-multilevel-ot.md): the pure functions on hand-made tensors, and the
+registered adapters on small hand-built student/teacher views against dense, loop-based reference implementations."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def uld(student: torch.Tensor, teacher: torch.Tensor, top_k: int) -> torch.Tenso
 
 
 def exact_uld(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Spec 4.1 literally: sort each descending, zero-pad the smaller vocabulary, sum |differences|."""
+    """ULD as its paper states it: sort each descending, zero-pad the smaller vocabulary, sum |differences|."""
     width = max(student.shape[-1], teacher.shape[-1])
     pad = lambda p: torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
     return (pad(student) - pad(teacher)).abs().sum(-1)
@@ -304,7 +304,7 @@ def reference_uld(pair: Pair, live: bool, top_k: int) -> torch.Tensor:
 
 
 def reference_multilevel_ot(pair: Pair, live: bool, params: MultiLevelOtParams) -> torch.Tensor:
-    """Spec 4.2 with plain argsorts, full softmaxes and direct Sinkhorn normalisation, in float64."""
+    """The paper's formulation with plain argsorts, full softmaxes and direct Sinkhorn normalisation, in float64."""
     losses = []
     for b in range(2):
         student_logits, teacher = pair.dense(b, live)

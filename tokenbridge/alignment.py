@@ -1,11 +1,11 @@
-"""ALM chunk alignment (spec section 1.5, "unconstrained" chunks) on common byte spans.
+"""ALM chunk alignment ("unconstrained" chunks, docs/algorithms/alm.md#chunk-alignment) on common byte spans.
 
 A chunk is a minimal pair of contiguous token spans, one per tokenizer, that cover exactly the same bytes.
 Every token carries its span on the common byte stream (`tokenbridge.data.chat`); tokens without one
 (template text, dropped specials) belong to no chunk. A chunk starts where both sides start a token and
 ends at the first byte offset where both sides end one, walking only over consecutive tokens whose spans
-touch: a chunk never steps over a gap, so every chunk is byte-exact by construction (the spec's
-`check=True` validation cannot fail).
+touch: a chunk never steps over a gap, so every chunk is byte-exact by construction (the reference
+implementation's `check=True` validation cannot fail).
 """
 
 from __future__ import annotations

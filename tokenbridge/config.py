@@ -73,7 +73,8 @@ class PrepareParams(Strict):
 
 
 class TeacherLogitsParams(Strict):
-    """Offline teacher extraction (spec 2.3, 2.7): which entries of each next-token distribution are stored, and how."""
+    """Offline teacher extraction (docs/stored-logits.md): which entries of each next-token distribution are
+    stored, and how."""
 
     top_p: float = Field(1.0, gt=0, le=1, description="keep the smallest prefix reaching this probability (at T=1)")
     top_k: int = Field(ge=1, le=1024, description="then keep at most this many entries")
@@ -84,7 +85,8 @@ class TeacherLogitsParams(Strict):
 
 
 class TeacherTruncation(Strict):
-    """The teacher distribution distribution-matching losses see (pre-training distillation, spec 2.3):
+    """The teacher distribution distribution-matching losses see (pre-training distillation,
+    docs/algorithms/pretraining-distillation.md#truncation-and-temperature):
     keep the smallest top-p prefix, cap it at top-k, then renormalise softmax(z / temperature) over it."""
 
     top_p: float = Field(1.0, gt=0, le=1)
@@ -93,7 +95,8 @@ class TeacherTruncation(Strict):
 
 
 class OnPolicyParams(Strict):
-    """GKD's student-generated batches (spec 3.1-3.2); needs the live teacher to score the samples."""
+    """GKD's student-generated batches (docs/algorithms/gkd.md#the-objective-and-the-algorithm); needs the live
+    teacher to score the samples."""
 
     fraction: float = Field(0.0, ge=0, le=1, description="lambda: share of steps whose responses the student "
                             "samples (0: off-policy, the dataset's answers; 1: fully on-policy)")
@@ -102,7 +105,7 @@ class OnPolicyParams(Strict):
 
 
 class EvaluateParams(Strict):
-    """Stages `evaluate@<model>` and `evaluate_transfer` (README "Evaluation plan"); device and generation dtype
+    """Stages `evaluate@<model>` and `evaluate_transfer` (docs/evaluation.md); device and generation dtype
     come from `runtime`."""
 
     limit: int = Field(ge=1, description="GSM test questions for each of teacher, student_before, student_after")
@@ -115,7 +118,8 @@ class EvaluateParams(Strict):
 
 
 class EnsembleParams(Strict):
-    """Stage `ensemble` (spec 1.18): next-token probabilities averaged over models sharing one tokenizer."""
+    """Stage `ensemble` (docs/algorithms/tokenizer-transfer.md#ensembles): next-token probabilities averaged over
+    models sharing one tokenizer."""
 
     members: list[str] = Field(min_length=1, description="'student', 'teacher', or a transfer source name "
                                                          "(its transferred model)")
@@ -129,7 +133,7 @@ class EnsembleParams(Strict):
 
 
 class RuntimeParams(Strict):
-    """Where and in what precision every stage computes (tokenbridge/runtime.py; README "Runtime")."""
+    """Where and in what precision every stage computes (tokenbridge/runtime.py; docs/runtime.md)."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU")
     precision: Literal["auto", "bf16-mixed", "fp32"] = Field(

@@ -1,4 +1,4 @@
-"""Compact, lossy-by-design encoding of truncated teacher distributions (spec 2.7).
+"""Compact, lossy-by-design encoding of truncated teacher distributions (docs/stored-logits.md).
 
 Per position `t` the extraction keeps `n_t <= k` entries (top-p, then top-k) with their log-probs, normalised
 over the full vocabulary (so `1 - sum(exp)` is the missing mass). The naive layout, an int32 id and an fp16
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import zstandard
 
-LEVELS = 127  # 7-bit codes 0..127; 8 bits cost ~10% more bytes for ~4x lower KL (measured, README)
+LEVELS = 127  # 7-bit codes 0..127; 8 bits cost ~10% more bytes for ~4x lower KL (measured: docs/stored-logits.md)
 COMPANDING = 4.0  # codes quantise p ** (1 / COMPANDING)
 ZSTD_LEVEL = 3
 ID_ZSTD_LEVEL = 9  # the id gaps are the largest stream; level 9 saves ~5% at ~40 MB/s

@@ -1,4 +1,4 @@
-"""On-policy batches (GKD, spec 3.1-3.2): the student samples each response, the teacher scores it.
+"""On-policy batches (GKD; docs/algorithms/gkd.md): the student samples each response, the teacher scores it.
 
 On a share `distill.on_policy.fraction` (GKD's lambda) of the steps, the batch's questions are rendered with
 the student's chat template, the student samples a response (no gradient through sampling), and the

@@ -43,7 +43,8 @@ class DistillCommonParams(Strict):
     loss: str | list[str] = Field("alm", description="registered loss name, or a list of names to combine")
     loss_weights: dict[str, float] = Field(default_factory=dict, description="fixed weight per combined loss (default 1)")
     combine: Literal["fixed", "gradmag"] = Field(
-        "fixed", description="fixed: weights and alpha; gradmag: equal last-layer gradient norm per term (spec 1.14)")
+        "fixed", description="fixed: weights and alpha; gradmag: equal last-layer gradient norm per term "
+        "(docs/algorithms/alm.md#combining-losses)")
     alpha: float = Field(0.5, ge=0, le=1, description="(1 - alpha) * next-token CE + alpha * distillation loss")
     alpha_schedule: Literal["constant", "linear_increase", "linear_decrease", "wsd"] = "constant"
     alpha_warmup: float = Field(0.1, ge=0, le=1, description="wsd: fraction of steps ramping alpha up from 0")
@@ -100,8 +101,8 @@ DistillParams = distill_params_model()
 
 
 class TransferParams(Strict):
-    """Stage `transfer` (spec 1.15-1.16): each source model moved onto `tokenizer` by FVT, then ALM
-    self-distillation with the original model (own tokenizer) as the frozen teacher."""
+    """Stage `transfer` (docs/algorithms/tokenizer-transfer.md): each source model moved onto `tokenizer` by FVT,
+    then ALM self-distillation with the original model (own tokenizer) as the frozen teacher."""
 
     tokenizer: str = Field(description="target tokenizer: 'student' or 'teacher' (that role's), a local HF "
                                        "directory holding one, or 'byte' (every byte one token, specials kept)")
@@ -113,12 +114,12 @@ class TransferParams(Strict):
     lora_rank: int = Field(64, ge=1)
     lora_alpha: int = Field(64, ge=1)
     batch_size: int = Field(2, ge=1)
-    learning_rate: float = Field(1e-4, gt=0, description="phase 2 peak; linear warm-up then decay (spec 1.17)")
+    learning_rate: float = Field(1e-4, gt=0, description="phase 2 peak; linear warm-up then decay")
     embedding_learning_rate: float = Field(1e-3, gt=0, description="phase 1 peak")
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=32, description="training examples longer than this (tokens, either side) are skipped")
-    hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss (spec 1.13b)")
+    hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
 
@@ -193,7 +194,7 @@ def _format_errors(error: ValidationError, prefix: str) -> str:
     for item in error.errors():
         path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (remove it or check its spelling; see README 'Parameters')")
+            lines.append(f"  {path}: unknown key (remove it or check its spelling; see docs/parameters.md)")
         else:
             allowed = item.get("ctx", {}).get("expected")
             hint = f" (allowed: {allowed})" if allowed and str(allowed) not in item["msg"] else ""

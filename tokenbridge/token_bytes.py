@@ -1,4 +1,4 @@
-"""Tokens as bytes: the common ground between tokenizers (DESIGN.md, spec section 1.4).
+"""Tokens as bytes: the common ground between tokenizers (docs/algorithms/design.md#bytes-not-characters).
 
 A byte-level BPE token can hold part of a multi-byte character, so character offsets cannot express its
 span. We compute each token's bytes from the vocabulary instead, decided once per tokenizer from its
@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-# A token "starts a word" when its first byte is one of these (spec 1.9: space+tab+newline+special).
+# A token "starts a word" when it is special or its first byte is one of these
+# (docs/algorithms/alm.md#boundary-probability-and-debiasing).
 BOUNDARY_BYTES = frozenset(b" \t\n\r")
 
 

@@ -8,7 +8,7 @@ Teacher and student see the same content bytes but different template text. Ever
     [P+R, P+R+1)  one placeholder byte for the model's end-of-turn token (so both models' EOS align)
 
 Tokens that cover template text (or straddle template and content) get no span; they are masked out of
-cross-tokenizer losses rather than force-aligned (DESIGN.md).
+cross-tokenizer losses rather than force-aligned (docs/algorithms/design.md#bytes-not-characters).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Stage `distill`: train the student with the loss `distill.loss` names (ALM by default; also ULD, MinED,
-MultiLevelOT, DSKD across tokenizers, KL-family losses within one; README "Losses"), mixed with next-token
+MultiLevelOT, DSKD across tokenizers, KL-family losses within one; docs/losses.md), mixed with next-token
 cross-entropy by `distill.alpha` or balanced by GradMag, from stored teacher logits (offline) or a live
 teacher (online). With `distill.on_policy.fraction` > 0 (GKD's lambda; online teacher) that share of the steps
 trains on answers the student samples, scored by the teacher with its own tokenizer. Checkpoints every

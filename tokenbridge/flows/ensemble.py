@@ -1,6 +1,6 @@
 """Stage `ensemble`: combine `ensemble.members` (models sharing one tokenizer) by averaging their next-token
 probabilities with `ensemble.weights`, into a directory that loads like any causal LM (lm-eval scores it
-by log-likelihood and by generation). Members with different tokenizers are refused. README "Ensembles".
+by log-likelihood and by generation). Members with different tokenizers are refused. docs/transfer.md#ensembles.
 
 Inputs: models/student, models/teacher, models/transferred/<name> (whichever the members name);
 params `ensemble.*`. Outputs: models/ensemble/ (members hard-linked under members/<name>), logged to MLflow.

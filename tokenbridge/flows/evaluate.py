@@ -1,8 +1,8 @@
 """Stage `evaluate@<model>` for model in teacher, student_before, student_after: held-out bits-per-byte (fp32)
 and lm-eval's real harness on the local GSM-style test set (`evaluate.limit` questions, batched greedy
 generation). These three models are the distillation comparison the report is about, so they always get GSM;
-the transfer stage's models get bits-per-byte alone by default (README "Evaluation plan").
-Device and generation dtype: params `runtime.*` (README "Runtime").
+the transfer stage's models get bits-per-byte alone by default (docs/evaluation.md).
+Device and generation dtype: params `runtime.*` (docs/runtime.md).
 
 Inputs: data/prepared and the model's directory (models/teacher, models/student or models/distilled);
 params `evaluate.*`, `runtime.*`. Outputs: metrics/eval/<model>.json (DVC metrics), data/eval/<model>/

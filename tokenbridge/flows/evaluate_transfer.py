@@ -3,7 +3,7 @@
 (`<name>.transferred`), and the ensemble. Members that are the student or the teacher take the evaluate
 stage's scores. The report stage puts them side by side.
 
-Evaluation plan (README "Evaluation plan"): every model here gets held-out bits-per-byte, which is cheap (one
+Evaluation plan (docs/evaluation.md): every model here gets held-out bits-per-byte, which is cheap (one
 forward pass over the answers) and tells the variants apart; GSM generation, the pipeline's dominant cost,
 runs on `evaluate.transfer_limit` questions per model, 0 by default: after the default transfer budget (a
 dozen steps) every model here scored 0 of 3 GSM questions when it was measured, while generating 10 answers

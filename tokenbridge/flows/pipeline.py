@@ -4,7 +4,7 @@ stale and every stage run it starts is grouped under this pipeline execution.
   tokenbridge pipeline                         run once (what `make run` does)
   tokenbridge pipeline --serve --cron "0 3 * * *"
                                                    serve as a scheduled deployment; needs a real Prefect
-                                                   server (see README "Schedules")
+                                                   server (see docs/servers.md#schedules)
   tokenbridge pipeline --pool tokenbridge --cron "0 3 * * *"
                                                    register the scheduled deployment on a work pool instead;
                                                    `prefect worker start --pool tokenbridge` runs it here

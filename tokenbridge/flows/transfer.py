@@ -1,7 +1,7 @@
 """Stage `transfer`: move each `transfer.sources` model onto `transfer.tokenizer` (a role's tokenizer, a
 local one, or bytes): FVT initialisation, then ALM self-distillation with the original model as the frozen
 teacher (an embeddings-only phase, then LoRA or every parameter). Byte-level targets add the hidden-state
-loss. README "Tokenizer transfer".
+loss. docs/transfer.md.
 
 Inputs: data/prepared (the training texts), models/student and models/teacher (when the target names a
 role); params `transfer.*`. Outputs: models/sources/<name>/ (each source as materialised),

@@ -1,11 +1,11 @@
-"""ALM: approximate likelihood matching across tokenizers (spec section 1, default configuration 1.12).
+"""ALM: approximate likelihood matching across tokenizers (docs/algorithms/alm.md#the-loss-in-one-formula).
 
 For each aligned chunk, both models' chunk log-likelihoods (sums of their token log-probs over the chunk)
 are compared through a binarised divergence of the tempered probabilities `exp(l / tau)`. With
 `merge_by_space_prob`, consecutive chunks are merged until the teacher puts more than `gamma` of its mass
 on a word boundary next; with `append_space`, each (merged) chunk's likelihood is multiplied by the
 probability that a boundary follows, which removes most tokenization bias. The `space` chunk variant first
-merges minimal chunks into whole words (spec 1.6).
+merges minimal chunks into whole words (docs/algorithms/alm.md#chunk-variants).
 
 Chunks arrive as per-token ids (-1: in no chunk), so chunk sums are scatter-adds, O(B * L) rather than the
 reference's dense [B, L, C] matrices. Log-prob inputs follow the row convention: row `j` is the distribution
@@ -29,12 +29,13 @@ EPS = 1e-6  # kept inside the exponent: tempered probabilities stay below 1, so 
 
 
 class AlmParams(Strict):
-    """ALM loss options (spec section 1.17); defaults are the paper's recommended configuration."""
+    """ALM loss options (docs/algorithms/alm.md#binarised-divergence); defaults are the paper's recommended
+    configuration (docs/algorithms/alm.md#defaults)."""
 
     binarization_temp: float = Field(100.0, gt=0, description="tau: chunk probabilities are raised to 1/tau")
     diff_fn: Literal["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit",
                      "joschu_k2", "joschu_k3"] = Field(
-        "binary_ce", description="per-chunk distance (spec 1.10); binary_ce has binary_kl's gradient")
+        "binary_ce", description="per-chunk distance; binary_ce has binary_kl's gradient")
     chunks: Literal["unconstrained", "space"] = Field(
         "unconstrained", description="unconstrained: minimal byte-exact chunks; space: merged into whole words")
     merge_by_space_prob: bool = Field(True, description="merge chunks until the teacher's boundary prob > gamma")
@@ -75,7 +76,8 @@ def log_complement_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tens
 
 
 def chunk_divergence(teacher: torch.Tensor, student: torch.Tensor, diff_fn: str, tau: float) -> torch.Tensor:
-    """Per-chunk distance between chunk log-likelihoods `teacher`, `student` (both <= 0), spec 1.10.
+    """Per-chunk distance between chunk log-likelihoods `teacher`, `student` (both <= 0),
+    docs/algorithms/alm.md#binarised-divergence.
 
     The binarised divergences compare Bernoulli(a) with Bernoulli(b), a = exp(teacher / tau - eps),
     b = exp(student / tau - eps); the teacher is always the first argument. At tau = 100 most chunks have a, b
@@ -139,7 +141,7 @@ def word_chunks(
     teacher_chunks: torch.Tensor, student_chunks: torch.Tensor, teacher_word_start: torch.Tensor,
     student_word_start: torch.Tensor, counted: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The `space` variant (spec 1.6 item 2): consecutive minimal chunks merged into whole words.
+    """The `space` variant (docs/algorithms/alm.md#chunk-variants): consecutive minimal chunks merged into whole words.
 
     A word ends after a chunk when the next teacher token and the next student token both start a word
     (whitespace-initial or special), or when the next chunk does not follow directly on both sides (template

@@ -68,8 +68,8 @@ class TeacherView:
 
 @dataclass
 class Alignment:
-    """ALM's minimal byte-exact chunks (spec 1.5): per-token chunk id (-1: in no chunk), every chunk of the
-    example that does not start at token 0, numbered densely in order."""
+    """ALM's minimal byte-exact chunks (docs/algorithms/alm.md#chunk-alignment): per-token chunk id (-1: in no chunk),
+    every chunk of the example that does not start at token 0, numbered densely in order."""
 
     teacher_chunks: torch.Tensor  # [B, L_T]
     student_chunks: torch.Tensor  # [B, L_S]

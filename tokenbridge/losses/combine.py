@@ -1,5 +1,5 @@
 """How a step's loss terms become one loss: fixed per-term weights (`tokenbridge.training.schedules`: alpha and
-`loss_weights`), or GradMag balancing by last-layer gradient norm (spec 1.14)."""
+`loss_weights`), or GradMag balancing by last-layer gradient norm (docs/algorithms/alm.md#combining-losses)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ SumOverRanks = Callable[[list[torch.Tensor]], None]  # sums tensors over the tra
 
 def gradmag_weights(losses: Sequence[torch.Tensor], last_layer: Sequence[torch.Tensor],
                     sum_over_ranks: SumOverRanks | None = None) -> list[float]:
-    """Weights 1 / ||d loss_i / d W|| normalised to sum to one, W = the last layer's parameters (spec 1.14,
-    `approx_gradmag_preserve_mag`): every term then adds the same gradient norm to W, and any constant
-    factor on a term cancels. Under several processes each `loss` is this rank's share of the term, so the
-    term's gradient is the sum of the ranks' gradients (`sum_over_ranks`)."""
+    """Weights 1 / ||d loss_i / d W|| normalised to sum to one, W = the last layer's parameters
+    (docs/algorithms/alm.md#combining-losses; tokenkit's `approx_gradmag_preserve_mag`): every term then adds the
+    same gradient norm to W, and any constant factor on a term cancels. Under several processes each `loss`
+    is this rank's share of the term, so the term's gradient is the sum of the ranks' gradients
+    (`sum_over_ranks`)."""
     inverse = []
     for loss in losses:
         grads = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
@@ -33,7 +34,7 @@ def combine(terms: dict[str, torch.Tensor], weights: dict[str, float], mode: str
             last_layer: Sequence[torch.Tensor], sum_over_ranks: SumOverRanks | None = None
             ) -> tuple[torch.Tensor, dict[str, float]]:
     """The step's loss and the weights used. `fixed`: sum of weight * term; `gradmag`: the terms with a
-    positive fixed weight, rebalanced by `gradmag_weights` (their fixed weights cancel, as in the spec)."""
+    positive fixed weight, rebalanced by `gradmag_weights` (their fixed weights cancel, as in the paper)."""
     names = [name for name in terms if weights.get(name, 0) > 0]
     if mode == "gradmag" and len(names) > 1:
         weights = dict(zip(names, gradmag_weights([terms[n] for n in names], last_layer, sum_over_ranks)))

@@ -1,7 +1,8 @@
 """Divergences between two next-token distributions given as log-probs over the same support [..., V].
 
 `teacher` (P) may hold `-inf` outside a truncated support; `student` (Q) is a full log-softmax. Each
-function returns per-position values [...] (summed over the vocabulary), in fp32. Spec sections 0.3, 3.1.
+function returns per-position values [...] (summed over the vocabulary), in fp32.
+See docs/algorithms/README.md#divergences.
 """
 
 from __future__ import annotations

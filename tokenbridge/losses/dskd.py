@@ -1,4 +1,4 @@
-"""DSKD: dual-space knowledge distillation with cross-model attention (Zhang et al. 2024; spec 1.19).
+"""DSKD: dual-space knowledge distillation with cross-model attention (Zhang et al. 2024; docs/algorithms/dskd.md).
 
 The two models' representations are brought into each other's space by trainable projectors, aligned
 position by position with a cross-model attention whose queries and keys are "index embeddings"
@@ -38,7 +38,7 @@ from tokenbridge.losses.positions import gather_rows, map_positions, target_rows
 
 
 class DskdParams(Strict):
-    """Dual-space KD (spec 1.19): cross-model attention projectors; needs the live teacher."""
+    """Dual-space KD (docs/algorithms/dskd.md): cross-model attention projectors; needs the live teacher."""
 
     kd_temperature: float = Field(2.0, gt=0, description="T of both KD terms (t2s and s2t); the CE_t2s is untempered")
     skew: float = Field(0.1, gt=0, lt=1, description="lambda of the skewed reverse KL (srkl) in KD_t2s")

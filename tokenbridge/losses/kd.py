@@ -1,5 +1,5 @@
 """Same-tokenizer knowledge distillation: a divergence between the teacher's and the student's next-token
-distributions at every target row (spec 0.3, 2.2-2.3, 3.1).
+distributions at every target row (docs/algorithms/pretraining-distillation.md).
 
 The teacher's distribution is truncated top-p then top-k and tempered (`distill.teacher`), from stored top-k
 log-probs (offline) or the live teacher (online). Values are summed over the vocabulary and averaged over

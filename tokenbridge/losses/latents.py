@@ -1,5 +1,6 @@
-"""Hidden-state alignment at chunk ends (spec 1.13b, tokenkit's `alm_latents`): the auxiliary loss of
-byte-level tokenizer transfer, where chunk likelihoods alone carry too few bits per text.
+"""Hidden-state alignment at chunk ends (tokenkit's `alm_latents`): the auxiliary loss of byte-level
+tokenizer transfer (docs/algorithms/tokenizer-transfer.md#hidden-state-loss), where chunk likelihoods alone
+carry too few bits per text.
 
 At the last token of every aligned chunk, both models have read exactly the same bytes, so in
 self-distillation (the identity projection) their final hidden states should agree. The squared difference

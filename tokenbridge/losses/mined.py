@@ -1,5 +1,5 @@
-"""MinED: distillation through a minimum-edit-distance token mapping (spec 1.19; Wan et al. 2024, as tokenkit's
-cross-tokenizer baseline).
+"""MinED: distillation through a minimum-edit-distance token mapping (docs/algorithms/mined.md; Wan et al. 2024,
+as tokenkit's cross-tokenizer baseline).
 
 Mapping `mu: V_S -> V_T`. A student token whose bytes are a teacher token maps to it. An unmatched special token
 takes the teacher's special of the same role (eos, then bos, pad, unk). Any other student token maps to the
@@ -12,8 +12,9 @@ token j): KL( softmax(z_T[i-1, mu(.)] / T) || softmax(z_S[j-1] / T) ), a distrib
 built by reading the teacher's logits through mu (student tokens sharing a teacher token share its logit). At
 every other chunk: the cross-entropy of the chunk's first student token j0 under softmax(z_S[j0-1] / T), which is
 tokenkit's KL against a one-hot target at the same temperature (tokenkit scores every student token of such a
-chunk; the spec counts chunks). The sum is divided by the number of chunks scored, #1:1 + #other, in this batch;
-tokenkit's global 1:1 mask has an operator-precedence bug (spec 1.22) that is not copied here.
+chunk; we count chunks). The sum is divided by the number of chunks scored, #1:1 + #other, in this batch;
+tokenkit's global 1:1 mask has an operator-precedence bug that is not copied here
+(docs/algorithms/mined.md#where-we-differ).
 
 The teacher's log-probs are those every distribution-matching loss sees (`distill.teacher` truncation and
 temperature); MinED's T applies on top. Offline, the teacher is only known on its stored top-k: student tokens
@@ -52,7 +53,8 @@ _QUERY_BATCH = 512  # queries per distance matrix: 512 x (largest length bucket)
 
 
 class MinedParams(Strict):
-    """MinED (spec 1.19): KL through a minimum-edit-distance token mapping at 1:1 chunks, CE elsewhere."""
+    """MinED (docs/algorithms/mined.md): KL through a minimum-edit-distance token mapping at 1:1 chunks, CE
+    elsewhere."""
 
     temperature: float = Field(2.0, gt=0, description="kd temperature T of both terms, as in tokenkit: the KL "
                                "between softmax(z / T) at 1:1 chunks and the CE (one-hot KL) at the others")

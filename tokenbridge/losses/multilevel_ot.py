@@ -1,12 +1,12 @@
-"""MultiLevelOT (Cui et al., AAAI 2025; spec 4.2), paper semantics: optimal transport between next-token
-distributions over different vocabularies, at the token level and at the sequence level.
+"""MultiLevelOT (Cui et al., AAAI 2025; docs/algorithms/uld-multilevel-ot.md), paper semantics: optimal transport
+between next-token distributions over different vocabularies, at the token level and at the sequence level.
 
 Per example, over its T index-paired answer positions (t-th student target with t-th teacher target):
 
 1. Ranking. `sequence` (default): the vocabulary dimensions are ordered once per example by their mass
    summed over the answer, so one order (one diagonal transport plan) serves every position. The teacher's
-   order is by its own mass; the student's by *its own* mass too, the spec's `own_mass` approximation of the
-   optimal permutation Q*. `token`: each position is sorted on its own, as in ULD. Either way the order is a
+   order is by its own mass; the student's by *its own* mass too, a cheap stand-in for the optimal
+   permutation Q*. `token`: each position is sorted on its own, as in ULD. Either way the order is a
    constant: gradients reach the values, never the permutation.
 2. Top-k truncation of both sides, without renormalisation (k is capped at the smaller vocabulary).
 3. Holistic absolute difference  HAD = sum_t sum_{i<=k} |t_i(t) - s_i(t)|.
@@ -25,8 +25,9 @@ CE term belong to the training loop's weights.
 The teacher's probabilities come from `teacher_distribution.teacher_probabilities`: offline at temperature 1 the stored ones
 (dimensions outside a position's stored top-K read 0, so keep the stored K at least `top_k`); at
 `sd_temperature` the stored support renormalised, since the full-vocabulary normaliser is unknown offline.
-The reference code's deviations (spec 4.3: double softmax, swapped SL, logit-std normalisation, batch-wide
-ranking, 0.001 SD scale, means over positions) are deliberately not reproduced.
+The reference code's deviations (docs/algorithms/uld-multilevel-ot.md#multilevelot-reference-code: double
+softmax, swapped SL, logit-std normalisation, batch-wide ranking, 0.001 SD scale, means over positions) are
+deliberately not reproduced.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher
 
 
 class MultiLevelOtParams(Strict):
-    """MultiLevelOT (spec 4.2-4.3), paper semantics: L = HAD + sl_weight * SL + sd_weight * SD."""
+    """MultiLevelOT (docs/algorithms/uld-multilevel-ot.md#our-multilevelot), paper semantics:
+    L = HAD + sl_weight * SL + sd_weight * SD."""
 
     top_k: int = Field(50, ge=1, description="ranked vocabulary dimensions kept per side, not renormalised")
     ranking: Literal["sequence", "token"] = Field(

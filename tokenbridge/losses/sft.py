@@ -1,4 +1,5 @@
-"""Next-token cross-entropy on the student's own targets (spec 1.13a), from row-convention log-probs.
+"""Next-token cross-entropy on the student's own targets (docs/algorithms/alm.md#next-token-cross-entropy), from
+row-convention log-probs.
 
 Registered as `sft`: alone it is the next-token-only baseline; it is also the term `alpha` mixes with any
 distillation loss.

@@ -3,7 +3,8 @@
 Two sources, one result: stored top-k log-probs (offline, normalised over the full vocabulary at the
 extraction temperature) or the live teacher's hidden states and head (online, exact). Either way a slice
 of rows becomes a dense [B, c, V_T] log-probability tensor with `-inf` outside the kept support, after
-pre-training distillation's truncation (spec 2.3): the smallest prefix whose probability reaches top-p
+pre-training distillation's truncation (docs/algorithms/pretraining-distillation.md#truncation-and-temperature):
+the smallest prefix whose probability reaches top-p
 (the crossing token included), capped at top-k, renormalised as softmax(z / temperature) over what is kept.
 """
 

@@ -117,7 +117,7 @@ def truncated_next_token_stats(
     block_elements: int = 2**25,
 ) -> NextTokenStats:
     """The extraction path (a teacher, no gradient): observed-token and boundary log-probs, the top-k after a
-    top-p cut (at T = 1, spec 2.3) and its size, at `temperature`, for the real (unpadded) positions only.
+    top-p cut (at T = 1) and its size, at `temperature`, for the real (unpadded) positions only.
 
     The output head streams over blocks of vocabulary rows, so each block's [N, Vb] logits are used while
     still in cache: a block top-k, an online log-sum-exp with the boundary mass, and the observed tokens'

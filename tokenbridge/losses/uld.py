@@ -1,5 +1,5 @@
-"""Universal Logit Distillation (spec 4.1): next-token distributions over different vocabularies, compared
-by their sorted probabilities.
+"""Universal Logit Distillation (docs/algorithms/uld-multilevel-ot.md#uld): next-token distributions over different
+vocabularies, compared by their sorted probabilities.
 
 At one position ULD is the L1 distance between the two probability vectors sorted in descending order, the
 smaller vocabulary zero-padded. By the rearrangement inequality the sorted matching is the cheapest way to
@@ -30,7 +30,8 @@ from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher
 
 
 class UldParams(Strict):
-    """Universal Logit Distillation (spec 4.1): L1 between sorted next-token probabilities, index-paired."""
+    """Universal Logit Distillation (docs/algorithms/uld-multilevel-ot.md#uld): L1 between sorted next-token
+    probabilities, index-paired."""
 
     top_k: int = Field(256, ge=1, description="sorted probabilities kept per side, the rest as one tail term: "
                        "exact when it covers both vocabularies, a lower bound otherwise; offline capped at the stored top-k")

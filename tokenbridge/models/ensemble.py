@@ -1,6 +1,6 @@
 """The ensemble as a model: causal LMs over one tokenizer combined by averaging next-token probabilities
-(spec 1.18, `mean_prob`): log p_ens = log sum_m w_m softmax(z_m), each member's padded vocabulary rows dropped
-before its softmax.
+(docs/algorithms/tokenizer-transfer.md#ensembles, `mean_prob`): log p_ens = log sum_m w_m softmax(z_m), each
+member's padded vocabulary rows dropped before its softmax.
 
 Saved as a directory that transformers loads like any causal LM (`config.json` with model_type
 `tokenbridge_ensemble`, the members in `members/<name>/`, the shared tokenizer at the top), so lm-eval's hf

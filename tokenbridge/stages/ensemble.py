@@ -1,5 +1,5 @@
 """Stage `ensemble`: models that share one tokenizer, combined by averaging next-token probabilities
-(spec 1.18; the model is `tokenbridge/models/ensemble.py`).
+(docs/algorithms/tokenizer-transfer.md#ensembles; the model is `tokenbridge/models/ensemble.py`).
 
 Inputs: the members' HF directories (the student, the teacher, transferred models). Outputs:
 `models/ensemble/` (with a model card naming members and weights), which transformers and lm-eval load like

@@ -10,7 +10,7 @@ the tokenized test set, per-question samples, `lm_eval_config.json`: the harness
 `run.json`: the resolved runtime and each part's wall and CPU seconds).
 
 `run_evaluate` also scores the transfer stage's models (`evaluate_transfer`), which by default get
-bits-per-byte alone (`gsm_limit=0`): README "Evaluation plan".
+bits-per-byte alone (`gsm_limit=0`): docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
                           f"{_counts(ensemble.get('weights', {}))}."),
                _Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions). "
                           f"{MISSING}: not measured; the transfer models and the ensemble get GSM questions only with "
-                          "evaluate.transfer_limit > 0 (README \"Evaluation plan\")."),
+                          "evaluate.transfer_limit > 0 (docs/evaluation.md)."),
                _Image(stem, "Each metric by model.")]
     plot = out_dir / "plots" / f"{stem}.png"
     _plot_metrics({label: dict(values) for label, values in scores.items()}, metrics, None, plot)

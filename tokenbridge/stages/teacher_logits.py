@@ -1,9 +1,10 @@
 """Stage `teacher_logits`: run the teacher once over the training data and store what the losses need.
 
 Per teacher position `j` (row `j` = the distribution after token `j`, predicting token `j + 1`):
-- the truncated distribution (spec 2.3): the smallest prefix reaching `top_p` (at temperature 1, the
-  crossing token included), capped at `top_k`, with log-probs at `temperature` normalised over the full
-  vocabulary, so `1 - sum(exp)` is the missing mass and training can re-temper; compact-encoded
+- the truncated distribution (docs/algorithms/pretraining-distillation.md#truncation-and-temperature): the
+  smallest prefix reaching `top_p` (at temperature 1, the crossing token included), capped at `top_k`,
+  with log-probs at `temperature` normalised over the full vocabulary, so `1 - sum(exp)` is the missing
+  mass and training can re-temper; compact-encoded
   (`tokenbridge/logit_codec.py`) and decoded as `topk_ids` / `topk_logprobs` padded with (0, -inf);
 - `token_logprobs`: log-prob of the *observed* next token, in or out of the kept set (ALM's chunk likelihoods);
 - `boundary_logprobs`: log-prob that the next token starts a word or is special (ALM's debiasing), which

@@ -1,4 +1,4 @@
-"""Stage `transfer`: move a model onto another tokenizer (spec 1.15-1.16).
+"""Stage `transfer`: move a model onto another tokenizer (docs/algorithms/tokenizer-transfer.md).
 
 1. FVT initialisation (`fvt_rows`): for each target token, the source row of the same special role (bos, eos,
    pad, unk), else of the same bytes, else the mean of the rows of the source tokens that spell its bytes,
@@ -52,7 +52,8 @@ CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
 
 def byte_tokenizer(source: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
     """Every byte is one token (ids 0-255, GPT-2's printable byte alphabet), then the source's special tokens,
-    with its bos/eos/pad and chat template (spec 1.16: special tokens are kept)."""
+    with its bos/eos/pad and chat template (special tokens are kept:
+    docs/algorithms/tokenizer-transfer.md#byte-level-targets)."""
     by_byte = {byte: char for char, byte in gpt2_unicode_to_byte().items()}
     backend = Tokenizer(models.BPE(vocab={by_byte[byte]: byte for byte in range(256)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -69,7 +70,7 @@ def byte_tokenizer(source: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
 def fvt_rows(source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, matrix: torch.Tensor,
              seed: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
     """Rows for the target vocabulary from the source rows `matrix` ([>= len(source), d]); returns them and how
-    many tokens each rule initialised (spec 1.15 item 1)."""
+    many tokens each rule initialised (docs/algorithms/tokenizer-transfer.md#fvt-initialisation)."""
     source_table, target_table = vocab_bytes(source), vocab_bytes(target)
     source_specials, target_specials = special_ids(source), special_ids(target)
     by_bytes: dict[bytes, int] = {}
@@ -197,7 +198,8 @@ def _embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _with_lora(model: torch.nn.Module, params: TransferParams) -> torch.nn.Module:
-    """Wrap every linear layer of the decoder's blocks with LoRA adapters (q/k/v/o and MLP, spec 1.15 item 3)."""
+    """Wrap every linear layer of the decoder's blocks with LoRA adapters (q/k/v/o and MLP;
+    docs/algorithms/tokenizer-transfer.md#alm-self-distillation)."""
     from peft import LoraConfig, get_peft_model
 
     targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.get_decoder().named_modules()

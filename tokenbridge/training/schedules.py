@@ -1,4 +1,5 @@
-"""What changes with the step: the learning rate, the distillation share alpha (spec 2.4) and each loss term's
+"""What changes with the step: the learning rate, the distillation share alpha
+(docs/algorithms/pretraining-distillation.md#mixing-and-schedules) and each loss term's
 fixed weight."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from tokenbridge.params import DistillParams
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to `peak`, then linear decay to zero at the last step (spec 1.17)."""
+    """Linear warm-up to `peak`, then linear decay to zero at the last step."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * max(0.0, 1 - (step - warmup) / max(1, steps - warmup))
