@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
@@ -97,7 +97,10 @@ def distill_params_model() -> type[DistillCommonParams]:
     return create_model("DistillParams", __base__=DistillCommonParams, __module__=__name__, **fields)
 
 
-DistillParams = distill_params_model()
+if TYPE_CHECKING:  # the loss sections exist only at run time; a type checker sees the shared keys
+    DistillParams = DistillCommonParams
+else:
+    DistillParams = distill_params_model()
 
 
 class TransferParams(Strict):
