@@ -13,7 +13,7 @@ LAYERS = [
     {"io", "paths", "config", "runtime", "logit_codec", "sampling", "token_bytes"},
     {"data"},
     {"models"},
-    {"alignment", "stored_logits", "losses", "on_policy", "tracking"},
+    {"alignment", "stored_logits", "losses", "on_policy", "tracking", "reporting"},
     {"training", "evaluation"},
     {"stages"},
     {"flows", "cli", "__main__"},

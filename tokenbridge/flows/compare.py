@@ -30,7 +30,7 @@ from tokenbridge.io import read_json, write_json
 from tokenbridge.losses.registry import LOSSES
 from tokenbridge.models import model_card
 from tokenbridge.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
-from tokenbridge.stages.report import render_comparison
+from tokenbridge.reporting.comparison import render_comparison
 from tokenbridge.flows.common import stage_cli
 
 DEFAULT_LOSSES = [*CROSS_TOKENIZER_LOSSES, "sft"]

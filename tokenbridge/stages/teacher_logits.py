@@ -177,14 +177,17 @@ def write_manifest(plan: ExtractionPlan, shards: list[dict]) -> dict:
     return manifest
 
 
-def run_teacher_logits(prepared_dir: Path, teacher_dir: Path, out_dir: Path, params: TeacherLogitsParams,
-                       runtime: Runtime) -> dict:
-    """Extract every shard in this process (the flow maps them as Prefect tasks instead) and write the manifest."""
+def extract_in_process(plan: ExtractionPlan) -> list[dict]:
+    """Every shard of the plan, one after another in this process."""
     from tqdm import tqdm
 
-    plan = plan_extraction(prepared_dir, teacher_dir, out_dir, params, runtime)
     with tqdm(total=plan.n_examples, desc="teacher logits", unit="ex") as bar:
-        shards = [extract_shard(plan, shard, bar.update) for shard in range(plan.n_shards)]
-    return write_manifest(plan, shards)
+        return [extract_shard(plan, shard, bar.update) for shard in range(plan.n_shards)]
 
 
+def run_teacher_logits(prepared_dir: Path, teacher_dir: Path, out_dir: Path, params: TeacherLogitsParams,
+                       runtime: Runtime, extract: Callable[[ExtractionPlan], list[dict]] = extract_in_process) -> dict:
+    """Plan the shards, extract the ones missing (`extract` maps them over processes: the flow passes its
+    Prefect tasks), and write the manifest."""
+    plan = plan_extraction(prepared_dir, teacher_dir, out_dir, params, runtime)
+    return write_manifest(plan, extract(plan))
