@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenbridge.contracts import EvalMetrics
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -323,7 +325,7 @@ class TrackingParams(Strict):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.primary_metric != "bits_per_byte"
+        return EvalMetrics.better(self.primary_metric) == "higher"
 
 
 class PipelineParams(Strict):

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.reporting.document import (Block, Heading, Image, Paragraph, Table, format_value, is_finite,
-                                            key_values, lower_is_better)
+from tokenbridge.contracts import EvalMetrics
+from tokenbridge.reporting.document import Block, Heading, Image, Paragraph, Table, format_value, is_finite, key_values
 from tokenbridge.reporting.plots import plot_metrics
 from tokenbridge.reporting.render import write_document
 
@@ -53,5 +53,5 @@ def _best(methods: Mapping[str, Mapping[str, Any]], metric: str) -> list[str]:
     values = {name: scores[metric] for name, scores in methods.items() if is_finite(scores.get(metric))}
     if not values:
         return []
-    target = (min if lower_is_better(metric) else max)(values.values())
+    target = (min if EvalMetrics.better(metric) == "lower" else max)(values.values())
     return [name for name, value in values.items() if value == target]

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 MISSING = "–"
-# Metric names containing one of these are better when smaller; every other metric is better when larger.
-LOWER_IS_BETTER = ("bits_per_byte", "loss", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -55,10 +53,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(format_value(item) for item in value) + "]"
     return str(value)
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(marker in metric for marker in LOWER_IS_BETTER)
 
 
 def is_number(value: Any) -> bool:

@@ -13,8 +13,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from tokenbridge.contracts import EvalMetrics
 from tokenbridge.io import atomic_path
-from tokenbridge.reporting.document import format_value, is_finite, is_number, lower_is_better
+from tokenbridge.reporting.document import format_value, is_finite, is_number
 
 DPI = 110
 # Metric names containing one of these are fractions, plotted on a fixed [0, 1] axis so panels compare.
@@ -97,8 +98,8 @@ def plot_metrics(models: Mapping[str, Mapping], scores: Sequence[str], primary: 
         else:
             axes.set_ylim(low * 1.15, (high or 1.0) * 1.15)
         axes.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-        direction = "lower is better" if lower_is_better(metric) else "higher is better"
-        axes.set_title(f"{metric}{' (primary)' if metric == primary else ''}\n{direction}", fontsize=9)
+        axes.set_title(f"{metric}{' (primary)' if metric == primary else ''}\n{EvalMetrics.better(metric)} is better",
+                       fontsize=9)
         axes.set_xlabel("model", fontsize=8)
         axes.set_ylabel(metric, fontsize=8)
         axes.grid(axis="y", alpha=0.3)

@@ -16,9 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenbridge.contracts import EvalMetrics
 from tokenbridge.reporting.comparison import COMPARED
 from tokenbridge.reporting.document import (MISSING, Block, Heading, Image, Paragraph, Table, format_value, is_finite,
-                                            is_number, key_values, lower_is_better)
+                                            is_number, key_values)
 from tokenbridge.reporting.plots import plot_losses, plot_metrics
 from tokenbridge.reporting.render import write_document
 
@@ -124,7 +125,8 @@ def _comparison(metric: str, after: Mapping, before: Mapping | None, teacher: Ma
     value = after.get(metric)
     if not is_finite(value):
         return f"The distilled student has no {metric} score."
-    notes = ["lower is better" if lower_is_better(metric) else "higher is better"]
+    better = EvalMetrics.better(metric)
+    notes = [f"{better} is better"]
     if is_number(_sample_size(after, metric)):
         notes.append(f"n = {format_value(_sample_size(after, metric))}")
     sentence = f"The distilled student's {metric} is {format_value(value)} ({', '.join(notes)})"
@@ -134,10 +136,10 @@ def _comparison(metric: str, after: Mapping, before: Mapping | None, teacher: Ma
             sentence += f", the same as before distillation ({format_value(earlier)})"
         else:
             change = value - earlier
-            better = (change < 0) == lower_is_better(metric)
+            improved = (change < 0) == (better == "lower")
             sign = "+" if change > 0 else ""
             sentence += (f", {'up' if change > 0 else 'down'} from {format_value(earlier)} before distillation "
-                         f"({sign}{format_value(change)}, {'an improvement' if better else 'a regression'})")
+                         f"({sign}{format_value(change)}, {'an improvement' if improved else 'a regression'})")
     reference = teacher.get(metric) if teacher else None
     if is_finite(reference):
         sentence += f"; the teacher's is {format_value(reference)}"
