@@ -248,7 +248,7 @@ def test_a_corrupted_shard_fails_naming_the_file_and_a_rerun_re_extracts_it(tiny
     with pytest.raises(ValueError, match=f"{victim.name} cannot be read"):
         victim.write_bytes(b"not a shard")
         read_shard(victim)
-    assert run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)["shards"] == manifest.shards
+    assert run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32).shards == manifest.shards
 
 
 def test_logits_from_another_teacher_or_prepared_data_are_refused_with_both_values(extracted):
@@ -317,13 +317,13 @@ def test_extraction_killed_mid_shard_resumes_with_every_position_stored_exactly_
     assert not (out / "manifest.json").exists()
 
     resumed = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)
-    covered = sorted(i for s in resumed["shards"] for i in range(s["first_index"], s["first_index"] + s["n_examples"]))
-    assert covered == list(range(reference["n_examples"])), "every example exactly once"
-    assert resumed["n_tokens"] == reference["n_tokens"]
+    covered = sorted(i for s in resumed.shards for i in range(s.first_index, s.first_index + s.n_examples))
+    assert covered == list(range(reference.n_examples)), "every example exactly once"
+    assert resumed.n_tokens == reference.n_tokens
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["plan.json", "manifest.json", *(s["file"] for s in resumed["shards"]),
-         *(s["file"].replace(".safetensors", ".json") for s in resumed["shards"])]), "no temporaries left behind"
+        ["plan.json", "manifest.json", *(s.file for s in resumed.shards),
+         *(s.file.replace(".safetensors", ".json") for s in resumed.shards)]), "no temporaries left behind"
     clean, restarted = _reader(tmp_path / "clean", reference), _reader(out, resumed)
-    for index in range(reference["n_examples"]):
+    for index in range(reference.n_examples):
         for field, value in clean[index].items():
             assert torch.equal(restarted[index][field], value), (index, field)
