@@ -29,7 +29,7 @@ def test_two_dask_workers_share_the_shards_and_store_what_one_process_does(tiny_
     assert len(workers) == 2 and os.getpid() not in workers, "both worker processes extracted shards"
 
     sequential = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "sequential", params, runtime)
-    assert [s["first_index"] for s in parallel.shards] == [s["first_index"] for s in sequential.shards]
+    assert [s.first_index for s in parallel.shards] == [s.first_index for s in sequential.shards]
     fields = ("token_logprobs", "topk_ids")
     one, two = (TeacherLogitsReader(tmp_path / name, fields, parallel.prepared_sha256) for name in ("sequential", "parallel"))
     for index in range(len(one)):
