@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenbridge import logit_codec  # noqa: E402
 from tokenbridge.config import HfModelSpec, RuntimeParams, TeacherLogitsParams  # noqa: E402
 from tokenbridge.data.padding import pad_batch  # noqa: E402
-from tokenbridge.io import read_jsonl, sha256_file, write_json, write_jsonl  # noqa: E402
+from tokenbridge.contracts import MANIFEST, ModelRef, PerRole, PreparedManifest, Splits, SplitSummary  # noqa: E402
+from tokenbridge.io import read_jsonl, sha256_file, write_jsonl  # noqa: E402
 from tokenbridge.losses.token_stats import hidden_states, output_head  # noqa: E402
 from tokenbridge.models import copy_tokenizer_files, materialize  # noqa: E402
 from tokenbridge.runtime import Runtime  # noqa: E402
@@ -59,9 +60,17 @@ def _subset(prepared: Path, out: Path, examples: int) -> list[list[int]]:
     """A prepared directory holding the first `examples` training examples (the stage's input contract)."""
     records = read_jsonl(prepared / "train.teacher.jsonl")[:examples]
     write_jsonl(out / "train.teacher.jsonl", records)
-    write_json(out / "manifest.json", {"splits": {"train": {"examples": len(records),
-                                                             "sha256": {"teacher": sha256_file(out / "train.teacher.jsonl")}}}})
-    return [record["input_ids"] for record in records]
+    sequences = [record["input_ids"] for record in records]
+    # Only the teacher's side of the train split is real: extraction reads nothing else.
+    train = SplitSummary(examples=len(records), dropped_too_long=0,
+                         tokens=PerRole[int](teacher=sum(map(len, sequences)), student=0),
+                         sha256=PerRole[str](teacher=sha256_file(out / "train.teacher.jsonl"), student=""))
+    nothing = SplitSummary(examples=0, dropped_too_long=0, tokens=PerRole[int](teacher=0, student=0),
+                           sha256=PerRole[str](teacher="", student=""))
+    unnamed = ModelRef(name="bench", tokenizer_sha256="")
+    PreparedManifest(source="bench", splits=Splits(train=train, test=nothing),
+                     models=PerRole[ModelRef](teacher=unnamed, student=unnamed)).write(out / MANIFEST)
+    return sequences
 
 
 def synthetic_teacher(shape_name: str, root: Path, examples: int, tokens: int, runtime: Runtime) -> tuple[Path, Path]:
@@ -185,7 +194,7 @@ def measure(args: argparse.Namespace, runtime: Runtime, scratch: Path) -> dict:
     sequences = _subset(args.prepared, prepared, args.examples)
     tokens = sum(len(s) for s in sequences)
     rows = fidelity(teacher, sequences, args.batch_size)
-    forward, extract, manifest = [], [], {}
+    forward, extract, manifest = [], [], None
     for repeat in range(args.repeats):
         forward.append(tokens / bare_forward_seconds(teacher, sequences, args.batch_size))
         started = time.perf_counter()
@@ -199,7 +208,7 @@ def measure(args: argparse.Namespace, runtime: Runtime, scratch: Path) -> dict:
         "settings": rows,
         "forward_tokens_per_second": statistics.median(forward), "extract_tokens_per_second": statistics.median(extract),
         "throughput_ratio": statistics.median(extract) / statistics.median(forward),
-        "stage_shard_bytes_per_token_at_k128": manifest["bytes_per_token"],
+        "stage_shard_bytes_per_token_at_k128": manifest.bytes_per_token if manifest else None,
     }
 
 

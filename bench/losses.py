@@ -59,7 +59,7 @@ from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, T
 from tokenbridge.losses.registry import build_losses  # noqa: E402
 from tokenbridge.losses.token_stats import next_token_stats, truncated_next_token_stats  # noqa: E402
 from tokenbridge.config import RuntimeParams  # noqa: E402
-from tokenbridge.models import MODEL_CARD  # noqa: E402
+from tokenbridge.contracts import MODEL_CARD, ModelCard  # noqa: E402
 from tokenbridge.params import DistillParams  # noqa: E402
 from tokenbridge.runtime import Runtime  # noqa: E402
 
@@ -109,8 +109,7 @@ def _model_dirs(root: Path, vocab: int, hidden: int) -> tuple[Path, Path]:
         path = root / name
         LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                     num_attention_heads=1, num_key_value_heads=1).save_pretrained(path)
-        write_json(path / MODEL_CARD, {"name": f"bench-{name}", "tokenizer_sha256": "0" * 64,
-                                       "tokenizer_size": vocab})
+        ModelCard(name=f"bench-{name}", tokenizer_sha256="0" * 64, tokenizer_size=vocab, parameters=0).write(path / MODEL_CARD)
         dirs.append(path)
     return dirs[0], dirs[1]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "tokenbridge"
 # Lowest first. A module may import its own layer or a lower one, and no stage imports another stage.
 LAYERS = [
-    {"io", "paths", "config", "runtime", "logit_codec", "sampling", "token_bytes"},
+    {"io", "paths", "config", "contracts", "runtime", "logit_codec", "sampling", "token_bytes"},
     {"data"},
     {"models"},
-    {"alignment", "stored_logits", "losses", "on_policy", "tracking"},
+    {"alignment", "stored_logits", "losses", "on_policy", "tracking", "reporting"},
     {"params"},  # built from the loss registry
     {"training", "evaluation"},
     {"stages"},

@@ -27,8 +27,9 @@ from tokenbridge.data.chat import Encoded
 from tokenbridge.stages.distill import student_forward, train
 from tokenbridge.io import read_jsonl, write_jsonl
 from tokenbridge.losses.base import LossSetup
+from tokenbridge.contracts import ModelCard
 from tokenbridge.losses.registry import LOSSES, build_losses
-from tokenbridge.models import load_model, load_tokenizer, materialize, model_card
+from tokenbridge.models import load_model, load_tokenizer, materialize
 from tokenbridge.models.tiny import build_tiny_model, build_tiny_teacher_like, synthetic_text
 from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.stages.prepare import run_prepare
@@ -119,7 +120,7 @@ class Setup:
         self.boundary = boundary_mask(student_tokenizer, rows)
         self.word_starts = {"student": self.boundary,
                             "teacher": boundary_mask(teacher_tokenizer, len(teacher_tokenizer))}
-        same = model_card(pair["teacher"])["tokenizer_sha256"] == model_card(pair["student"])["tokenizer_sha256"]
+        same = ModelCard.of(pair["teacher"]).tokenizer_sha256 == ModelCard.of(pair["student"]).tokenizer_sha256
         setup = LossSetup(pair["teacher"], pair["student"], same, pair["teacher"].parent / "cache")
         self.losses = torch.nn.ModuleDict(build_losses(names, params, setup)).to(runtime.device)
         self.forward = student_forward(self.student, self.losses, len(student_tokenizer),
@@ -145,8 +146,8 @@ class Setup:
 def test_teacher_logits_extraction_runs_on_cuda_and_its_statistics_stay_there(pairs, extracted, tiny_params):
     _, manifest = extracted
     runtime = Runtime.resolve(RuntimeParams(device="cuda"))
-    assert manifest["device"].startswith("cuda") and manifest["dtype"] == "bfloat16"
-    assert manifest["n_examples"] == 16
+    assert manifest.device.startswith("cuda") and manifest.dtype == "bfloat16"
+    assert manifest.n_examples == 16
     teacher = Teacher.load(pairs["cross"]["teacher"], runtime.inference_dtype, runtime.device)
     assert {p.device.type for p in teacher.model.parameters()} == {"cuda"}
     setup = Setup(pairs["cross"], _params(tiny_params, "alm"), runtime, ["alm", "sft"])
@@ -186,8 +187,8 @@ def test_the_distill_stage_trains_on_cuda_from_stored_or_live_teacher(pairs, ext
     summary = train(pair["prepared"], pair["student"], tmp_path / "model", tmp_path / "checkpoints",
                     tmp_path / "history.csv", params, tiny_params.teacher_logits, pair["teacher"], logits,
                     runtime=Runtime.resolve(RuntimeParams(device="cuda")))
-    assert summary["runtime"]["device"] == "cuda" and summary["runtime"]["precision"] == "bf16-mixed"
-    assert math.isfinite(float(summary["final_loss"]))
+    assert summary.runtime["device"] == "cuda" and summary.runtime["precision"] == "bf16-mixed"
+    assert math.isfinite(float(summary.final_loss))
 
 
 # ------------------------------------------------------------------------------------------ precision

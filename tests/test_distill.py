@@ -45,7 +45,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninte
     assert (inputs / "interrupted" / "checkpoints" / "state.pt").exists()
     assert not (inputs / "interrupted" / "model").exists(), "no half-written model after an interruption"
     summary, resumed = _train(inputs, tiny_params, tiny_dirs, "interrupted")
-    assert summary["resumed_from_step"] == 2
+    assert summary.resumed_from_step == 2
     assert _losses(inputs / "interrupted" / "history.csv") == pytest.approx(_losses(inputs / "uninterrupted" / "history.csv"), rel=1e-5)
     for name, tensor in reference.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
@@ -54,7 +54,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninte
 def test_a_checkpoint_of_another_configuration_is_not_resumed(inputs, tiny_params, tiny_dirs):
     _train(inputs, tiny_params, tiny_dirs, "other", learning_rate=1e-4)
     summary, _ = _train(inputs, tiny_params, tiny_dirs, "other", learning_rate=2e-4)
-    assert summary["resumed_from_step"] == 0
+    assert summary.resumed_from_step == 0
 
 
 def test_stored_and_live_teachers_give_the_same_training(inputs, tiny_params, tiny_dirs):
@@ -81,7 +81,7 @@ def test_every_cross_tokenizer_loss_trains_the_tiny_pair_and_logs_its_term(input
     summary, _ = _train(inputs, tiny_params, tiny_dirs, f"loss-{name}", log_metrics=lambda m, step: logged.append(m),
                         loss=loss, **overrides)
     terms = loss if isinstance(loss, list) else [loss]
-    assert summary["loss"] == "+".join(terms)
+    assert summary.loss == "+".join(terms)
     for term in terms:
         assert any(f"{term}_loss" in metrics for metrics in logged)
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in logged)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from tokenbridge.config import RuntimeParams
 from tokenbridge.data.chat import Encoded
 from tokenbridge.stages.distill import student_forward, train
-from tokenbridge.io import read_jsonl, require_manifest
+from tokenbridge.contracts import PreparedManifest
+from tokenbridge.io import read_jsonl
 from tokenbridge.losses.base import LossSetup
 from tokenbridge.losses.registry import LOSSES, build_losses
 from tokenbridge.models import load_model, load_tokenizer
@@ -84,8 +85,8 @@ def _views_and_batches(root, dirs, tiny_params, live: bool):
         teacher = LiveTeacher(Teacher.load(dirs["teacher"], torch.float32, torch.device("cpu")), teachers,
                               tiny_params.distill.teacher, 1.0, 16)
     else:
-        prepared = require_manifest(root / "prepared", "prepare")
-        reader = TeacherLogitsReader(root / "logits", (), prepared["splits"]["train"]["sha256"]["teacher"])
+        prepared = PreparedManifest.read(root / "prepared" / "manifest.json")
+        reader = TeacherLogitsReader(root / "logits", (), prepared.splits.train.sha256.teacher)
         teacher = StoredTeacher(reader, tiny_params.distill.teacher)
     batches = []
     for part in split(batch_indices(0, 6, len(students), 6, 1), 3):

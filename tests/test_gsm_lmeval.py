@@ -188,14 +188,14 @@ def test_the_evaluate_stage_generates_on_the_runtimes_device_in_its_inference_dt
     assert (harness["device"], harness["model_dtype"], harness["batch_size"]) == (str(runtime.device), "torch.bfloat16", 2)
     run = read_json(tmp_path / "eval" / "run.json")
     assert run["runtime"]["device"] == runtime.device.type and run["runtime"]["inference_dtype"] == "bfloat16"
-    assert scores["gsm_n"] == 2 and scores["bits_per_byte"] > 0 and read_json(tmp_path / "metrics.json") == scores
+    assert scores.gsm_n == 2 and scores.bits_per_byte > 0 and read_json(tmp_path / "metrics.json") == scores.scores()
 
 
 def test_a_model_scored_without_generation_gets_bits_per_byte_alone(tiny_params, tiny_dirs, prepared, tmp_path):
     """The evaluation plan's cheap path (evaluate_transfer's default): no lm-eval run, no GSM scores."""
     scores = run_evaluate(prepared, tiny_dirs["teacher"], tmp_path / "eval", tmp_path / "metrics.json",
                           tiny_params.evaluate, Runtime.resolve(tiny_params.runtime), gsm_limit=0)
-    assert set(scores) == {"bits_per_byte", "bpb_bytes"} and scores["bits_per_byte"] > 0
+    assert set(scores.scores()) == {"bits_per_byte", "bpb_bytes"} and scores.bits_per_byte > 0
     assert not (tmp_path / "eval" / "samples.jsonl").exists() and not (tmp_path / "eval" / "task").exists()
 
 

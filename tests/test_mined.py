@@ -75,7 +75,8 @@ def test_special_tokens_map_by_role_then_only_among_teacher_specials():
 
 def test_mapping_of_the_tiny_pair_keeps_shared_byte_strings_and_is_cached_per_tokenizer_pair(tiny_dirs, tmp_path,
                                                                                             monkeypatch):
-    from tokenbridge.models import load_tokenizer, model_card
+    from tokenbridge.contracts import ModelCard
+    from tokenbridge.models import load_tokenizer
     from tokenbridge.token_bytes import vocab_bytes
 
     setup = LossSetup(tiny_dirs["teacher"], tiny_dirs["student"], False, tmp_path)
@@ -87,7 +88,7 @@ def test_mapping_of_the_tiny_pair_keeps_shared_byte_strings_and_is_cached_per_to
     shared = [i for i, token in enumerate(student_bytes) if token and token in set(teacher_bytes)]
     assert shared and all(teacher_bytes[mapping[i]] == student_bytes[i] for i in shared)
 
-    shas = model_card(tiny_dirs["teacher"])["tokenizer_sha256"], model_card(tiny_dirs["student"])["tokenizer_sha256"]
+    shas = ModelCard.of(tiny_dirs["teacher"]).tokenizer_sha256, ModelCard.of(tiny_dirs["student"]).tokenizer_sha256
     assert mined.mapping_path(setup) == tmp_path / "mined" / f"{shas[0][:16]}-{shas[1][:16]}.pt"
     assert mined.mapping_path(setup).exists()
 

@@ -97,7 +97,7 @@ def test_with_lambda_one_every_batch_is_the_students_own_samples(cross_pair, tin
     tokenizer = load_tokenizer(dirs["student"])
     questions = [json.loads(line)["question"] for line in (root / "prepared" / "train.jsonl").read_text().splitlines()]
     dataset = {tuple(json.loads(line)["input_ids"]) for line in (root / "prepared" / "train.student.jsonl").read_text().splitlines()}
-    assert summary["on_policy_steps"] == 4 and len(batches) == 4
+    assert summary.on_policy_steps == 4 and len(batches) == 4
     for step, (students, _) in enumerate(batches):
         for index, example in zip(batch_indices(step, params.batch_size, len(questions), 6, params.seed), students):
             prompt = encode_prompt(tokenizer, questions[index]).input_ids

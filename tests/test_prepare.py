@@ -8,7 +8,8 @@ import pytest
 
 from tokenbridge.config import PrepareParams
 from tokenbridge.data.gsm import generate_gsm_symbolic
-from tokenbridge.io import read_json, read_jsonl
+from tokenbridge.contracts import PreparedManifest
+from tokenbridge.io import read_jsonl
 from tokenbridge.stages.prepare import run_prepare
 
 RECORDS = [
@@ -28,14 +29,15 @@ def test_local_gsm8k_jsonl_is_tokenized_for_both_models(tmp_path, tiny_dirs):
     params = PrepareParams(source="jsonl", train_jsonl=_jsonl(tmp_path / "train.jsonl", RECORDS),
                            test_jsonl=_jsonl(tmp_path / "test.jsonl", RECORDS[:1]), n_train=10, n_test=10, max_length=1024)
     manifest = run_prepare(tiny_dirs, tmp_path / "out", params)
-    assert manifest["splits"]["train"]["examples"] == 2 and manifest["splits"]["test"]["examples"] == 1
+    assert manifest.splits.train.examples == 2 and manifest.splits.test.examples == 1
     assert read_jsonl(tmp_path / "out" / "train.jsonl") == RECORDS
     for role in ("teacher", "student"):
         encoded = read_jsonl(tmp_path / "out" / f"train.{role}.jsonl")
         assert [e["index"] for e in encoded] == [0, 1]
         assert all(len(e["input_ids"]) == len(e["spans"]) == len(e["loss_mask"]) for e in encoded)
         assert any(encoded[0]["loss_mask"]) and not encoded[0]["loss_mask"][0]
-    assert read_json(tmp_path / "out" / "manifest.json")["models"]["teacher"]["name"].startswith("tiny-")
+    assert PreparedManifest.read(tmp_path / "out" / "manifest.json") == manifest
+    assert manifest.models.teacher.name.startswith("tiny-")
 
 
 def test_a_record_without_a_final_answer_is_rejected_with_its_line(tmp_path, tiny_dirs):

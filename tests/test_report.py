@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenbridge.stages.report import MISSING, PRIMARY_MARK, format_value, render_report, use_log_scale
+from tokenbridge.reporting.document import MISSING, format_value
+from tokenbridge.reporting.plots import use_log_scale
+from tokenbridge.stages.report import PRIMARY_MARK, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = "step,loss,alm_loss,sft_loss,learning_rate,seconds"

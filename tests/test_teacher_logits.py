@@ -19,9 +19,10 @@ from hypothesis import given, settings, strategies as st
 
 from tokenbridge import logit_codec
 from tokenbridge.config import RuntimeParams, TeacherTruncation
+from tokenbridge.contracts import ModelCard, TeacherLogitsManifest
 from tokenbridge.data.chat import Encoded
 from tokenbridge.training.batching import batch_indices
-from tokenbridge.io import read_json, read_jsonl
+from tokenbridge.io import read_jsonl
 from tokenbridge.losses.base import TeacherView
 from tokenbridge.losses.teacher_distribution import teacher_log_probs
 from tokenbridge.losses.token_stats import truncated_next_token_stats
@@ -115,18 +116,19 @@ def extracted(tiny_params, tiny_dirs, prepared, tmp_path_factory):
 
 
 def _reader(out, manifest, **overrides):
-    return TeacherLogitsReader(out, ("token_logprobs", "boundary_logprobs", "topk_ids"), manifest["prepared_sha256"], **overrides)
+    return TeacherLogitsReader(out, ("token_logprobs", "boundary_logprobs", "topk_ids"), manifest.prepared_sha256, **overrides)
 
 
 def test_manifest_records_the_truncation_so_training_can_re_temper(extracted, tiny_dirs, prepared):
     out, params, manifest = extracted
-    assert (manifest["top_p"], manifest["top_k"], manifest["temperature"]) == (0.9, 32, params.temperature)
-    assert manifest["fields"] == list(FIELDS) and "missing mass" in manifest["distribution"]["logprobs"]
+    assert (manifest.top_p, manifest.top_k, manifest.temperature) == (0.9, 32, params.temperature)
+    assert manifest.fields == list(FIELDS) and "missing mass" in manifest.distribution.logprobs
     records = read_jsonl(prepared / "train.teacher.jsonl")
-    assert manifest["n_examples"] == len(records) and len(manifest["shards"]) == -(-len(records) // 5)
-    assert manifest["n_tokens"] == sum(len(r["input_ids"]) for r in records)
-    assert manifest["tokenizer_sha256"] == read_json(tiny_dirs["teacher"] / "tokenbridge.json")["tokenizer_sha256"]
-    assert 1 <= manifest["distribution"]["mean_kept"] <= 32
+    assert manifest.n_examples == len(records) and len(manifest.shards) == -(-len(records) // 5)
+    assert manifest.n_tokens == sum(len(r["input_ids"]) for r in records)
+    assert manifest.tokenizer_sha256 == ModelCard.of(tiny_dirs["teacher"]).tokenizer_sha256
+    assert TeacherLogitsManifest.read(out / "manifest.json") == manifest
+    assert 1 <= manifest.distribution.mean_kept <= 32
 
 
 def test_stored_distributions_are_the_top_p_prefix_capped_at_k_of_the_live_teacher(extracted, tiny_dirs, prepared):
@@ -229,38 +231,39 @@ def test_reading_in_training_order_decodes_each_shard_once_per_epoch(extracted):
     assert sorted(seen) == sorted(list(range(n)) * epochs)
     for index in seen:
         reader[index]
-    assert reader.shard_reads == epochs * len(manifest["shards"])
+    assert reader.shard_reads == epochs * len(manifest.shards)
 
 
 def test_a_corrupted_shard_fails_naming_the_file_and_a_rerun_re_extracts_it(tiny_params, tiny_dirs, prepared, tmp_path):
     out = tmp_path / "logits"
     params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 8})
     manifest = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)
-    victim = out / manifest["shards"][1]["file"]
+    victim = out / manifest.shards[1].file
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     reader = _reader(out, manifest)
     with pytest.raises(ValueError, match=f"{victim.name} is corrupted.*sha256"):
-        reader[manifest["shards"][1]["first_index"]]
+        reader[manifest.shards[1].first_index]
     with pytest.raises(ValueError, match=f"{victim.name} cannot be read"):
         victim.write_bytes(b"not a shard")
         read_shard(victim)
-    assert run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)["shards"] == manifest["shards"]
+    assert run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32).shards == manifest.shards
 
 
 def test_logits_from_another_teacher_or_prepared_data_are_refused_with_both_values(extracted):
     out, _, manifest = extracted
-    card = {"tokenizer_sha256": manifest["tokenizer_sha256"], "tokenizer_size": manifest["vocab_size"]}
+    card = ModelCard(name="teacher", tokenizer_sha256=manifest.tokenizer_sha256, tokenizer_size=manifest.vocab_size,
+                     parameters=1)
     _reader(out, manifest, teacher_card=card)
-    with pytest.raises(ValueError, match=f"tokenizer sha256 is {manifest['tokenizer_sha256']}.*configured teacher's is abc"):
-        _reader(out, manifest, teacher_card={**card, "tokenizer_sha256": "abc"})
-    with pytest.raises(ValueError, match=f"vocabulary size is {manifest['vocab_size']}.*configured teacher's is 151936"):
-        _reader(out, manifest, teacher_card={**card, "tokenizer_size": 151936})
+    with pytest.raises(ValueError, match=f"tokenizer sha256 is {manifest.tokenizer_sha256}.*configured teacher's is abc"):
+        _reader(out, manifest, teacher_card=card.model_copy(update={"tokenizer_sha256": "abc"}))
+    with pytest.raises(ValueError, match=f"vocabulary size is {manifest.vocab_size}.*configured teacher's is 151936"):
+        _reader(out, manifest, teacher_card=card.model_copy(update={"tokenizer_size": 151936}))
     with pytest.raises(ValueError, match="rerun 'dvc repro teacher_logits'"):
         TeacherLogitsReader(out, ("token_logprobs",), "0" * 64)
     with pytest.raises(ValueError, match="lacks"):
-        TeacherLogitsReader(out, ("hidden_states",), manifest["prepared_sha256"])
+        TeacherLogitsReader(out, ("hidden_states",), manifest.prepared_sha256)
 
 
 def test_padded_vocabulary_rows_never_receive_probability(tiny_params, tiny_dirs, prepared, tmp_path):
@@ -282,7 +285,7 @@ def test_padded_vocabulary_rows_never_receive_probability(tiny_params, tiny_dirs
     torch.testing.assert_close(stats.topk_logprobs.exp().sum(-1), torch.ones(ids.shape), atol=1e-4, rtol=0)
     params = tiny_params.teacher_logits.model_copy(update={"top_k": 64})
     manifest = run_teacher_logits(prepared, padded_dir, tmp_path / "logits", params, FP32)
-    assert manifest["vocab_size"] == size
+    assert manifest.vocab_size == size
     stored = _reader(tmp_path / "logits", manifest)[0]
     assert stored["topk_ids"].max() < size
 
@@ -314,13 +317,13 @@ def test_extraction_killed_mid_shard_resumes_with_every_position_stored_exactly_
     assert not (out / "manifest.json").exists()
 
     resumed = run_teacher_logits(prepared, tiny_dirs["teacher"], out, params, FP32)
-    covered = sorted(i for s in resumed["shards"] for i in range(s["first_index"], s["first_index"] + s["n_examples"]))
-    assert covered == list(range(reference["n_examples"])), "every example exactly once"
-    assert resumed["n_tokens"] == reference["n_tokens"]
+    covered = sorted(i for s in resumed.shards for i in range(s.first_index, s.first_index + s.n_examples))
+    assert covered == list(range(reference.n_examples)), "every example exactly once"
+    assert resumed.n_tokens == reference.n_tokens
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["plan.json", "manifest.json", *(s["file"] for s in resumed["shards"]),
-         *(s["file"].replace(".safetensors", ".json") for s in resumed["shards"])]), "no temporaries left behind"
+        ["plan.json", "manifest.json", *(s.file for s in resumed.shards),
+         *(s.file.replace(".safetensors", ".json") for s in resumed.shards)]), "no temporaries left behind"
     clean, restarted = _reader(tmp_path / "clean", reference), _reader(out, resumed)
-    for index in range(reference["n_examples"]):
+    for index in range(reference.n_examples):
         for field, value in clean[index].items():
             assert torch.equal(restarted[index][field], value), (index, field)

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
+from tokenbridge.io import read_json
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.prepare import run_prepare
 from tokenbridge.stored_logits import TeacherLogitsReader
-from tokenbridge.stages.teacher_logits import plan_extraction, run_teacher_logits, write_manifest
+from tokenbridge.stages.teacher_logits import run_teacher_logits
 from tokenbridge.flows.teacher_logits import extract_shards, task_runner
 
 pytestmark = pytest.mark.integration
@@ -21,16 +22,16 @@ def test_two_dask_workers_share_the_shards_and_store_what_one_process_does(tiny_
     run_prepare(tiny_dirs, tmp_path / "prepared", tiny_params.prepare)
     params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 2, "workers": 2})
     runtime = Runtime.resolve(tiny_params.runtime)
-    plan = plan_extraction(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "parallel", params, runtime)
-    shards = extract_shards.with_options(task_runner=task_runner(params.workers))(plan)
-    parallel = write_manifest(plan, shards)
-    workers = {shard["extracted_by"]["pid"] for shard in shards}
+    parallel = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "parallel", params, runtime,
+                                  extract_shards.with_options(task_runner=task_runner(params.workers)))
+    workers = {read_json((tmp_path / "parallel" / shard.file).with_suffix(".json"))["extracted_by"]["pid"]
+               for shard in parallel.shards}
     assert len(workers) == 2 and os.getpid() not in workers, "both worker processes extracted shards"
 
     sequential = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "sequential", params, runtime)
-    assert [s["first_index"] for s in parallel["shards"]] == [s["first_index"] for s in sequential["shards"]]
+    assert [s.first_index for s in parallel.shards] == [s.first_index for s in sequential.shards]
     fields = ("token_logprobs", "topk_ids")
-    one, two = (TeacherLogitsReader(tmp_path / name, fields, plan.prepared_sha256) for name in ("sequential", "parallel"))
+    one, two = (TeacherLogitsReader(tmp_path / name, fields, parallel.prepared_sha256) for name in ("sequential", "parallel"))
     for index in range(len(one)):
         for field, value in one[index].items():
             torch.testing.assert_close(two[index][field], value, atol=1e-5, rtol=0)

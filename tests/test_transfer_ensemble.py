@@ -91,7 +91,7 @@ def test_transfer_onto_an_identical_tokenizer_reproduces_the_models_log_probs_ex
                              _params(tiny_params, embedding_steps=0, steps=1, train="full"), FP32)
     history = (tmp_path / "trained.csv").read_text().splitlines()
     grad_norm = float(history[1].split(",")[history[0].split(",").index("grad_norm")])
-    assert summary["steps"] == 1 and grad_norm < 1e-5
+    assert summary.steps == 1 and grad_norm < 1e-5
 
 
 def test_a_tiny_model_moved_to_bytes_trains_with_the_hidden_state_loss_and_generates(tiny_params, tiny_dirs,

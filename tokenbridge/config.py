@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenbridge.contracts import EvalMetrics
+
 
 class Strict(BaseModel):
     """Base model: unknown keys are errors, values are checked on assignment too."""
@@ -162,7 +164,7 @@ class TrackingParams(Strict):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.primary_metric != "bits_per_byte"
+        return EvalMetrics.better(self.primary_metric) == "higher"
 
 
 class ParamsError(ValueError):

@@ -70,10 +70,3 @@ def fingerprint(data: Any) -> str:
     """A stable short hash of JSON-able data: decides whether saved progress belongs to this configuration."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-def require_manifest(directory: Path, stage: str) -> dict:
-    """Read a stage's manifest.json, or fail naming the stage to run first."""
-    path = Path(directory) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first (dvc repro {stage})")
-    return read_json(path)

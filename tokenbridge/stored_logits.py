@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from tokenbridge import logit_codec
 from tokenbridge.data.chat import Encoded
-from tokenbridge.io import atomic_path, require_manifest, sha256_file
+from tokenbridge.contracts import MANIFEST, TEACHER_LOGITS_FORMAT, ModelCard, TeacherLogitsManifest
+from tokenbridge.io import atomic_path, sha256_file
 
-FORMAT = "tokenbridge.teacher_logits/v2"
 FIELDS = ("input_ids", "spans", "loss_mask", "topk_ids", "topk_logprobs", "token_logprobs", "boundary_logprobs")
 # Per-token fields stored as plain (compressed) arrays; the distribution goes through the codec.
 _PLAIN = {"input_ids": np.int32, "spans": np.int32, "loss_mask": np.uint8, "token_logprobs": np.float32,
@@ -48,7 +48,7 @@ def write_shard(path: Path, examples: list[dict[str, np.ndarray]]) -> int:
     lengths = np.array([len(example["input_ids"]) for example in examples])
     tensors["offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={"format": FORMAT})
+        save_file(tensors, str(temporary), metadata={"format": TEACHER_LOGITS_FORMAT})
     return logit_codec.encoded_bytes(distribution)
 
 
@@ -88,37 +88,35 @@ class TeacherLogitsReader:
     shard is read once per epoch and memory stays bounded by one shard."""
 
     def __init__(self, directory: Path, required: tuple[str, ...], expected_prepared_sha256: str,
-                 teacher_card: dict | None = None):
+                 teacher_card: ModelCard | None = None):
         self.directory = Path(directory)
-        self.manifest = require_manifest(self.directory, "teacher_logits")
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{directory} holds teacher logits in format {self.manifest.get('format')!r}, this "
-                             f"version reads {FORMAT!r}: rerun 'dvc repro teacher_logits'")
-        missing = [field for field in required if field not in self.manifest["fields"]]
+        self.manifest = TeacherLogitsManifest.read(self.directory / MANIFEST)
+        missing = [field for field in required if field not in self.manifest.fields]
         if missing:
             raise ValueError(f"{directory}: stored teacher data lacks {missing}; rerun teacher_logits with a version that stores them")
-        if self.manifest["prepared_sha256"] != expected_prepared_sha256:
+        if self.manifest.prepared_sha256 != expected_prepared_sha256:
             raise ValueError(f"{directory} was extracted from other prepared data: rerun 'dvc repro teacher_logits'")
         if teacher_card is not None:
-            for key, label in (("tokenizer_sha256", "tokenizer sha256"), ("vocab_size", "vocabulary size")):
-                stored, configured = self.manifest[key], teacher_card["tokenizer_size" if key == "vocab_size" else key]
+            for label, stored, configured in (
+                    ("tokenizer sha256", self.manifest.tokenizer_sha256, teacher_card.tokenizer_sha256),
+                    ("vocabulary size", self.manifest.vocab_size, teacher_card.tokenizer_size)):
                 if stored != configured:
                     raise ValueError(f"{directory} was extracted with a teacher whose {label} is {stored}, but the "
                                      f"configured teacher's is {configured}: rerun 'dvc repro teacher_logits' "
                                      "(or point models.teacher at the teacher the logits came from)")
-        self._shards = self.manifest["shards"]
+        self._shards = self.manifest.shards
         self._cache: tuple[int, list[dict[str, torch.Tensor]]] | None = None
         self.shard_reads = 0
 
     def __len__(self) -> int:
-        return self.manifest["n_examples"]
+        return self.manifest.n_examples
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         for number, shard in enumerate(self._shards):
-            if shard["first_index"] <= index < shard["first_index"] + shard["n_examples"]:
+            if shard.holds(index):
                 if self._cache is None or self._cache[0] != number:
                     self._cache = None  # drop the previous shard before decoding the next
-                    self._cache = (number, read_shard(self.directory / shard["file"], shard["sha256"]))
+                    self._cache = (number, read_shard(self.directory / shard.file, shard.sha256))
                     self.shard_reads += 1
-                return self._cache[1][index - shard["first_index"]]
+                return self._cache[1][index - shard.first_index]
         raise IndexError(index)

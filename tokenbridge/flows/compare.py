@@ -25,12 +25,12 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.stages.evaluate import collect_metrics
-from tokenbridge.io import read_json, write_json
+from tokenbridge.contracts import MANIFEST, DistillMetrics, EvalMetrics, ModelCard, PreparedManifest
+from tokenbridge.io import write_json
 from tokenbridge.losses.registry import LOSSES, cross_tokenizer_losses
-from tokenbridge.models import model_card
 from tokenbridge.params import load_params
 from tokenbridge.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
-from tokenbridge.stages.report import render_comparison
+from tokenbridge.reporting.comparison import render_comparison
 from tokenbridge.flows.common import stage_cli
 
 DEFAULT_LOSSES = [*cross_tokenizer_losses(), "sft"]
@@ -52,7 +52,8 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
     results: dict[str, dict] = {}
     try:
         _run(["dvc", "repro"])
-        references = collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"])
+        references = {name: scores.scores() for name, scores in
+                      collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
         for loss in losses:
             sets = [f"distill.loss={loss}", *(overrides or [])]
             if LOSSES[loss].needs_online_teacher:
@@ -60,15 +61,16 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
             started = time.perf_counter()
             _run(["dvc", "exp", "run", "-n", f"cmp-{loss.replace('_', '-')}-{stamp}",
                   *(arg for item in sets for arg in ("-S", item))])
-            results[loss] = {**read_json(EVAL_METRICS_DIR / "student_after.json"), **read_json(DISTILL_METRICS),
+            results[loss] = {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").scores(),
+                             **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
                              "experiment_seconds": time.perf_counter() - started}
     finally:
         params_path.write_text(saved)
     context = {
-        "teacher": model_card(TEACHER_DIR)["name"], "student": model_card(STUDENT_DIR)["name"],
+        "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(STUDENT_DIR).name,
         "profile": params.profile, **tracking.revision_tags(),
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "train examples": read_json(PREPARED_DIR / "manifest.json")["splits"]["train"]["examples"],
+        "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
         "steps": params.distill.steps, "batch_size": params.distill.batch_size,
         "learning_rate": params.distill.learning_rate, "alpha": params.distill.alpha, "seed": params.distill.seed,
         "teacher_logits.top_k": params.teacher_logits.top_k, "evaluate.limit": params.evaluate.limit,

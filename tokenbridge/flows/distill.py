@@ -26,7 +26,7 @@ from prefect import flow
 from tokenbridge import tracking
 from tokenbridge.params import PipelineParams, load_params
 from tokenbridge.stages.distill import train
-from tokenbridge.io import write_json
+from tokenbridge.contracts import DistillMetrics
 from tokenbridge.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, PREPARED_DIR,
                               STUDENT_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR)
 from tokenbridge.runtime import Runtime
@@ -35,22 +35,22 @@ from tokenbridge.flows.common import launch_processes, stage_cli, tracked_stage
 
 
 def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None
-           ) -> dict:
+           ) -> DistillMetrics:
     return train(PREPARED_DIR, STUDENT_DIR, DISTILLED_DIR, CHECKPOINT_DIR, DISTILL_HISTORY, params.distill,
                  params.teacher_logits, TEACHER_DIR, TEACHER_LOGITS_DIR, log_metrics=log_metrics,
                  runtime=Runtime.resolve(params.runtime))
 
 
 @flow(name="distill", log_prints=True)
-def distill(params_file: str = "params.yaml") -> dict:
+def distill(params_file: str = "params.yaml") -> DistillMetrics:
     with tracked_stage("distill", params_file, ("distill", "runtime")) as params:
         summary = _train(params, tracking.log_metrics)
-        write_json(DISTILL_METRICS, summary)
+        summary.write(DISTILL_METRICS)
         tracking.log_artifact(DISTILL_HISTORY)
         return summary
 
 
-def distill_rank(params_file: str = "params.yaml") -> dict:
+def distill_rank(params_file: str = "params.yaml") -> DistillMetrics:
     """A rank other than 0 under torchrun: trains its share of every batch, outside Prefect and MLflow."""
     return _train(load_params(Path(params_file)))
 

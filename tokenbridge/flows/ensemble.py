@@ -12,6 +12,7 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.stages.ensemble import build_ensemble
+from tokenbridge.contracts import ModelCard
 from tokenbridge.paths import ENSEMBLE_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFERRED_DIR
 from tokenbridge.flows.common import stage_cli, tracked_stage
 
@@ -21,12 +22,12 @@ def member_directory(name: str):
 
 
 @flow(name="ensemble", log_prints=True)
-def ensemble(params_file: str = "params.yaml") -> dict:
+def ensemble(params_file: str = "params.yaml") -> ModelCard:
     with tracked_stage("ensemble", params_file, ("ensemble",)) as params:
         members = {name: member_directory(name) for name in params.ensemble.members}
         card = build_ensemble(members, params.ensemble.weights, ENSEMBLE_DIR)
-        print(f"ensemble: {card['name']} -> {ENSEMBLE_DIR}")
-        tracking.log_metrics({"members": len(members), "parameters": card["parameters"]})
+        print(f"ensemble: {card.name} -> {ENSEMBLE_DIR}")
+        tracking.log_metrics({"members": len(members), "parameters": card.parameters})
         tracking.log_artifact(ENSEMBLE_DIR, "ensemble")
         return card
 

@@ -13,6 +13,7 @@ Run alone: tokenbridge evaluate --model student_after   (or: dvc repro evaluate@
 from prefect import flow
 
 from tokenbridge import tracking
+from tokenbridge.contracts import EvalMetrics
 from tokenbridge.stages.evaluate import run_evaluate
 from tokenbridge.paths import EVAL_DIR, EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR
 from tokenbridge.runtime import Runtime
@@ -20,14 +21,14 @@ from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(params_file: str = "params.yaml", model: str = "student_after") -> dict:
+def evaluate(params_file: str = "params.yaml", model: str = "student_after") -> EvalMetrics:
     with tracked_stage(f"evaluate@{model}", params_file, ("evaluate", "runtime")) as params:
         metrics_path = EVAL_METRICS_DIR / f"{model}.json"
         runtime = Runtime.resolve(params.runtime)
         print(f"evaluate@{model}: {runtime.describe()}")
         scores = run_evaluate(PREPARED_DIR, EVAL_MODELS[model], EVAL_DIR / model, metrics_path, params.evaluate,
                               runtime)
-        tracking.log_metrics({f"{model}.{key}": value for key, value in scores.items()})
+        tracking.log_metrics({f"{model}.{key}": value for key, value in scores.scores().items()})
         tracking.log_artifact(metrics_path)
         tracking.log_artifact(EVAL_DIR / model, "eval")
         return scores

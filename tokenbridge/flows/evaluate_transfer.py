@@ -20,8 +20,7 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.stages.evaluate import collect_metrics, run_evaluate
-from tokenbridge.io import write_json
-from tokenbridge.models import model_card
+from tokenbridge.contracts import ModelCard, TransferScores
 from tokenbridge.paths import (ENSEMBLE_DIR, EVAL_DIR, EVAL_METRICS_DIR, PREPARED_DIR, SOURCES_DIR, TRANSFER_EVAL_METRICS,
                               TRANSFERRED_DIR)
 from tokenbridge.runtime import Runtime
@@ -32,7 +31,7 @@ EVALUATED_ROLES = {"student": "student_before", "teacher": "teacher"}  # members
 
 
 @flow(name="evaluate_transfer", log_prints=True)
-def evaluate_transfer(params_file: str = "params.yaml") -> dict:
+def evaluate_transfer(params_file: str = "params.yaml") -> TransferScores:
     with tracked_stage("evaluate_transfer", params_file, ("evaluate", "ensemble", "runtime")) as params:
         runtime = Runtime.resolve(params.runtime)
         models = {}
@@ -43,16 +42,17 @@ def evaluate_transfer(params_file: str = "params.yaml") -> dict:
         models["ensemble"] = ENSEMBLE_DIR
         scores = {}
         for label, directory in models.items():
-            print(f"evaluate_transfer: {label} ({model_card(directory)['name']}) on {runtime.device}")
+            print(f"evaluate_transfer: {label} ({ModelCard.of(directory).name}) on {runtime.device}")
             scores[label] = run_evaluate(PREPARED_DIR, directory, EVAL_DIR / "transfer" / label,
                                          EVAL_DIR / "transfer" / label / "metrics.json", params.evaluate, runtime,
                                          gsm_limit=params.evaluate.transfer_limit)
-            tracking.log_metrics({f"{label}.{key}": value for key, value in scores[label].items()})
+            tracking.log_metrics({f"{label}.{key}": value for key, value in scores[label].scores().items()})
         roles = [member for member in params.ensemble.members if member in EVALUATED_ROLES]
         evaluated = collect_metrics(EVAL_METRICS_DIR, [EVALUATED_ROLES[role] for role in roles])
         scores.update({role: evaluated[EVALUATED_ROLES[role]] for role in roles})
-        write_json(TRANSFER_EVAL_METRICS, scores)
-        return scores
+        transfer_scores = TransferScores(scores)
+        transfer_scores.write(TRANSFER_EVAL_METRICS)
+        return transfer_scores
 
 
 def main(argv: list[str]) -> None:

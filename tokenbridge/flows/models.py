@@ -9,7 +9,8 @@ Run alone: tokenbridge models   (or: dvc repro models)
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.models import MODEL_CARD, materialize
+from tokenbridge.contracts import MODEL_CARD
+from tokenbridge.models import materialize
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.paths import STUDENT_DIR, TEACHER_DIR
 from tokenbridge.flows.common import stage_cli, tracked_stage

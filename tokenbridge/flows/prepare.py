@@ -9,19 +9,20 @@ Run alone: tokenbridge prepare   (or: dvc repro prepare)
 from prefect import flow
 
 from tokenbridge import tracking
+from tokenbridge.contracts import MANIFEST, PreparedManifest
 from tokenbridge.paths import PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from tokenbridge.stages.prepare import run_prepare
 from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
 @flow(name="prepare", log_prints=True)
-def prepare(params_file: str = "params.yaml") -> dict:
+def prepare(params_file: str = "params.yaml") -> PreparedManifest:
     with tracked_stage("prepare", params_file, ("prepare",)) as params:
         manifest = run_prepare({"teacher": TEACHER_DIR, "student": STUDENT_DIR}, PREPARED_DIR, params.prepare)
-        for split, info in manifest["splits"].items():
-            tracking.log_metrics({f"{split}_examples": info["examples"], f"{split}_dropped": info["dropped_too_long"],
-                                  **{f"{split}_tokens_{role}": n for role, n in info["tokens"].items()}})
-        tracking.log_artifact(PREPARED_DIR / "manifest.json")
+        for split, info in (("train", manifest.splits.train), ("test", manifest.splits.test)):
+            tracking.log_metrics({f"{split}_examples": info.examples, f"{split}_dropped": info.dropped_too_long,
+                                  **{f"{split}_tokens_{role}": n for role, n in info.tokens.model_dump().items()}})
+        tracking.log_artifact(PREPARED_DIR / MANIFEST)
         return manifest
 
 

@@ -16,8 +16,8 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.stages.evaluate import collect_metrics
-from tokenbridge.io import read_json, write_json
-from tokenbridge.models import model_card
+from tokenbridge.io import write_json
+from tokenbridge.contracts import ModelCard, TransferMetrics, TransferScores
 from tokenbridge.paths import (DISTILL_HISTORY, DISTILLED_DIR, ENSEMBLE_DIR, EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR,
                               TEACHER_DIR, TRANSFER_EVAL_METRICS, TRANSFER_METRICS)
 from tokenbridge.stages.report import render_report, render_transfer
@@ -27,7 +27,7 @@ from tokenbridge.flows.common import stage_cli, tracked_stage
 @flow(name="report", log_prints=True)
 def report(params_file: str = "params.yaml") -> dict:
     with tracked_stage("report", params_file, ("tracking",)) as params:
-        models = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        models = {name: scores.scores() for name, scores in collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS)).items()}
         primary = params.tracking.primary_metric
         value = models["student_after"][primary]
         registry = tracking.register_candidate(DISTILLED_DIR, params.tracking.registered_model, primary, value,
@@ -35,16 +35,17 @@ def report(params_file: str = "params.yaml") -> dict:
         print(f"registry: version {registry['version']} is '{tracking.CANDIDATE}'; {registry['reason']}")
         write_json(REPORT_DIR / "registry.json", registry)
         context = {
-            "teacher": model_card(TEACHER_DIR)["name"], "student": model_card(DISTILLED_DIR)["name"],
+            "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(DISTILLED_DIR).name,
             "profile": params.profile, **tracking.revision_tags(),
             "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
             "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps,
             "registry": registry, "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
         }
         files = render_report({"primary_metric": primary, "models": models}, DISTILL_HISTORY, context, REPORT_DIR)
-        transfer = render_transfer(read_json(TRANSFER_EVAL_METRICS), read_json(TRANSFER_METRICS),
+        transfer = render_transfer({label: scores.scores() for label, scores in TransferScores.read(TRANSFER_EVAL_METRICS).root.items()},
+                                   TransferMetrics.read(TRANSFER_METRICS).model_dump(),
                                    list(params.transfer.sources), params.ensemble.members,
-                                   model_card(ENSEMBLE_DIR), REPORT_DIR)
+                                   ModelCard.of(ENSEMBLE_DIR).model_dump(exclude_none=True), REPORT_DIR)
         tracking.log_artifact(REPORT_DIR, "report")
         tracking.log_metrics({f"student_after.{primary}": value})
         return {name: str(path) for name, path in {**files, **{f"transfer_{k}": v for k, v in transfer.items()}}.items()}

@@ -21,10 +21,10 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tokenbridge import tracking
-from tokenbridge.io import write_json
+from tokenbridge.contracts import MANIFEST, TeacherLogitsManifest, TeacherLogitsSkipped
 from tokenbridge.paths import PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR
 from tokenbridge.runtime import Runtime
-from tokenbridge.stages.teacher_logits import ExtractionPlan, extract_shard, plan_extraction, write_manifest
+from tokenbridge.stages.teacher_logits import ExtractionPlan, extract_shard, run_teacher_logits
 from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
@@ -55,21 +55,20 @@ def extract_shards(plan: ExtractionPlan) -> list[dict]:
 
 
 @flow(name="teacher_logits", log_prints=True)
-def teacher_logits(params_file: str = "params.yaml") -> dict:
+def teacher_logits(params_file: str = "params.yaml") -> TeacherLogitsManifest | TeacherLogitsSkipped:
     with tracked_stage("teacher_logits", params_file, ("teacher_logits", "runtime")) as params:
         if params.distill.teacher_mode == "online":
-            manifest = {"skipped": "distill.teacher_mode is online: the teacher runs at every distill step"}
-            write_json(TEACHER_LOGITS_DIR / "manifest.json", manifest)
-            return manifest
-        plan = plan_extraction(PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR, params.teacher_logits,
-                               Runtime.resolve(params.runtime))
-        shards = extract_shards.with_options(task_runner=task_runner(params.teacher_logits.workers))(plan)
-        manifest = write_manifest(plan, shards)
-        tracking.log_metrics({"examples": manifest["n_examples"], "tokens": manifest["n_tokens"],
-                              "shards": len(manifest["shards"]), "bytes_per_token": manifest["bytes_per_token"],
-                              "distribution_bytes_per_token": manifest["distribution"]["bytes_per_token"],
-                              "mean_kept": manifest["distribution"]["mean_kept"]})
-        tracking.log_artifact(TEACHER_LOGITS_DIR / "manifest.json")
+            skipped = TeacherLogitsSkipped(skipped="distill.teacher_mode is online: the teacher runs at every distill step")
+            skipped.write(TEACHER_LOGITS_DIR / MANIFEST)
+            return skipped
+        manifest = run_teacher_logits(PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR, params.teacher_logits,
+                                      Runtime.resolve(params.runtime),
+                                      extract_shards.with_options(task_runner=task_runner(params.teacher_logits.workers)))
+        tracking.log_metrics({"examples": manifest.n_examples, "tokens": manifest.n_tokens,
+                              "shards": len(manifest.shards), "bytes_per_token": manifest.bytes_per_token,
+                              "distribution_bytes_per_token": manifest.distribution.bytes_per_token,
+                              "mean_kept": manifest.distribution.mean_kept})
+        tracking.log_artifact(TEACHER_LOGITS_DIR / MANIFEST)
         return manifest
 
 

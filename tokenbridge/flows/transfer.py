@@ -13,7 +13,7 @@ Run alone: tokenbridge transfer   (or: dvc repro transfer)
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.io import write_json
+from tokenbridge.contracts import TransferMetrics
 from tokenbridge.models import materialize
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.paths import (PREPARED_DIR, SOURCES_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFER_HISTORY_DIR,
@@ -24,22 +24,23 @@ from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
 @flow(name="transfer", log_prints=True)
-def transfer(params_file: str = "params.yaml") -> dict:
+def transfer(params_file: str = "params.yaml") -> TransferMetrics:
     with tracked_stage("transfer", params_file, ("transfer", "runtime")) as params:
         target = target_directory(params.transfer.tokenizer, {"student": STUDENT_DIR, "teacher": TEACHER_DIR})
         summaries = {}
         for name, spec in params.transfer.sources.items():
             source_dir = SOURCES_DIR / name
             card = materialize(spec, source_dir, default_cache_dir())
-            print(f"transfer: {card['name']} -> {params.transfer.tokenizer} tokenizer")
+            print(f"transfer: {card.name} -> {params.transfer.tokenizer} tokenizer")
             history = TRANSFER_HISTORY_DIR / f"{name}.csv"
             summaries[name] = run_transfer(PREPARED_DIR, source_dir, target, TRANSFERRED_DIR / name, history,
                                            params.transfer, Runtime.resolve(params.runtime))
-            tracking.log_metrics({f"{name}.{key}": value for key, value in summaries[name].items()
+            tracking.log_metrics({f"{name}.{key}": value for key, value in summaries[name].model_dump().items()
                                   if isinstance(value, (int, float))})
             tracking.log_artifact(history, "transfer")
-        write_json(TRANSFER_METRICS, summaries)
-        return summaries
+        metrics = TransferMetrics(summaries)
+        metrics.write(TRANSFER_METRICS)
+        return metrics
 
 
 def main(argv: list[str]) -> None:

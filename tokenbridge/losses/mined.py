@@ -44,7 +44,8 @@ from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, LossSet
 from tokenbridge.losses.divergences import forward_kl
 from tokenbridge.losses.positions import gather_rows, map_positions
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_log_probs
-from tokenbridge.models import load_tokenizer, model_card
+from tokenbridge.contracts import ModelCard
+from tokenbridge.models import load_tokenizer
 from tokenbridge.token_bytes import is_byte_level, special_ids, vocab_bytes
 
 ROLES = ("eos", "bos", "pad", "unk")  # in priority order: a token with several roles takes the first
@@ -168,8 +169,8 @@ def compute_mapping(teacher_dir: Path, student_dir: Path) -> torch.Tensor:
 
 
 def mapping_path(setup: LossSetup) -> Path:
-    teacher_sha = model_card(setup.teacher_dir)["tokenizer_sha256"]
-    student_sha = model_card(setup.student_dir)["tokenizer_sha256"]
+    teacher_sha = ModelCard.of(setup.teacher_dir).tokenizer_sha256
+    student_sha = ModelCard.of(setup.student_dir).tokenizer_sha256
     return Path(setup.cache_dir) / "mined" / f"{teacher_sha[:16]}-{student_sha[:16]}.pt"
 
 
@@ -285,7 +286,7 @@ class MinedLoss(DistillLoss):
 
     def __init__(self, params: MinedParams, setup: LossSetup):
         super().__init__(params, setup)
-        mapping = (torch.arange(model_card(setup.student_dir)["tokenizer_size"]) if setup.same_tokenizer
+        mapping = (torch.arange(ModelCard.of(setup.student_dir).tokenizer_size) if setup.same_tokenizer
                    else cached_mapping(setup))
         self.register_buffer("mapping", mapping, persistent=False)  # derived from the tokenizers: not checkpointed
 

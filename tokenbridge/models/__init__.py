@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from tokenbridge.config import GgufModelSpec, HfModelSpec, ModelSpec
+from tokenbridge.contracts import MODEL_CARD, ModelCard
 from tokenbridge.io import atomic_path, read_json, sha256_file, write_json
 
-MODEL_CARD = "tokenbridge.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -50,7 +50,7 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
-def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> dict:
+def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> ModelCard:
     """Write the model named by `spec` as a HF directory at `out_dir`; returns its model card."""
     with atomic_path(out_dir) as temporary:
         if isinstance(spec, GgufModelSpec):
@@ -70,20 +70,11 @@ def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> dict:
             build_tiny_model(spec, temporary)
             name = f"tiny-{spec.tokenizer}-{spec.vocab_size}"
         tokenizer = AutoTokenizer.from_pretrained(temporary)
-        card = {
-            "name": name,
-            "spec": spec.model_dump(),
-            "tokenizer_sha256": sha256_file(temporary / "tokenizer.json"),
-            "tokenizer_size": len(tokenizer),
-            "parameters": parameter_count(temporary),
-            "eos_token": tokenizer.eos_token,
-        }
-        write_json(temporary / MODEL_CARD, card)
+        card = ModelCard(name=name, spec=spec.model_dump(), tokenizer_sha256=sha256_file(temporary / "tokenizer.json"),
+                         tokenizer_size=len(tokenizer), parameters=parameter_count(temporary),
+                         eos_token=tokenizer.eos_token)
+        card.write(temporary / MODEL_CARD)
     return card
-
-
-def model_card(model_dir: Path) -> dict:
-    return read_json(Path(model_dir) / MODEL_CARD)
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

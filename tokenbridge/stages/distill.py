@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from tokenbridge.config import TeacherLogitsParams
 from tokenbridge.data.chat import Encoded
-from tokenbridge.io import atomic_path, fingerprint, read_jsonl, require_manifest, write_json, write_text
+from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
 from tokenbridge.losses.registry import build_losses, teacher_fields
-from tokenbridge.models import MODEL_CARD, load_model, load_tokenizer, model_card
+from tokenbridge.contracts import MANIFEST, MODEL_CARD, DistillMetrics, ModelCard, PreparedManifest
+from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.on_policy import OnPolicySampler, is_on_policy_step
@@ -64,20 +65,20 @@ def train(
     params: DistillParams, teacher_params: TeacherLogitsParams, teacher_dir: Path, teacher_logits_dir: Path | None,
     log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
     *, runtime: Runtime,
-) -> dict:
+) -> DistillMetrics:
     """Train the student; every rank of a `process_group` runs this, on its share of each step's batch."""
     ranks = Ranks.current()  # params validation guarantees every rank at least one example a step
     torch.manual_seed(params.seed)
-    prepared = require_manifest(prepared_dir, "prepare")
+    prepared = PreparedManifest.read(Path(prepared_dir) / MANIFEST).splits.train
     students = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.student.jsonl")]
-    student_card, teacher_card = model_card(student_dir), model_card(teacher_dir)
-    setup = LossSetup(teacher_dir, student_dir, teacher_card["tokenizer_sha256"] == student_card["tokenizer_sha256"],
+    student_card, teacher_card = ModelCard.of(student_dir), ModelCard.of(teacher_dir)
+    setup = LossSetup(teacher_dir, student_dir, teacher_card.tokenizer_sha256 == student_card.tokenizer_sha256,
                       default_cache_dir())
     term_names = params.losses if params.losses == ["sft"] else [*params.losses, "sft"]
     losses = torch.nn.ModuleDict(build_losses(term_names, params, setup))
     if params.teacher_mode == "offline":
         reader = TeacherLogitsReader(teacher_logits_dir, teacher_fields(losses),
-                                     prepared["splits"]["train"]["sha256"]["teacher"], teacher_card)
+                                     prepared.sha256.teacher, teacher_card)
         teacher = StoredTeacher(reader, params.teacher)
     else:
         teachers = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.teacher.jsonl")]
@@ -103,8 +104,9 @@ def train(
     engine = Engine(model, optimizer, runtime, ranks, params.max_grad_norm, params.combine,
                     [student.get_output_embeddings().weight])
 
-    key = fingerprint({"params": params.model_dump(), "prepared": prepared["splits"]["train"]["sha256"],
-                       "student": student_card, "teacher_temperature": teacher.temperature})
+    key = fingerprint({"params": params.model_dump(), "prepared": prepared.sha256.model_dump(),
+                       "student": student_card.model_dump(mode="json", exclude_none=True),
+                       "teacher_temperature": teacher.temperature})
     checkpoint = Checkpoint(checkpoint_dir, key, model, optimizer, ranks)
     start_step, history = checkpoint.resume()
     if start_step and ranks.main:
@@ -161,15 +163,15 @@ def train(
         with atomic_path(out_dir) as temporary:
             student.save_pretrained(temporary, state_dict=weights)
             tokenizer.save_pretrained(temporary)
-            write_json(temporary / MODEL_CARD, {**student_card, "name": f"{student_card['name']}-distilled",
-                                                "distilled_from": student_card["name"], "loss": params.losses})
+            student_card.model_copy(update={"name": f"{student_card.name}-distilled", "distilled_from": student_card.name,
+                                            "loss": params.losses}).write(temporary / MODEL_CARD)
         write_text(history_path, history_csv(history, history_fields))
     timed = history[start_step:]
-    summary = {"loss": "+".join(params.losses), "steps": params.steps, "resumed_from_step": start_step,
-               "final_loss": history[-1]["loss"], "on_policy_steps": sum(row["on_policy"] for row in history),
-               "median_seconds_per_step": median([row["seconds"] for row in timed]),
-               "median_update_seconds": median([row["update_seconds"] for row in timed]),
-               "runtime": {**runtime.describe(), "processes": ranks.size}}
-    if any(row["on_policy"] for row in timed):
-        summary["median_generation_seconds"] = median([row["generation_seconds"] for row in timed if row["on_policy"]])
-    return summary
+    on_policy_rows = [row for row in timed if row["on_policy"]]
+    return DistillMetrics(
+        loss="+".join(params.losses), steps=params.steps, resumed_from_step=start_step,
+        final_loss=history[-1]["loss"], on_policy_steps=sum(row["on_policy"] for row in history),
+        median_seconds_per_step=median([row["seconds"] for row in timed]),
+        median_update_seconds=median([row["update_seconds"] for row in timed]),
+        runtime={**runtime.describe(), "processes": ranks.size},
+        median_generation_seconds=median([row["generation_seconds"] for row in on_policy_rows]) if on_policy_rows else None)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenbridge.io import atomic_path, read_json, sha256_file, write_json
-from tokenbridge.models import MODEL_CARD, copy_tokenizer_files, link_tree
+from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard
+from tokenbridge.io import atomic_path, read_json, sha256_file
+from tokenbridge.models import copy_tokenizer_files, link_tree
 from tokenbridge.models.ensemble import EnsembleConfig
 
 
-def build_ensemble(members: dict[str, Path], weights: list[float], out_dir: Path) -> dict:
+def build_ensemble(members: dict[str, Path], weights: list[float], out_dir: Path) -> ModelCard:
     """Write the ensemble directory; refuses members whose tokenizers differ (their ids would not mean the
     same tokens), naming each member's tokenizer and the fix."""
     hashes = {name: sha256_file(Path(directory) / "tokenizer.json") for name, directory in members.items()}
@@ -30,8 +31,8 @@ def build_ensemble(members: dict[str, Path], weights: list[float], out_dir: Path
     weights = [weight / sum(weights) for weight in weights]
     first = Path(next(iter(members.values())))
     configs = {name: read_json(Path(directory) / "config.json") for name, directory in members.items()}
-    cards = {name: read_json(Path(directory) / MODEL_CARD) for name, directory in members.items()}
-    size = cards[next(iter(cards))]["tokenizer_size"]
+    cards = {name: ModelCard.of(directory) for name, directory in members.items()}
+    size = cards[next(iter(cards))].tokenizer_size
     first_config = configs[next(iter(configs))]
     config = EnsembleConfig(
         members=list(members), weights=weights, vocab_size=size,
@@ -44,15 +45,18 @@ def build_ensemble(members: dict[str, Path], weights: list[float], out_dir: Path
         for name, directory in members.items():
             link_tree(Path(directory), temporary / "members" / name)
         copy_tokenizer_files(first, temporary)
-        card = {"name": "ensemble(" + ", ".join(f"{cards[n]['name']} x{w:.2f}" for n, w in zip(members, weights)) + ")",
-                "members": {name: cards[name]["name"] for name in members}, "weights": dict(zip(members, weights)),
-                "tokenizer_sha256": hashes[next(iter(hashes))], "tokenizer_size": size,
-                "parameters": sum(cards[name]["parameters"] for name in members), "eos_token": cards[next(iter(cards))]["eos_token"]}
-        write_json(temporary / MODEL_CARD, card)
+        card = ModelCard(name="ensemble(" + ", ".join(f"{cards[n].name} x{w:.2f}" for n, w in zip(members, weights)) + ")",
+                         members={name: cards[name].name for name in members}, weights=dict(zip(members, weights)),
+                         tokenizer_sha256=hashes[next(iter(hashes))], tokenizer_size=size,
+                         parameters=sum(cards[name].parameters for name in members),
+                         eos_token=cards[next(iter(cards))].eos_token)
+        card.write(temporary / MODEL_CARD)
     return card
 
 
 def _tokenizer_size(directory: Path) -> int | str:
-    card = Path(directory) / MODEL_CARD
-    return read_json(card).get("tokenizer_size", "?") if card.exists() else "?"
+    try:
+        return ModelCard.of(directory).tokenizer_size
+    except ContractError:
+        return "?"
 

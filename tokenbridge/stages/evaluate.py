@@ -24,7 +24,8 @@ from tokenbridge.config import EvaluateParams
 from tokenbridge.evaluation.bpb import bits_per_byte
 from tokenbridge.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
 from tokenbridge.data.chat import encode_example
-from tokenbridge.io import read_json, read_jsonl, require_manifest, write_json, write_jsonl
+from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
+from tokenbridge.io import read_jsonl, write_json, write_jsonl
 from tokenbridge.models import load_tokenizer
 from tokenbridge.token_bytes import vocab_bytes
 from tokenbridge.runtime import Runtime
@@ -40,10 +41,10 @@ def tokenize_test_set(test_jsonl: Path, model_dir: Path, out_path: Path) -> Path
 
 
 def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
-                 runtime: Runtime, gsm_limit: int | None = None) -> dict:
+                 runtime: Runtime, gsm_limit: int | None = None) -> EvalMetrics:
     """Bits-per-byte, then GSM on `gsm_limit` questions (default `params.limit`; 0: bits-per-byte alone, no
     generation, no `gsm_*` scores). Writes the scores to `metrics_path` and returns them."""
-    require_manifest(prepared_dir, "prepare")
+    PreparedManifest.read(Path(prepared_dir) / MANIFEST)  # fails naming the stage to run when data is missing
     gsm_limit = params.limit if gsm_limit is None else gsm_limit
     encoded = tokenize_test_set(prepared_dir / "test.jsonl", model_dir, out_dir / "test.encoded.jsonl")
     seconds: dict[str, float] = {}
@@ -59,8 +60,9 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
                                        config_path=out_dir / "lm_eval_config.json"))
         seconds["gsm_seconds_per_question"] = round(seconds["gsm_seconds"] / scores["gsm_n"], 2)
     write_json(out_dir / "run.json", {"runtime": runtime.describe(), "batch_size": params.batch_size, **seconds})
-    write_json(metrics_path, scores)
-    return scores
+    metrics = EvalMetrics(**scores)
+    metrics.write(metrics_path)
+    return metrics
 
 
 @contextlib.contextmanager
@@ -73,9 +75,6 @@ def _timed(part: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[f"{part}_cpu_seconds"] = round(time.process_time() - cpu, 2)
 
 
-def collect_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
+def collect_metrics(metrics_dir: Path, names: list[str]) -> dict[str, EvalMetrics]:
     """Every evaluated model's scores, in the given order; fails naming the stage that has not run."""
-    missing = [name for name in names if not (metrics_dir / f"{name}.json").exists()]
-    if missing:
-        raise FileNotFoundError(f"no metrics for {missing}: run 'dvc repro' (stages evaluate@<model>) first")
-    return {name: read_json(metrics_dir / f"{name}.json") for name in names}
+    return {name: EvalMetrics.read(metrics_dir / f"{name}.json") for name in names}

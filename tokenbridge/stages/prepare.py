@@ -13,8 +13,9 @@ from pathlib import Path
 from tokenbridge.config import PrepareParams
 from tokenbridge.data.chat import encode_example
 from tokenbridge.data.gsm import generate_gsm_symbolic, read_gsm_jsonl
-from tokenbridge.io import sha256_file, write_json, write_jsonl
-from tokenbridge.models import load_tokenizer, model_card
+from tokenbridge.io import sha256_file, write_jsonl
+from tokenbridge.contracts import MANIFEST, ModelCard, ModelRef, PerRole, PreparedManifest, Splits, SplitSummary
+from tokenbridge.models import load_tokenizer
 from tokenbridge.token_bytes import vocab_bytes
 
 ROLES = ("teacher", "student")
@@ -26,11 +27,11 @@ def load_records(params: PrepareParams) -> tuple[list[dict], list[dict]]:
     return generate_gsm_symbolic(params.n_train, params.n_test, params.test_template_fraction, params.seed)
 
 
-def run_prepare(model_dirs: dict[str, Path], out_dir: Path, params: PrepareParams) -> dict:
+def run_prepare(model_dirs: dict[str, Path], out_dir: Path, params: PrepareParams) -> PreparedManifest:
     tokenizers = {role: load_tokenizer(model_dirs[role]) for role in ROLES}
     tables = {role: vocab_bytes(tokenizer) for role, tokenizer in tokenizers.items()}
     splits = dict(zip(("train", "test"), load_records(params)))
-    manifest: dict = {"format": "tokenbridge.prepared/v1", "source": params.source, "splits": {}, "models": {}}
+    summaries = {}
     for split, records in splits.items():
         encoded = {role: [encode_example(tokenizers[role], r["question"], r["answer"], tables[role]) for r in records]
                    for role in ROLES}
@@ -41,13 +42,12 @@ def run_prepare(model_dirs: dict[str, Path], out_dir: Path, params: PrepareParam
         for role in ROLES:
             write_jsonl(out_dir / f"{split}.{role}.jsonl",
                         ({"index": n, **encoded[role][i].to_json()} for n, i in enumerate(keep)))
-        manifest["splits"][split] = {
-            "examples": len(keep), "dropped_too_long": len(records) - len(keep),
-            "tokens": {role: sum(len(encoded[role][i].input_ids) for i in keep) for role in ROLES},
-            "sha256": {role: sha256_file(out_dir / f"{split}.{role}.jsonl") for role in ROLES},
-        }
-    for role in ROLES:
-        card = model_card(model_dirs[role])
-        manifest["models"][role] = {"name": card["name"], "tokenizer_sha256": card["tokenizer_sha256"]}
-    write_json(out_dir / "manifest.json", manifest)
+        summaries[split] = SplitSummary(
+            examples=len(keep), dropped_too_long=len(records) - len(keep),
+            tokens=PerRole[int](**{role: sum(len(encoded[role][i].input_ids) for i in keep) for role in ROLES}),
+            sha256=PerRole[str](**{role: sha256_file(out_dir / f"{split}.{role}.jsonl") for role in ROLES}))
+    cards = {role: ModelCard.of(model_dirs[role]) for role in ROLES}
+    manifest = PreparedManifest(source=params.source, splits=Splits(**summaries), models=PerRole[ModelRef](
+        **{role: ModelRef(name=card.name, tokenizer_sha256=card.tokenizer_sha256) for role, card in cards.items()}))
+    manifest.write(out_dir / MANIFEST)
     return manifest

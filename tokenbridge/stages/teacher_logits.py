@@ -36,11 +36,12 @@ from tokenbridge import logit_codec
 from tokenbridge.config import TeacherLogitsParams
 from tokenbridge.data.chat import Encoded
 from tokenbridge.data.padding import pad_batch
-from tokenbridge.io import fingerprint, read_json, require_manifest, sha256_file, write_json
+from tokenbridge.io import fingerprint, read_json, sha256_file, write_json
 from tokenbridge.losses.token_stats import NextTokenStats
-from tokenbridge.models import model_card
+from tokenbridge.contracts import (MANIFEST, TEACHER_LOGITS_FORMAT, ModelCard, PreparedManifest, StoredDistribution,
+                                  StoredShard, TeacherLogitsManifest)
 from tokenbridge.runtime import Runtime
-from tokenbridge.stored_logits import FIELDS, FORMAT, write_shard
+from tokenbridge.stored_logits import FIELDS, write_shard
 from tokenbridge.training.teachers import Teacher
 
 
@@ -74,10 +75,11 @@ class ExtractionPlan:
 def plan_extraction(prepared_dir: Path, teacher_dir: Path, out_dir: Path, params: TeacherLogitsParams,
                     runtime: Runtime) -> ExtractionPlan:
     """Fix the shards of this configuration; shards saved under another configuration are deleted."""
-    prepared = require_manifest(prepared_dir, "prepare")
-    prepared_sha256 = prepared["splits"]["train"]["sha256"]["teacher"]
+    train = PreparedManifest.read(Path(prepared_dir) / MANIFEST).splits.train
+    prepared_sha256 = train.sha256.teacher
     dtype = runtime.inference_dtype_name
-    key = fingerprint({"format": FORMAT, "prepared": prepared_sha256, "teacher": model_card(teacher_dir), "dtype": dtype,
+    teacher = ModelCard.of(teacher_dir).model_dump(mode="json", exclude_none=True)
+    key = fingerprint({"format": TEACHER_LOGITS_FORMAT, "prepared": prepared_sha256, "teacher": teacher, "dtype": dtype,
                        **params.model_dump(exclude={"batch_size", "workers"})})
     plan_path = Path(out_dir) / "plan.json"
     if not plan_path.exists() or read_json(plan_path).get("fingerprint") != key:
@@ -85,9 +87,8 @@ def plan_extraction(prepared_dir: Path, teacher_dir: Path, out_dir: Path, params
         write_json(plan_path, {"fingerprint": key})
     for leftover in Path(out_dir).glob(".*"):  # temporaries of a write that was killed (SIGKILL skips clean-up)
         shutil.rmtree(leftover, ignore_errors=True)
-    n_examples = prepared["splits"]["train"]["examples"]
     return ExtractionPlan(Path(prepared_dir), Path(teacher_dir), Path(out_dir), params, str(runtime.device), dtype, key,
-                          prepared_sha256, n_examples)
+                          prepared_sha256, train.examples)
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,44 +149,45 @@ def extract_shard(plan: ExtractionPlan, shard: int, on_examples: Callable[[int],
     return info
 
 
-def write_manifest(plan: ExtractionPlan, shards: list[dict]) -> dict:
+def write_manifest(plan: ExtractionPlan, shards: list[dict]) -> TeacherLogitsManifest:
     """The contract distill reads: what was stored, how, from what, and every shard's checksum."""
-    card = model_card(plan.teacher_dir)
+    card = ModelCard.of(plan.teacher_dir)
     params = plan.params
     n_tokens = sum(s["n_tokens"] for s in shards)
-    manifest = {
-        "format": FORMAT, "teacher": card["name"], "tokenizer_sha256": card["tokenizer_sha256"],
-        "vocab_size": card["tokenizer_size"], "top_p": params.top_p, "top_k": params.top_k,
-        "temperature": params.temperature, "dtype": plan.dtype,
-        "device": plan.device, "fields": list(FIELDS),
-        "row_semantics": "row j is the teacher distribution after token j (it predicts token j+1)",
-        "distribution": {
-            "kept": "smallest prefix with probability >= top_p at temperature 1 (crossing token included), "
-                    "then at most top_k entries",
-            "logprobs": "at `temperature`, normalised over the full vocabulary: 1 - sum(exp) is the missing mass",
-            "encoding": f"ids: frequency-ranked set gaps; values: p^(1/{logit_codec.COMPANDING:g}) in "
-                        f"{logit_codec.LEVELS + 1} levels; zstd",
-            "mean_kept": sum(s["n_kept"] for s in shards) / max(1, n_tokens),
-            "bytes_per_token": sum(s["distribution_bytes"] for s in shards) / max(1, n_tokens),
-        },
-        "bytes_per_token": sum(s["bytes"] for s in shards) / max(1, n_tokens),
-        "prepared_sha256": plan.prepared_sha256, "examples_per_shard": params.examples_per_shard,
-        "n_examples": sum(s["n_examples"] for s in shards), "n_tokens": n_tokens,
-        "shards": [{key: s[key] for key in ("file", "sha256", "first_index", "n_examples", "n_tokens", "bytes")}
-                   for s in sorted(shards, key=lambda s: s["first_index"])],
-    }
-    write_json(plan.out_dir / "manifest.json", manifest)
+    manifest = TeacherLogitsManifest(
+        teacher=card.name, tokenizer_sha256=card.tokenizer_sha256, vocab_size=card.tokenizer_size,
+        top_p=params.top_p, top_k=params.top_k, temperature=params.temperature, dtype=plan.dtype,
+        device=plan.device, fields=list(FIELDS),
+        row_semantics="row j is the teacher distribution after token j (it predicts token j+1)",
+        distribution=StoredDistribution(
+            kept="smallest prefix with probability >= top_p at temperature 1 (crossing token included), "
+                 "then at most top_k entries",
+            logprobs="at `temperature`, normalised over the full vocabulary: 1 - sum(exp) is the missing mass",
+            encoding=f"ids: frequency-ranked set gaps; values: p^(1/{logit_codec.COMPANDING:g}) in "
+                     f"{logit_codec.LEVELS + 1} levels; zstd",
+            mean_kept=sum(s["n_kept"] for s in shards) / max(1, n_tokens),
+            bytes_per_token=sum(s["distribution_bytes"] for s in shards) / max(1, n_tokens)),
+        bytes_per_token=sum(s["bytes"] for s in shards) / max(1, n_tokens),
+        prepared_sha256=plan.prepared_sha256, examples_per_shard=params.examples_per_shard,
+        n_examples=sum(s["n_examples"] for s in shards), n_tokens=n_tokens,
+        shards=[StoredShard(**{key: s[key] for key in StoredShard.model_fields})
+                for s in sorted(shards, key=lambda s: s["first_index"])])
+    manifest.write(plan.out_dir / MANIFEST)
     return manifest
 
 
-def run_teacher_logits(prepared_dir: Path, teacher_dir: Path, out_dir: Path, params: TeacherLogitsParams,
-                       runtime: Runtime) -> dict:
-    """Extract every shard in this process (the flow maps them as Prefect tasks instead) and write the manifest."""
+def extract_in_process(plan: ExtractionPlan) -> list[dict]:
+    """Every shard of the plan, one after another in this process."""
     from tqdm import tqdm
 
-    plan = plan_extraction(prepared_dir, teacher_dir, out_dir, params, runtime)
     with tqdm(total=plan.n_examples, desc="teacher logits", unit="ex") as bar:
-        shards = [extract_shard(plan, shard, bar.update) for shard in range(plan.n_shards)]
-    return write_manifest(plan, shards)
+        return [extract_shard(plan, shard, bar.update) for shard in range(plan.n_shards)]
 
 
+def run_teacher_logits(prepared_dir: Path, teacher_dir: Path, out_dir: Path, params: TeacherLogitsParams,
+                       runtime: Runtime, extract: Callable[[ExtractionPlan], list[dict]] = extract_in_process
+                       ) -> TeacherLogitsManifest:
+    """Plan the shards, extract the ones missing (`extract` maps them over processes: the flow passes its
+    Prefect tasks), and write the manifest."""
+    plan = plan_extraction(prepared_dir, teacher_dir, out_dir, params, runtime)
+    return write_manifest(plan, extract(plan))

@@ -28,11 +28,12 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tokenbridge.config import TeacherTruncation
 from tokenbridge.data.chat import Encoded, encode_example
-from tokenbridge.io import atomic_path, fingerprint, read_json, read_jsonl, sha256_file, write_json, write_text
+from tokenbridge.io import atomic_path, fingerprint, read_jsonl, sha256_file, write_text
 from tokenbridge.losses.alm import AlmLoss
 from tokenbridge.losses.base import LossOutput, TeacherView
 from tokenbridge.losses.latents import hidden_state_loss
-from tokenbridge.models import MODEL_CARD, copy_tokenizer_files, load_model, load_tokenizer, model_card, save_tokenizer
+from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
+from tokenbridge.models import copy_tokenizer_files, load_model, load_tokenizer, save_tokenizer
 from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
@@ -158,17 +159,17 @@ def fvt_model(source_dir: Path, target_dir: Path | None, out_dir: Path, seed: in
     for config in (model.config, model.generation_config):
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
-    card = model_card(source_dir)
+    card = ModelCard.of(source_dir)
     with atomic_path(out_dir) as temporary:
         model.save_pretrained(temporary)
         if target_dir is None:
             save_tokenizer(tokenizer, temporary)
         else:
             copy_tokenizer_files(target_dir, temporary)
-        write_json(temporary / MODEL_CARD, {
-            "name": f"{card['name']}-fvt", "transferred_from": card["name"], "fvt": counts,
-            "tokenizer_sha256": sha256_file(temporary / "tokenizer.json"), "tokenizer_size": len(tokenizer),
-            "parameters": model.num_parameters(), "eos_token": tokenizer.eos_token, "byte_level": target_dir is None})
+        ModelCard(name=f"{card.name}-fvt", transferred_from=card.name, fvt=counts,
+                  tokenizer_sha256=sha256_file(temporary / "tokenizer.json"), tokenizer_size=len(tokenizer),
+                  parameters=model.num_parameters(), eos_token=tokenizer.eos_token,
+                  byte_level=target_dir is None).write(temporary / MODEL_CARD)
     return counts
 
 
@@ -224,21 +225,27 @@ def transfer_forward(student: torch.nn.Module, vocab_size: int, boundary: torch.
 
 
 def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir: Path, history_path: Path,
-                   params: TransferParams, runtime: Runtime) -> dict:
+                   params: TransferParams, runtime: Runtime) -> TransferTraining:
     """ALM self-distillation from the original model (teacher, own tokenizer) into the FVT model; saves the
     result (LoRA merged) at `out_dir`. A finished output of the same configuration is kept as it is."""
-    key = fingerprint({"params": params.model_dump(), "source": model_card(source_dir), "fvt": model_card(fvt_dir),
+    fvt_card = ModelCard.of(fvt_dir)
+    key = fingerprint({"params": params.model_dump(), "fvt": fvt_card.model_dump(mode="json", exclude_none=True),
+                       "source": ModelCard.of(source_dir).model_dump(mode="json", exclude_none=True),
                        "records": fingerprint(records)})
-    if (out_dir / MODEL_CARD).exists() and read_json(out_dir / MODEL_CARD).get("fingerprint") == key:
+    try:
+        finished: ModelCard | None = ModelCard.of(out_dir)
+    except ContractError:  # not trained yet, or by another version: train it (again)
+        finished = None
+    if finished is not None and finished.fingerprint == key and finished.training is not None:
         print(f"transfer: {out_dir} is up to date")
-        return read_json(out_dir / MODEL_CARD)["training"]
+        return finished.training
     torch.manual_seed(params.seed)
     teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(fvt_dir)
     teachers, students = _encoded_pairs(records, teacher_tokenizer, student_tokenizer, params.max_length)
     teacher = LiveTeacher(Teacher.load(source_dir, runtime.inference_dtype, runtime.device), teachers,
                           TeacherTruncation(), 1.0, CHUNK_SIZE)
     student = runtime.prepare_student(load_model(fvt_dir, torch.float32).train())
-    byte_level = model_card(fvt_dir)["byte_level"]
+    byte_level = fvt_card.byte_level
     boundaries = {"teacher": boundary_mask(teacher_tokenizer, teacher.teacher.model.get_output_embeddings().weight.shape[0]),
                   "student": boundary_mask(student_tokenizer, student.get_output_embeddings().weight.shape[0])}
     alm = AlmLoss(params.alm, setup=None)  # ALM needs no facts about the pair beyond the batch
@@ -280,25 +287,24 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
 
     if hasattr(student, "merge_and_unload"):
         student = student.merge_and_unload()
-    summary = {"steps": step, "final_loss": history[-1]["loss"] if history else None,
-               "first_loss": history[0]["loss"] if history else None, "examples": len(students),
-               "median_seconds_per_step": median([r["seconds"] for r in history]) if history else None}
-    card = model_card(fvt_dir)
+    summary = TransferTraining(steps=step, final_loss=history[-1]["loss"] if history else None,
+                               first_loss=history[0]["loss"] if history else None, examples=len(students),
+                               median_seconds_per_step=median([r["seconds"] for r in history]) if history else None)
     with atomic_path(out_dir) as temporary:
         student.save_pretrained(temporary)
         copy_tokenizer_files(fvt_dir, temporary)
-        write_json(temporary / MODEL_CARD, {**card, "name": card["transferred_from"] + "-transferred",
-                                            "fingerprint": key, "training": summary, "transfer": params.model_dump()})
+        fvt_card.model_copy(update={"name": f"{fvt_card.transferred_from}-transferred", "fingerprint": key,
+                                    "training": summary, "transfer": params.model_dump()}).write(temporary / MODEL_CARD)
     write_text(history_path, history_csv(history, ("step", "phase", "loss", "alm_loss", "hidden_state_loss",
                                                    "learning_rate", "grad_norm", "seconds")))
     return summary
 
 
 def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
-                 params: TransferParams, runtime: Runtime) -> dict:
+                 params: TransferParams, runtime: Runtime) -> SourceTransfer:
     """FVT then ALM self-distillation for one source; writes `<out_dir>-fvt` and `out_dir`."""
     fvt_dir = fvt_path(out_dir)
     counts = fvt_model(source_dir, target_dir, fvt_dir, params.seed)
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
     summary = train_transfer(records, source_dir, fvt_dir, out_dir, history_path, params, runtime)
-    return {"fvt": counts, **summary}
+    return SourceTransfer(fvt=counts, **summary.model_dump())

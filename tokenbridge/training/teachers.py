@@ -59,8 +59,8 @@ class StoredTeacher:
 
     def __init__(self, reader: TeacherLogitsReader, truncation: TeacherTruncation):
         self.reader, self.truncation = reader, truncation
-        self.temperature = reader.manifest["temperature"]
-        self.vocab_size = reader.manifest["vocab_size"]
+        self.temperature = reader.manifest.temperature
+        self.vocab_size = reader.manifest.vocab_size
 
     def examples(self, indices: list[int]) -> tuple[list[Encoded], list[dict] | None]:
         """The teacher side of these training examples, and the stored data `make_batch` pads."""

@@ -1,0 +1,284 @@
+"""The files stages hand each other, one pydantic model per file: written and validated on read here only, so a
+stage never trusts a dict another stage left behind.
+
+Each manifest and model card carries its `format` (`tokenbridge.<file>/v<N>`); a file of another format, an
+older one or a foreign one, fails on read naming its path, what is wrong and the `dvc repro` that rebuilds it.
+Metrics files stay flat numbers for `dvc metrics` (no format field): their models forbid unknown keys instead,
+and each score declares its direction, which the report and the Model Registry read from here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+
+from tokenbridge.io import write_json
+
+MODEL_CARD = "tokenbridge.json"  # in every model directory
+MANIFEST = "manifest.json"  # in data/prepared and data/teacher_logits
+TEACHER_LOGITS_FORMAT = "tokenbridge.teacher_logits/v2"
+Better = Literal["lower", "higher"]
+
+
+class ContractError(ValueError):
+    """A stage's input file is missing, unreadable, or not what this version writes."""
+
+
+class FileContract:
+    """A file one stage writes and others read. `WRITTEN_BY` names the DVC stage that rebuilds it."""
+
+    WRITTEN_BY: ClassVar[str]
+
+    @classmethod
+    def read(cls, path: Path) -> Any:
+        path = Path(path)
+        stage = cls.writer_of(path)
+        if not path.exists():
+            raise ContractError(f"{path} is missing: the '{stage}' stage writes it; run 'dvc repro {stage}'")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ContractError(f"{path} cannot be read ({error}): rebuild it with 'dvc repro {stage}'") from error
+        expected = cls.model_fields["format"].default if "format" in cls.model_fields else None
+        if expected is not None and (not isinstance(data, dict) or data.get("format") != expected):
+            found = data.get("format") if isinstance(data, dict) else None
+            age = "has no format field (an older tokenbridge wrote it)" if found is None else f"is in format {found!r}"
+            raise ContractError(f"{path} {age}; this version reads {expected!r}: rebuild it with 'dvc repro {stage}'")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'file'}: {item['msg']}"
+                                 for item in error.errors())
+            raise ContractError(f"{path} is not a valid {cls.__name__} ({problems}): it comes from another "
+                                f"version or was edited by hand; rebuild it with 'dvc repro {stage}'") from None
+
+    @classmethod
+    def writer_of(cls, path: Path) -> str:
+        return cls.WRITTEN_BY
+
+    def write(self, path: Path) -> None:
+        """Atomically, without the optional fields this file does not have."""
+        write_json(path, self.model_dump(exclude_none=True))  # type: ignore[attr-defined]
+
+
+class Contract(FileContract, BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- model card
+
+class TransferTraining(BaseModel):
+    """The transfer stage's ALM self-distillation of one source (also in metrics/transfer.json)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    steps: int
+    final_loss: float | None = Field(None, json_schema_extra={"better": "lower"})  # None: no steps
+    first_loss: float | None = None
+    examples: int
+    median_seconds_per_step: float | None = Field(None, json_schema_extra={"better": "lower"})
+
+
+class ModelCard(Contract):
+    """`tokenbridge.json` in a model directory: what the model is and which tokenizer it speaks. The stage that
+    wrote the directory adds where the model came from (distilled, transferred, an ensemble)."""
+
+    WRITTEN_BY: ClassVar[str] = "models"
+    # Which stage writes a model directory, by its path under the project (models/teacher, models/student: models).
+    WRITERS: ClassVar[dict[str, str]] = {"models/distilled": "distill", "models/ensemble": "ensemble",
+                                         "models/transferred": "transfer", "models/sources": "transfer"}
+
+    format: Literal["tokenbridge.model_card/v1"] = "tokenbridge.model_card/v1"
+    name: str
+    spec: dict[str, Any] | None = None  # the models stage: the params.yaml spec it was built from
+    tokenizer_sha256: str
+    tokenizer_size: int
+    parameters: int
+    eos_token: str | None = None
+    distilled_from: str | None = None  # distill: the student's name, and the loss terms it trained with
+    loss: list[str] | None = None
+    transferred_from: str | None = None  # transfer: the source's name, FVT's counts, whether it is byte-level
+    fvt: dict[str, int] | None = None
+    byte_level: bool | None = None
+    fingerprint: str | None = None  # transfer: the configuration a finished training belongs to
+    training: TransferTraining | None = None
+    transfer: dict[str, Any] | None = None
+    members: dict[str, str] | None = None  # ensemble: member -> model name, and their weights
+    weights: dict[str, float] | None = None
+
+    @classmethod
+    def writer_of(cls, path: Path) -> str:
+        text = Path(path).as_posix()
+        return next((stage for prefix, stage in cls.WRITERS.items() if prefix in text), cls.WRITTEN_BY)
+
+    @classmethod
+    def of(cls, model_dir: Path) -> ModelCard:
+        """The card of a model directory."""
+        return cls.read(Path(model_dir) / MODEL_CARD)
+
+
+# ---------------------------------------------------------------------------------------------- prepared data
+
+T = TypeVar("T")
+
+
+class PerRole(BaseModel, Generic[T]):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    teacher: T
+    student: T
+
+
+class SplitSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    examples: int
+    dropped_too_long: int
+    tokens: PerRole[int]
+    sha256: PerRole[str]  # of `<split>.<role>.jsonl`: what downstream stages key their saved progress on
+
+
+class Splits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    train: SplitSummary
+    test: SplitSummary
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    tokenizer_sha256: str
+
+
+class PreparedManifest(Contract):
+    """data/prepared/manifest.json: the splits both models' tokenizations were written for."""
+
+    WRITTEN_BY: ClassVar[str] = "prepare"
+    format: Literal["tokenbridge.prepared/v1"] = "tokenbridge.prepared/v1"
+    source: str
+    splits: Splits
+    models: PerRole[ModelRef]
+
+
+# ---------------------------------------------------------------------------------------------- teacher logits
+
+class StoredShard(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str
+    sha256: str
+    first_index: int
+    n_examples: int
+    n_tokens: int
+    bytes: int
+
+    def holds(self, index: int) -> bool:
+        return self.first_index <= index < self.first_index + self.n_examples
+
+
+class StoredDistribution(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kept: str
+    logprobs: str
+    encoding: str
+    mean_kept: float
+    bytes_per_token: float
+
+
+class TeacherLogitsManifest(Contract):
+    """data/teacher_logits/manifest.json: what was stored, how, from what, and every shard's checksum."""
+
+    WRITTEN_BY: ClassVar[str] = "teacher_logits"
+    format: Literal["tokenbridge.teacher_logits/v2"] = TEACHER_LOGITS_FORMAT
+    teacher: str
+    tokenizer_sha256: str
+    vocab_size: int
+    top_p: float
+    top_k: int
+    temperature: float
+    dtype: str
+    device: str
+    fields: list[str]
+    row_semantics: str
+    distribution: StoredDistribution
+    bytes_per_token: float
+    prepared_sha256: str
+    examples_per_shard: int
+    n_examples: int
+    n_tokens: int
+    shards: list[StoredShard]
+
+
+class TeacherLogitsSkipped(Contract):
+    """data/teacher_logits/manifest.json when distill runs the teacher itself (`distill.teacher_mode: online`)."""
+
+    WRITTEN_BY: ClassVar[str] = "teacher_logits"
+    format: Literal["tokenbridge.teacher_logits.skipped/v1"] = "tokenbridge.teacher_logits.skipped/v1"
+    skipped: str
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def _direction(model: type[BaseModel], metric: str) -> Better | None:
+    field = model.model_fields.get(metric)
+    extra = field.json_schema_extra if field is not None else None
+    return extra.get("better") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+class EvalMetrics(Contract):
+    """metrics/eval/<model>.json (a DVC metrics file): one model's scores; GSM only where it was measured."""
+
+    WRITTEN_BY: ClassVar[str] = "evaluate"
+    bits_per_byte: float = Field(json_schema_extra={"better": "lower"})
+    bpb_bytes: int
+    gsm_exact_match: float | None = Field(None, json_schema_extra={"better": "higher"})
+    gsm_exact_match_flexible: float | None = Field(None, json_schema_extra={"better": "higher"})
+    gsm_n: int | None = None
+
+    @classmethod
+    def writer_of(cls, path: Path) -> str:
+        return f"evaluate@{Path(path).stem}"
+
+    @staticmethod
+    def better(metric: str) -> Better:
+        """Whether a lower or a higher value of a score is better; fails for a name that is not a score."""
+        direction = _direction(EvalMetrics, metric)
+        if direction is None:
+            raise KeyError(f"{metric!r} is not a score of metrics/eval/<model>.json: "
+                           f"{[name for name in EvalMetrics.model_fields if _direction(EvalMetrics, name)]}")
+        return direction
+
+    def scores(self) -> dict[str, float | int]:
+        """The measured values, as the file holds them."""
+        return self.model_dump(exclude_none=True)
+
+
+class TransferScores(FileContract, RootModel[dict[str, EvalMetrics]]):
+    """metrics/eval/transfer.json (DVC metrics): label (`<source>.original|fvt|transferred`, `ensemble`, a role
+    member) -> its scores."""
+
+    WRITTEN_BY: ClassVar[str] = "evaluate_transfer"
+
+
+class DistillMetrics(Contract):
+    """metrics/distill.json (DVC metrics): the distill run's summary."""
+
+    WRITTEN_BY: ClassVar[str] = "distill"
+    loss: str  # the loss terms, joined by '+'
+    steps: int
+    resumed_from_step: int
+    final_loss: float = Field(json_schema_extra={"better": "lower"})
+    on_policy_steps: int
+    median_seconds_per_step: float = Field(json_schema_extra={"better": "lower"})
+    median_update_seconds: float = Field(json_schema_extra={"better": "lower"})
+    runtime: dict[str, Any]
+    median_generation_seconds: float | None = Field(None, json_schema_extra={"better": "lower"})
+
+
+class SourceTransfer(TransferTraining):
+    fvt: dict[str, int]  # target tokens by how FVT initialised them
+
+
+class TransferMetrics(FileContract, RootModel[dict[str, SourceTransfer]]):
+    """metrics/transfer.json (DVC metrics): each transfer source's FVT counts and ALM self-distillation."""
+
+    WRITTEN_BY: ClassVar[str] = "transfer"
