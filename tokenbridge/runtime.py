@@ -18,10 +18,14 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenbridge.config import RuntimeParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # CPU feature flags (as /proc/cpuinfo spells them) under which oneDNN runs bf16 matmuls natively.
 NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
@@ -113,9 +117,10 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def prepare_student(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare_student(self, model: PreTrainedModel) -> PreTrainedModel:
         """Move a trainable model (fp32 master weights) to the device; checkpoint and compile as asked."""
-        model = model.to(self.device)
+        # transformers wraps `to` in functools.wraps(Module.to), which mypy reads as the unbound method
+        model = model.to(self.device)  # type: ignore[arg-type]
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.compile:

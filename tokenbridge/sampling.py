@@ -8,10 +8,21 @@ finished (an end-of-sequence id, or `stopping_criteria`) are padded until every 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 Pick = Callable[[torch.Tensor], torch.Tensor]  # last-position scores [B, V] -> next ids [B]
+
+
+class StepOutput(Protocol):
+    """What one forward of the decoded model returns (any transformers causal LM's output)."""
+
+    @property
+    def logits(self) -> torch.Tensor: ...  # [B, L, V]
+
+    @property
+    def past_key_values(self) -> object: ...  # the KV cache, passed back as it is
 
 
 def sample_next(scores: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -26,7 +37,7 @@ def sample_next(scores: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+def decode(model: Callable[..., StepOutput], input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            pick: Pick, eos_ids: set[int], pad_id: int,
            stopping_criteria: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Prompts [B, L] (left-padded) -> [B, L + n] with n <= max_new_tokens new columns; a row's tokens after
@@ -36,7 +47,8 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     sequences, mask = input_ids, attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache, step_ids = None, input_ids
+    cache: object = None
+    step_ids = input_ids
     for _ in range(max_new_tokens):
         out = model(step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         cache, scores = out.past_key_values, out.logits[:, -1]

@@ -33,7 +33,7 @@ class Encoded:
                 "loss_mask": [int(m) for m in self.loss_mask]}
 
     @classmethod
-    def from_json(cls, record: dict) -> "Encoded":
+    def from_json(cls, record: dict) -> Encoded:
         return cls(record["input_ids"], [tuple(s) if s else None for s in record["spans"]],
                    [bool(m) for m in record["loss_mask"]])
 
@@ -49,9 +49,18 @@ def _byte_index(text: str, char_index: int) -> int:
     return len(text[:char_index].encode("utf-8"))
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, table: list[bytes] | None = None) -> Encoded:
+def _chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+               add_generation_prompt: bool = False) -> str:
+    """The messages rendered by the chat template, as text."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert isinstance(text, str)  # tokenize=False renders text; transformers types every return form
+    return text
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str,
+                   table: list[bytes] | None = None) -> Encoded:
     """Tokenize the chat-formatted example and map each token onto the common byte stream."""
-    text = tokenizer.apply_chat_template(chat_messages(question, answer), tokenize=False)
+    text = _chat_text(tokenizer, chat_messages(question, answer))
     q_char = text.find(question)
     a_char = text.find(answer, q_char + len(question))
     if q_char < 0 or a_char < 0:
@@ -61,7 +70,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: st
 
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
     """The question rendered with the chat template up to where the model's answer starts."""
-    return tokenizer.apply_chat_template(chat_messages(question), tokenize=False, add_generation_prompt=True)
+    return _chat_text(tokenizer, chat_messages(question), add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str, table: list[bytes] | None = None) -> Encoded:

@@ -21,8 +21,17 @@ import torch
 from pydantic import Field
 
 from tokenbridge.config import Strict
-from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
-                                    masked_mean, register)
+from tokenbridge.losses.base import (
+    Alignment,
+    DistillLoss,
+    LossOutput,
+    LossSetup,
+    Mean,
+    StudentView,
+    TeacherView,
+    masked_mean,
+    register,
+)
 from tokenbridge.losses.positions import rows_to_tokens
 
 EPS = 1e-6  # kept inside the exponent: tempered probabilities stay below 1, so log(1 - b) is finite
@@ -195,7 +204,8 @@ def alm_loss(
     boundaries, as in the reference, but add nothing to a merged chunk's likelihood.
     """
     num_chunks = counted.shape[1]
-    teacher_token_rows, teacher_boundary_rows = teacher_token_rows.detach().float(), teacher_boundary_rows.detach().float()
+    teacher_token_rows = teacher_token_rows.detach().float()
+    teacher_boundary_rows = teacher_boundary_rows.detach().float()
     student_token_rows, student_boundary_rows = student_token_rows.float(), student_boundary_rows.float()
 
     _, teacher_last = chunk_extent(teacher_chunks, num_chunks)
@@ -245,6 +255,7 @@ class AlmLoss(DistillLoss):
     same_tokenizer_only = False
     teacher_fields = ("token_logprobs", "boundary_logprobs")
     needs_student_boundary = True
+    params: AlmParams
 
     def __init__(self, params: AlmParams, setup: LossSetup):
         super().__init__(params, setup)
@@ -260,6 +271,7 @@ class AlmLoss(DistillLoss):
         if self.params.chunks == "space":
             teacher_chunks, student_chunks, counted = word_chunks(
                 teacher_chunks, student_chunks, alignment.teacher_word_start, alignment.student_word_start, counted)
+        assert student.boundary_logprobs is not None  # computed: this loss declares needs_student_boundary
         result = alm_loss(teacher.token_logprobs, teacher.boundary_logprobs, student.token_logprobs,
                           student.boundary_logprobs, teacher_chunks, student_chunks, counted, self.options)
         return LossOutput((Mean(result.loss, result.num_chunks),), {

@@ -18,19 +18,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel
 
 from tokenbridge.config import TeacherTruncation
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class StudentView:
-    model: torch.nn.Module
+    model: PreTrainedModel
     hidden: torch.Tensor  # [B, L_S, d] final normed hidden states (requires grad)
     head: Head  # hidden -> logits over the model's output rows (may exceed vocab_size: padded rows)
     vocab_size: int  # tokenizer size; rows past it are padding and are sliced off before any softmax
@@ -57,7 +60,7 @@ class TeacherView:
     topk_logprobs: torch.Tensor | None = None  # [B, L_T, k]
     stored_temperature: float = 1.0
     # Online: the live teacher.
-    model: torch.nn.Module | None = None
+    model: PreTrainedModel | None = None
     hidden: torch.Tensor | None = None  # [B, L_T, d_T]
     head: Head | None = None
 
@@ -84,7 +87,7 @@ class Mean(NamedTuple):
     over several processes needs (`tokenbridge.stages.distill`)."""
 
     value: torch.Tensor  # scalar; 0 when `count` is 0
-    count: torch.Tensor | int
+    count: torch.Tensor | int  # type: ignore[assignment]  # the field shadows tuple.count, a method no caller needs
 
 
 @dataclass
@@ -175,8 +178,10 @@ def register(cls: type[DistillLoss]) -> type[DistillLoss]:
     shared = [other for other in LOSSES.values()
               if section is not None and other.section() == section and other.params_model is not cls.params_model]
     if shared:
+        owner = shared[0].params_model
+        assert owner is not None  # it has a section, so it has options
         raise TypeError(f"loss {cls.name!r}: section distill.{section} already holds {shared[0].name!r}'s "
-                        f"{shared[0].params_model.__name__}; give it its own params_section")
+                        f"{owner.__name__}; give it its own params_section")
     if cls.params_model is not None:
         cls.params_model()  # the defaults must make a whole section: a loss left unconfigured still runs
     LOSSES[cls.name] = cls

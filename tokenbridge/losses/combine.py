@@ -20,8 +20,8 @@ def gradmag_weights(losses: Sequence[torch.Tensor], last_layer: Sequence[torch.T
     (`sum_over_ranks`)."""
     inverse = []
     for loss in losses:
-        grads = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
-        grads = [g for g in grads if g is not None]
+        grads = [g for g in torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
+                 if g is not None]
         if sum_over_ranks is not None:
             sum_over_ranks(grads)
         norm = math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads))
@@ -37,6 +37,6 @@ def combine(terms: dict[str, torch.Tensor], weights: dict[str, float], mode: str
     positive fixed weight, rebalanced by `gradmag_weights` (their fixed weights cancel, as in the paper)."""
     names = [name for name in terms if weights.get(name, 0) > 0]
     if mode == "gradmag" and len(names) > 1:
-        weights = dict(zip(names, gradmag_weights([terms[n] for n in names], last_layer, sum_over_ranks)))
-    total = sum(weights[name] * terms[name] for name in names)
-    return total, {name: weights[name] for name in names}
+        weights = dict(zip(names, gradmag_weights([terms[n] for n in names], last_layer, sum_over_ranks), strict=True))
+    weighted = [weights[name] * terms[name] for name in names]
+    return sum(weighted[1:], weighted[0]), {name: weights[name] for name in names}

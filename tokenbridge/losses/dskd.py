@@ -31,8 +31,17 @@ from pydantic import Field
 from transformers import AutoConfig
 
 from tokenbridge.config import Strict
-from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
-                                    masked_mean, register)
+from tokenbridge.losses.base import (
+    Alignment,
+    DistillLoss,
+    LossOutput,
+    LossSetup,
+    Mean,
+    StudentView,
+    TeacherView,
+    masked_mean,
+    register,
+)
 from tokenbridge.losses.divergences import forward_kl, skew_reverse_kl
 from tokenbridge.losses.positions import gather_rows, map_positions, target_rows
 
@@ -95,7 +104,8 @@ def accuracy_masked_kd(student_logits: torch.Tensor, projected_logits: torch.Ten
     return torch.where(accurate, divergence, 0.0), accurate
 
 
-def student_to_teacher_kd(teacher_logits: torch.Tensor, projected_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def student_to_teacher_kd(teacher_logits: torch.Tensor, projected_logits: torch.Tensor, temperature: float
+                          ) -> torch.Tensor:
     """KD_s2t per position: KL(softmax(z_T / T) || softmax(z_s2t / T)), the teacher a constant."""
     teacher = (teacher_logits.detach().float() / temperature).log_softmax(-1)
     return forward_kl(teacher, (projected_logits.float() / temperature).log_softmax(-1))
@@ -118,9 +128,11 @@ def _teacher_to_student_slice(projected_hidden: torch.Tensor, student_hidden: to
 
 def _student_to_teacher_slice(projected_hidden: torch.Tensor, teacher_hidden: torch.Tensor, teacher: TeacherView,
                               output_embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
+    assert teacher.head is not None  # a live teacher (dskd_terms checks)
     with torch.no_grad():
         teacher_logits = teacher.head(teacher_hidden)[..., : teacher.vocab_size].float()
-    return student_to_teacher_kd(teacher_logits, project_onto_vocabulary(projected_hidden, output_embeddings), temperature)
+    projected_logits = project_onto_vocabulary(projected_hidden, output_embeddings)
+    return student_to_teacher_kd(teacher_logits, projected_logits, temperature)
 
 
 class DskdProjectors(torch.nn.Module):
@@ -154,8 +166,9 @@ class DskdTerms:
 
     @property
     def parts(self) -> tuple[Mean, Mean, Mean]:
-        means = (self.teacher_to_student_ce, self.teacher_to_student_kd, self.student_to_teacher_kd)
-        return tuple(Mean(value, count) for value, count in zip(means, self.counts))
+        ce_rows, kd_rows, s2t_rows = self.counts
+        return (Mean(self.teacher_to_student_ce, ce_rows), Mean(self.teacher_to_student_kd, kd_rows),
+                Mean(self.student_to_teacher_kd, s2t_rows))
 
 
 def dskd_terms(student: StudentView, teacher: TeacherView, projectors: DskdProjectors, temperature: float,
@@ -163,6 +176,7 @@ def dskd_terms(student: StudentView, teacher: TeacherView, projectors: DskdProje
     """The three DSKD terms for one batch; the teacher and both output embedding matrices are constants."""
     if not teacher.live:
         raise ValueError("DSKD needs the live teacher's hidden states: set distill.teacher_mode: online")
+    assert teacher.model is not None and teacher.hidden is not None  # a live teacher gives both
     student_valid = row_validity(student.attention_mask)
     teacher_valid = row_validity(teacher.attention_mask)
     with torch.no_grad():

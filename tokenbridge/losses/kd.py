@@ -9,14 +9,23 @@ target rows (TRL's `batchmean`). Refused when the tokenizers differ: rows would 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, Field
 
 from tokenbridge.config import Strict
 from tokenbridge.losses import divergences
-from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView,
-                                    counted_mean, register)
+from tokenbridge.losses.base import (
+    Alignment,
+    DistillLoss,
+    LossOutput,
+    Mean,
+    StudentView,
+    TeacherView,
+    counted_mean,
+    register,
+)
 from tokenbridge.losses.positions import gather_rows, map_positions, target_rows
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_log_probs
 
@@ -52,7 +61,7 @@ def divergence_mean(student: StudentView, teacher: TeacherView, divergence: Dive
 
 
 class SameTokenizerLoss(DistillLoss):
-    params_model = None
+    params_model: ClassVar[type[BaseModel] | None] = None
     needs_online_teacher = False
     same_tokenizer_only = True
     teacher_fields = ("topk_ids", "topk_logprobs")
@@ -92,6 +101,7 @@ class ReverseKL(SameTokenizerLoss):
 class GeneralizedJSD(SameTokenizerLoss):
     name = "jsd"
     params_model = JsdParams
+    params: JsdParams
 
     @classmethod
     def needs_full_teacher(cls, params: BaseModel | None) -> bool:
@@ -114,6 +124,7 @@ class SkewForwardKL(SameTokenizerLoss):
     name = "skew_forward_kl"
     params_model = SkewParams
     params_section = "skew"
+    params: SkewParams
 
     def divergence(self, teacher, student):
         return divergences.skew_forward_kl(teacher, student, self.params.weight)
@@ -124,6 +135,7 @@ class SkewReverseKL(SameTokenizerLoss):
     name = "skew_reverse_kl"
     params_model = SkewParams
     params_section = "skew"
+    params: SkewParams
 
     def divergence(self, teacher, student):
         return divergences.skew_reverse_kl(teacher, student, self.params.weight)

@@ -39,8 +39,17 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenbridge.config import Strict
 from tokenbridge.io import atomic_path
-from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, LossSetup, Mean, StudentView, TeacherView,
-                                    masked_mean, register)
+from tokenbridge.losses.base import (
+    Alignment,
+    DistillLoss,
+    LossOutput,
+    LossSetup,
+    Mean,
+    StudentView,
+    TeacherView,
+    masked_mean,
+    register,
+)
 from tokenbridge.losses.divergences import forward_kl
 from tokenbridge.losses.positions import gather_rows, map_positions
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_log_probs
@@ -74,7 +83,7 @@ class Vocabulary:
     byte_fallback: frozenset[int] = frozenset()  # SentencePiece `<0xNN>` pieces
 
     @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase) -> "Vocabulary":
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
         roles = {role: getattr(tokenizer, f"{role}_token_id") for role in ROLES}
         fallback = frozenset() if is_byte_level(tokenizer) else frozenset(
             index for piece, index in tokenizer.get_vocab().items() if _BYTE_FALLBACK_PIECE.fullmatch(piece))
@@ -159,7 +168,7 @@ def mined_mapping(teacher: Vocabulary, student: Vocabulary) -> torch.Tensor:
     for is_special, pool in ((False, teacher_regular), (True, teacher_special or teacher_regular)):
         queries = [i for i in unmapped if (i in student.special) == is_special]
         if queries:
-            for index, target in zip(queries, nearest_tokens([student.tokens[i] for i in queries], pool)):
+            for index, target in zip(queries, nearest_tokens([student.tokens[i] for i in queries], pool), strict=True):
                 mapping[index] = target
     return torch.tensor(mapping, dtype=torch.long)
 
@@ -283,6 +292,8 @@ class MinedLoss(DistillLoss):
     same_tokenizer_only = False
     teacher_fields = ("topk_ids", "topk_logprobs")
     needs_student_boundary = False
+    params: MinedParams
+    mapping: torch.Tensor  # student token -> teacher token (a buffer)
 
     def __init__(self, params: MinedParams, setup: LossSetup):
         super().__init__(params, setup)

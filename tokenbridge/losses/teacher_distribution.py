@@ -54,9 +54,9 @@ class TeacherRows:
 
 def select_teacher_rows(teacher: TeacherView, rows: torch.Tensor) -> TeacherRows:
     """Gather the teacher's distribution source at `rows` ([B, P], -1 padded)."""
-    if teacher.live:
+    if teacher.hidden is not None:  # a live teacher
         return TeacherRows(None, None, gather_rows(teacher.hidden, rows))
-    if teacher.topk_ids is None:
+    if teacher.topk_ids is None or teacher.topk_logprobs is None:
         raise ValueError("this loss needs the teacher's top-k distribution, which the stored teacher data lacks: "
                          "rerun 'dvc repro teacher_logits'")
     return TeacherRows(gather_rows(teacher.topk_ids.long(), rows), gather_rows(teacher.topk_logprobs, rows), None)
@@ -68,7 +68,9 @@ def _known_log_probs(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor 
     """One slice of `TeacherRows` -> log-probs [B, c, V_T] normalised over the full vocabulary (-inf where the
     stored top-k says nothing), and the temperature they are at."""
     if hidden is not None:
+        assert teacher.head is not None  # a live teacher gives its hidden states and its head
         return teacher.head(hidden)[..., : teacher.vocab_size].float().log_softmax(-1), 1.0
+    assert topk_ids is not None and topk_logprobs is not None  # a stored teacher gives both
     sparse = torch.full((*topk_ids.shape[:-1], teacher.vocab_size), float("-inf"), device=topk_ids.device)
     # Rows with fewer kept entries than the width are padded with (id 0, -inf): amax keeps a real id 0's value.
     return sparse.scatter_reduce(-1, topk_ids, topk_logprobs.float(), "amax"), teacher.stored_temperature

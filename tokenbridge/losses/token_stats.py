@@ -10,12 +10,16 @@ Row convention (shared with the stored teacher logits): row `j` describes the di
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenbridge.losses.positions import map_positions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -27,7 +31,7 @@ class NextTokenStats:
     topk_counts: torch.Tensor | None = None  # [B, T]: entries kept by top-p (at T = 1), at most k
 
 
-def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def output_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden states -> logits, including the final soft-capping some families (Gemma) apply."""
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -36,7 +40,7 @@ def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor
     return head
 
 
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The final (normed) hidden states, without running the output head over the whole sequence."""
     return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
@@ -71,12 +75,9 @@ def next_token_stats(
     """
     targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
     boundary = None if boundary_mask is None else boundary_mask.to(hidden.device)
-    merged = list(map_positions(_slice_stats, [hidden, targets], chunk_size, head, vocab_size, boundary,
-                                temperature))
-    merged[0][:, -1] = 0.0
-    if boundary is None:
-        merged.insert(1, None)
-    return NextTokenStats(*merged)
+    rows = map_positions(_slice_stats, [hidden, targets], chunk_size, head, vocab_size, boundary, temperature)
+    rows[0][:, -1] = 0.0
+    return NextTokenStats(rows[0], None if boundary is None else rows[1])
 
 
 class _OnlineLogSumExp:
@@ -98,7 +99,8 @@ class _OnlineLogSumExp:
         return self.maximum + self.sums.log()
 
 
-def _head_blocks(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int, block: int):
+def _head_blocks(model: PreTrainedModel, hidden: torch.Tensor, vocab_size: int, block: int
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits[N, block]) over the real vocabulary rows of the output head (padded rows are never
     computed), with the final soft-capping some families (Gemma) apply."""
     head = model.get_output_embeddings()
@@ -112,7 +114,7 @@ def _head_blocks(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int, 
 
 @torch.no_grad()
 def truncated_next_token_stats(
-    hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, model: torch.nn.Module,
+    hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, model: PreTrainedModel,
     vocab_size: int, boundary_mask: torch.Tensor, temperature: float, top_k: int, top_p: float,
     block_elements: int = 2**25,
 ) -> NextTokenStats:

@@ -34,7 +34,8 @@ class UldParams(Strict):
     probabilities, index-paired."""
 
     top_k: int = Field(256, ge=1, description="sorted probabilities kept per side, the rest as one tail term: "
-                       "exact when it covers both vocabularies, a lower bound otherwise; offline capped at the stored top-k")
+                       "exact when it covers both vocabularies, a lower bound otherwise; "
+                       "offline capped at the stored top-k")
     skip_student_eos: bool = Field(True, description="drop the student's last answer target (its EOS) before pairing")
 
 
@@ -79,7 +80,7 @@ class UldLoss(DistillLoss):
         student_rows, teacher_rows, valid = paired_target_rows(
             student.loss_mask, teacher.loss_mask, self.params.skip_student_eos)
         source = select_teacher_rows(teacher, teacher_rows)
-        top_k = self.params.top_k if teacher.live else min(self.params.top_k, source.topk_ids.shape[-1])
+        top_k = self.params.top_k if source.topk_ids is None else min(self.params.top_k, source.topk_ids.shape[-1])
         with torch.no_grad():
             (teacher_sorted,) = map_positions(_teacher_sorted, source.tensors(), student.chunk_size, teacher, top_k)
         hidden = gather_rows(student.hidden, student_rows)

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenbridge.config import GgufModelSpec, HfModelSpec, ModelSpec
 from tokenbridge.contracts import MODEL_CARD, ModelCard
@@ -95,7 +95,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path, add_bos: b
     write_json(config_path, config)
 
 
-def load_model(model_dir: Path, dtype: str | torch.dtype = torch.float32) -> torch.nn.Module:
+def load_model(model_dir: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
 

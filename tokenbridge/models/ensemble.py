@@ -43,15 +43,17 @@ class EnsembleForCausalLM(PreTrainedModel):
 
     config_class = EnsembleConfig
     base_model_prefix = "ensemble"
+    log_weights: torch.Tensor  # [M] log of the members' weights (a buffer)
 
     def __init__(self, config: EnsembleConfig, members: list[torch.nn.Module]):
         super().__init__(config)
         self.members = torch.nn.ModuleList(members)
         self.register_buffer("log_weights", torch.tensor(config.weights, dtype=torch.float32).log(), persistent=False)
 
+    # Loads its members, not one checkpoint: transformers' loading options do not apply.
     @classmethod
-    def from_pretrained(cls, path: str | Path, *args, dtype: str | torch.dtype | None = None, config=None,
-                        **kwargs) -> "EnsembleForCausalLM":
+    def from_pretrained(cls, path: str | Path, *args, dtype: str | torch.dtype | None = None, config=None,  # type: ignore[override]
+                        **kwargs) -> EnsembleForCausalLM:
         """Load every member from `path/members/<name>` (other loading options do not apply)."""
         config = config if isinstance(config, EnsembleConfig) else EnsembleConfig.from_pretrained(path)
         dtype = torch.float32 if dtype in (None, "auto") else dtype
@@ -70,12 +72,13 @@ class EnsembleForCausalLM(PreTrainedModel):
         mixture, caches = None, []
         for index, member in enumerate(self.members):
             out = member(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=None if past_key_values is None else past_key_values[index], use_cache=use_cache,
-                         logits_to_keep=logits_to_keep)
+                         past_key_values=None if past_key_values is None else past_key_values[index],
+                         use_cache=use_cache, logits_to_keep=logits_to_keep)
             weighted = out.logits[..., :vocab].float().log_softmax(-1) + self.log_weights[index]
             mixture = weighted if mixture is None else torch.logaddexp(mixture, weighted)
             caches.append(out.past_key_values)
-        return CausalLMOutputWithPast(logits=mixture, past_key_values=caches if use_cache else None)
+        # one cache per member, in member order, where transformers expects one model's Cache
+        return CausalLMOutputWithPast(logits=mixture, past_key_values=caches if use_cache else None)  # type: ignore[arg-type]
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_length: int | None = None, max_new_tokens: int | None = None, stopping_criteria=None,
@@ -90,8 +93,10 @@ class EnsembleForCausalLM(PreTrainedModel):
         eos = set([eos] if isinstance(eos, int) else (eos or []))
         if attention_mask is None:
             attention_mask = (input_ids != pad).long() if input_ids.shape[0] > 1 else torch.ones_like(input_ids)
-        new_tokens = max_new_tokens if max_new_tokens is not None else (max_length or input_ids.shape[1] + 20) - input_ids.shape[1]
-        pick = (lambda scores: sample_next(scores, temperature, top_p)) if do_sample else (lambda scores: scores.argmax(-1))
+        new_tokens = (max_new_tokens if max_new_tokens is not None
+                      else (max_length or input_ids.shape[1] + 20) - input_ids.shape[1])
+        pick = ((lambda scores: sample_next(scores, temperature, top_p)) if do_sample
+                else (lambda scores: scores.argmax(-1)))
         return decode(functools.partial(self, logits_to_keep=1), input_ids, attention_mask, new_tokens, pick, eos, pad,
                       stopping_criteria)
 

@@ -44,6 +44,12 @@ def corpus_text(n_items: int = 1500, seed: int = 0) -> str:
     return "\n\n".join(parts)
 
 
+def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
+    """A BPE merge as tokenizers serialises it: "a b" (older files) or ["a", "b"]."""
+    left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return left, right
+
+
 def _train_tokenizer(spec: TinyModelSpec, specials: list[str], text: str) -> Tokenizer:
     if spec.tokenizer == "bytelevel":
         tokenizer = Tokenizer(models.BPE())
@@ -51,7 +57,8 @@ def _train_tokenizer(spec: TinyModelSpec, specials: list[str], text: str) -> Tok
         tokenizer.decoder = decoders.ByteLevel()
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
         trainer = trainers.BpeTrainer(
-            vocab_size=spec.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+            vocab_size=spec.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         tokenizer.train_from_iterator([text], trainer)
         return tokenizer
@@ -68,8 +75,7 @@ def _train_tokenizer(spec: TinyModelSpec, specials: list[str], text: str) -> Tok
     merged = {piece: index for index, piece in enumerate(specials + byte_pieces)}
     for piece, _ in sorted(draft.get_vocab().items(), key=lambda item: item[1]):
         merged.setdefault(piece, len(merged))
-    merges = [tuple(pair.split(" ", 1)) if isinstance(pair, str) else tuple(pair)
-              for pair in json.loads(draft.to_str())["model"]["merges"]]
+    merges = [_merge_pair(merge) for merge in json.loads(draft.to_str())["model"]["merges"]]
     tokenizer = Tokenizer(models.BPE(vocab=merged, merges=merges, byte_fallback=True, fuse_unk=False))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")

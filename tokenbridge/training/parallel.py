@@ -18,23 +18,34 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from tokenbridge.runtime import Runtime
 from tokenbridge.training.ranks import Ranks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class TrainingModule(torch.nn.Module):
     """Everything backward reaches, the student and the losses' own parameters (DSKD's projectors), behind one
     forward, so DDP and FSDP2 see every trainable parameter and every forward of a step."""
 
-    def __init__(self, student: torch.nn.Module, losses: torch.nn.ModuleDict, forward: Callable):
+    def __init__(self, student: PreTrainedModel, losses: torch.nn.ModuleDict, forward: Callable):
         super().__init__()
-        self.student, self.losses = student, losses
+        self.student: PreTrainedModel = student
+        self.losses = losses
         self._forward = forward
 
     def forward(self, *args, **kwargs):
@@ -50,7 +61,6 @@ def parallelize(module: TrainingModule, runtime: Runtime, ranks: Ranks) -> torch
         devices = [runtime.device] if runtime.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=devices)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (ranks.size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if runtime.mixed_bf16 \
@@ -67,7 +77,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    elif isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
         yield
     else:
@@ -77,7 +87,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module) -> Iterator[None]:
     """The full parameters in place, for calling the student outside the training forward (sampling)."""
-    if hasattr(model, "unshard"):  # FSDP2: the root's parameters; each layer gathers its own when it runs
+    if isinstance(model, FSDPModule):  # the root's parameters; each layer gathers its own when it runs
         model.unshard()
         try:
             yield
@@ -93,17 +103,21 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state, unsharded, on the CPU, keyed by parameter names; a collective under several processes
     (every rank calls it), complete on rank 0."""
-    return get_model_state_dict(model, options=_FULL)
+    # torch types any state dict's values as its ValueType union; a model's full state holds tensors only
+    return get_model_state_dict(model, options=_FULL)  # type: ignore[return-value]
 
 
 def student_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The student's full weights as `save_pretrained` takes them, a tied weight once (gathered full tensors no
     longer share storage, so transformers could not tell they are tied)."""
-    student = model.module.student if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.student
-    tied = {name for name, _ in student.named_parameters(remove_duplicate=False)} - dict(student.named_parameters()).keys()
-    return {name: tensor for name, tensor in ((key.removeprefix("student."), value)
-                                              for key, value in full_weights(model).items() if key.startswith("student."))
-            if name not in tied}
+    training = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    assert isinstance(training, TrainingModule)  # what `parallelize` wraps
+    student = training.student
+    every_name = {name for name, _ in student.named_parameters(remove_duplicate=False)}
+    tied = every_name - dict(student.named_parameters()).keys()
+    weights = ((key.removeprefix("student."), value) for key, value in full_weights(model).items()
+               if key.startswith("student."))
+    return {name: tensor for name, tensor in weights if name not in tied}
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

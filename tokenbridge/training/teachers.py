@@ -11,17 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenbridge.config import TeacherTruncation
 from tokenbridge.data.chat import Encoded
 from tokenbridge.losses.base import TeacherView
-from tokenbridge.losses.token_stats import NextTokenStats, hidden_states, next_token_stats, output_head, \
-    truncated_next_token_stats
+from tokenbridge.losses.token_stats import (
+    NextTokenStats,
+    hidden_states,
+    next_token_stats,
+    output_head,
+    truncated_next_token_stats,
+)
 from tokenbridge.models import load_model, load_tokenizer
-from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.stored_logits import TeacherLogitsReader, stored_encoded
+from tokenbridge.token_bytes import boundary_mask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 from tokenbridge.training.batching import Batch
 
 
@@ -29,14 +38,15 @@ from tokenbridge.training.batching import Batch
 class Teacher:
     """A loaded, frozen teacher and what its statistics need: the output head, real vocab size, boundary mask."""
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     vocab_size: int
     boundary: torch.Tensor
 
     @classmethod
     def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device) -> Teacher:
         tokenizer = load_tokenizer(model_dir)
-        model = load_model(model_dir, dtype).to(device).eval().requires_grad_(False)
+        # transformers wraps `to` in functools.wraps(Module.to), which mypy reads as the unbound method
+        model = load_model(model_dir, dtype).to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
         rows = model.get_output_embeddings().weight.shape[0]
         return cls(model, len(tokenizer), boundary_mask(tokenizer, rows).to(device))
 
@@ -94,6 +104,7 @@ class LiveTeacher:
         hidden = hidden_states(model, batch.teacher_ids, batch.teacher_attention)
         signals = next_token_stats(hidden, batch.teacher_ids, head, self.vocab_size, self.teacher.boundary,
                                    self.temperature, self.chunk_size)
+        assert signals.boundary_logprobs is not None  # asked for: the teacher's boundary mask was given
         return TeacherView(input_ids=batch.teacher_ids, attention_mask=batch.teacher_attention,
                            loss_mask=batch.teacher_loss_mask, vocab_size=self.vocab_size, truncation=self.truncation,
                            token_logprobs=signals.token_logprobs, boundary_logprobs=signals.boundary_logprobs,

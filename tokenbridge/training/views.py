@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tokenbridge.losses.base import StudentView
 from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
 from tokenbridge.training.batching import Batch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def student_view(student: torch.nn.Module, batch: Batch, vocab_size: int, boundary: torch.Tensor | None,
+
+def student_view(student: PreTrainedModel, batch: Batch, vocab_size: int, boundary: torch.Tensor | None,
                  chunk_size: int, counts_only: bool) -> StudentView:
     """The student's hidden states (with gradient) and per-row statistics; the boundary log-probs only when
     `boundary` is given. `counts_only`: zeros in place of the student's values and no decoder forward, for the
     engine's counting pass (a loss's units never depend on the student's values)."""
     head = output_head(student)
     if counts_only:
-        width = student.get_input_embeddings().weight.shape[1]
+        width = student.get_output_embeddings().weight.shape[1]  # the output head reads hidden states this wide
         hidden = torch.zeros(*batch.student_ids.shape, width, device=batch.student_ids.device)
         rows = torch.zeros(batch.student_ids.shape, device=batch.student_ids.device)
         token_rows, boundary_rows = rows, rows if boundary is not None else None
