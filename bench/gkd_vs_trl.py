@@ -43,18 +43,17 @@ from transformers import TrainerCallback  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenbridge.config import (HfModelSpec, PrepareParams, RuntimeParams, TeacherLogitsParams,  # noqa: E402
-                               TinyModelSpec)
-from tokenbridge.params import DistillParams  # noqa: E402
+from tokenbridge.config import HfModelSpec, PrepareParams, RuntimeParams, TeacherLogitsParams, TinyModelSpec  # noqa: E402
 from tokenbridge.data.chat import chat_messages  # noqa: E402
-from tokenbridge.runtime import Runtime  # noqa: E402
-from tokenbridge.stages.distill import train  # noqa: E402
-from tokenbridge.training.batching import batch_indices  # noqa: E402
+from tokenbridge.data.padding import pad_batch  # noqa: E402
 from tokenbridge.io import read_jsonl, write_json  # noqa: E402
 from tokenbridge.models import load_model, load_tokenizer, materialize  # noqa: E402
 from tokenbridge.models.tiny import build_tiny_teacher_like  # noqa: E402
+from tokenbridge.params import DistillParams  # noqa: E402
+from tokenbridge.runtime import Runtime  # noqa: E402
+from tokenbridge.stages.distill import train  # noqa: E402
 from tokenbridge.stages.prepare import run_prepare  # noqa: E402
-from tokenbridge.data.padding import pad_batch  # noqa: E402
+from tokenbridge.training.batching import batch_indices  # noqa: E402
 
 TOLERANCE = 1e-4
 LEARNING_RATE = 1e-4

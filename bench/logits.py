@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenbridge import logit_codec  # noqa: E402
 from tokenbridge.config import HfModelSpec, RuntimeParams, TeacherLogitsParams  # noqa: E402
-from tokenbridge.data.padding import pad_batch  # noqa: E402
 from tokenbridge.contracts import MANIFEST, ModelRef, PerRole, PreparedManifest, Splits, SplitSummary  # noqa: E402
+from tokenbridge.data.padding import pad_batch  # noqa: E402
 from tokenbridge.io import read_jsonl, sha256_file, write_jsonl  # noqa: E402
 from tokenbridge.losses.token_stats import hidden_states, output_head  # noqa: E402
 from tokenbridge.models import copy_tokenizer_files, materialize  # noqa: E402

@@ -54,12 +54,11 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenbridge.losses.registry  # noqa: E402,F401  (registers every loss)
-from tokenbridge.io import write_json  # noqa: E402
+from tokenbridge.config import RuntimeParams  # noqa: E402
+from tokenbridge.contracts import MODEL_CARD, ModelCard  # noqa: E402
 from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView  # noqa: E402
 from tokenbridge.losses.registry import build_losses  # noqa: E402
 from tokenbridge.losses.token_stats import next_token_stats, truncated_next_token_stats  # noqa: E402
-from tokenbridge.config import RuntimeParams  # noqa: E402
-from tokenbridge.contracts import MODEL_CARD, ModelCard  # noqa: E402
 from tokenbridge.params import DistillParams  # noqa: E402
 from tokenbridge.runtime import Runtime  # noqa: E402
 

@@ -37,13 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenbridge.config import RuntimeParams, TeacherTruncation  # noqa: E402
-from tokenbridge.params import DistillParams  # noqa: E402
-from tokenbridge.stages.distill import student_forward  # noqa: E402
 from tokenbridge.losses.base import LossSetup, TeacherView  # noqa: E402
 from tokenbridge.losses.registry import build_losses  # noqa: E402
 from tokenbridge.models import load_tokenizer  # noqa: E402
-from tokenbridge.token_bytes import boundary_mask  # noqa: E402
+from tokenbridge.params import DistillParams  # noqa: E402
 from tokenbridge.runtime import Runtime  # noqa: E402
+from tokenbridge.stages.distill import student_forward  # noqa: E402
+from tokenbridge.token_bytes import boundary_mask  # noqa: E402
 from tokenbridge.training.batching import Batch, make_batch  # noqa: E402
 from tokenbridge.training.engine import Engine  # noqa: E402
 from tokenbridge.training.parallel import TrainingModule  # noqa: E402

@@ -44,8 +44,8 @@ def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     from tokenbridge.config import HfModelSpec
     from tokenbridge.models import materialize
     from tokenbridge.models.tiny import build_tiny_teacher_like
-    from tokenbridge.stages.prepare import run_prepare
     from tokenbridge.runtime import Runtime
+    from tokenbridge.stages.prepare import run_prepare
     from tokenbridge.stages.teacher_logits import run_teacher_logits
 
     root = tmp_path_factory.mktemp("same_tokenizer")
@@ -62,8 +62,8 @@ def same_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
 def cross_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     """The tiny profile's pair (different tokenizers) with prepared data and stored teacher logits:
     (root, {"teacher": dir, "student": dir}). Tests write their runs under their own subfolders of root."""
-    from tokenbridge.stages.prepare import run_prepare
     from tokenbridge.runtime import Runtime
+    from tokenbridge.stages.prepare import run_prepare
     from tokenbridge.stages.teacher_logits import run_teacher_logits
 
     root = tmp_path_factory.mktemp("cross_tokenizer")

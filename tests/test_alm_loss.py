@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tokenbridge.alignment import example_chunks
 from tokenbridge.config import TeacherTruncation
 from tokenbridge.data.chat import encode_example
+from tokenbridge.data.padding import pad_batch
 from tokenbridge.losses import divergences
 from tokenbridge.losses.alm import AlmLoss, AlmOptions, AlmParams, alm_loss, chunk_divergence, word_chunks
 from tokenbridge.losses.base import LOSSES, Alignment, LossSetup, StudentView, TeacherView
@@ -21,7 +22,6 @@ from tokenbridge.losses.sft import sft_loss
 from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
 from tokenbridge.models import load_model
 from tokenbridge.token_bytes import boundary_mask
-from tokenbridge.data.padding import pad_batch
 
 DIFF_FNS = ["binary_ce", "binary_kl", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit", "joschu_k2",
             "joschu_k3"]

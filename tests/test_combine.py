@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenbridge.params import DistillParams
 from tokenbridge.losses.combine import combine, gradmag_weights
+from tokenbridge.params import DistillParams
 from tokenbridge.training.schedules import alpha_at, term_weights
 
 BASE = dict(teacher_mode="offline", steps=101, batch_size=1, learning_rate=1e-3, checkpoint_every=10)

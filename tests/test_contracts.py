@@ -10,10 +10,25 @@ from pathlib import Path
 import pytest
 
 from tokenbridge.config import TrackingParams
-from tokenbridge.contracts import (ContractError, DistillMetrics, EvalMetrics, ModelCard, ModelRef, PerRole,
-                                   PreparedManifest, SourceTransfer, Splits, SplitSummary, StoredDistribution,
-                                   StoredShard, TeacherLogitsManifest, TeacherLogitsSkipped, TransferMetrics,
-                                   TransferScores, TransferTraining)
+from tokenbridge.contracts import (
+    ContractError,
+    DistillMetrics,
+    EvalMetrics,
+    ModelCard,
+    ModelRef,
+    PerRole,
+    PreparedManifest,
+    SourceTransfer,
+    Splits,
+    SplitSummary,
+    StoredDistribution,
+    StoredShard,
+    TeacherLogitsManifest,
+    TeacherLogitsSkipped,
+    TransferMetrics,
+    TransferScores,
+    TransferTraining,
+)
 
 SPLIT = SplitSummary(examples=3, dropped_too_long=1, tokens=PerRole[int](teacher=30, student=40),
                      sha256=PerRole[str](teacher="a" * 64, student="b" * 64))

@@ -22,19 +22,19 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from tokenbridge.config import HfModelSpec, PrepareParams, RuntimeParams
-from tokenbridge.params import DistillParams
+from tokenbridge.contracts import ModelCard
 from tokenbridge.data.chat import Encoded
-from tokenbridge.stages.distill import student_forward, train
 from tokenbridge.io import read_jsonl, write_jsonl
 from tokenbridge.losses.base import LossSetup
-from tokenbridge.contracts import ModelCard
 from tokenbridge.losses.registry import LOSSES, build_losses
 from tokenbridge.models import load_model, load_tokenizer, materialize
 from tokenbridge.models.tiny import build_tiny_model, build_tiny_teacher_like, synthetic_text
-from tokenbridge.token_bytes import boundary_mask
-from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
+from tokenbridge.stages.distill import student_forward, train
+from tokenbridge.stages.prepare import run_prepare
 from tokenbridge.stages.teacher_logits import run_teacher_logits
+from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.training.batching import make_batch, split
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.parallel import TrainingModule

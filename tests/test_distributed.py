@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from tokenbridge.config import RuntimeParams, TeacherLogitsParams
+from tokenbridge.io import read_jsonl
 from tokenbridge.params import DistillParams
+from tokenbridge.runtime import Runtime
 from tokenbridge.stages.distill import train
 from tokenbridge.training.batching import batch_indices
 from tokenbridge.training.ranks import Ranks, process_group
-from tokenbridge.io import read_jsonl
-from tokenbridge.runtime import Runtime
 
 ROOT = Path(__file__).parents[1]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import pytest
@@ -60,7 +60,7 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@lru_cache(maxsize=None)
+@cache
 def anchors(page: str) -> frozenset[str]:
     """Every heading anchor of a Markdown file, repeated headings numbered as GitHub does; code blocks skipped."""
     seen: dict[str, int] = {}

@@ -9,8 +9,18 @@ import pytest
 import yaml
 
 from tokenbridge.cli import FLOWS
-from tokenbridge.dvc_stages import (PACKAGE, REGENERATE, STAGES, code_deps, dvc_yaml, has_key, import_closure,
-                                    pipeline, stage_code, stage_params)
+from tokenbridge.dvc_stages import (
+    PACKAGE,
+    REGENERATE,
+    STAGES,
+    code_deps,
+    dvc_yaml,
+    has_key,
+    import_closure,
+    pipeline,
+    stage_code,
+    stage_params,
+)
 
 ROOT = Path(__file__).parents[1]
 NOT_STAGES = {"pipeline", "compare"}  # the flows that drive other stages: the whole pipeline, the loss comparison

@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 from tokenbridge.config import RuntimeParams
-from tokenbridge.data.chat import Encoded
-from tokenbridge.stages.distill import student_forward, train
 from tokenbridge.contracts import PreparedManifest
+from tokenbridge.data.chat import Encoded
 from tokenbridge.io import read_jsonl
 from tokenbridge.losses.base import LossSetup
 from tokenbridge.losses.registry import LOSSES, build_losses
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.gguf import default_cache_dir
-from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.runtime import Runtime
+from tokenbridge.stages.distill import student_forward, train
 from tokenbridge.stored_logits import TeacherLogitsReader
+from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.training.batching import batch_indices, make_batch, split
 from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
 

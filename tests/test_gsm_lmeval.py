@@ -18,12 +18,12 @@ import torch
 import yaml
 
 from tokenbridge.config import RuntimeParams
-from tokenbridge.stages.ensemble import build_ensemble
-from tokenbridge.stages.evaluate import run_evaluate
 from tokenbridge.evaluation.gsm_lmeval import TASK_NAME, _stock_gsm8k_config, evaluate_gsm, write_gsm_task
 from tokenbridge.io import read_json, read_jsonl
-from tokenbridge.stages.prepare import run_prepare
 from tokenbridge.runtime import Runtime
+from tokenbridge.stages.ensemble import build_ensemble
+from tokenbridge.stages.evaluate import run_evaluate
+from tokenbridge.stages.prepare import run_prepare
 
 RECORDS = [
     {"question": f"Tom has {a} apples and gets {b} more. How many apples does he have?",

@@ -14,20 +14,19 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import tokenbridge.stages.distill as distill
-from tokenbridge.runtime import Runtime
 from tokenbridge.alignment import example_chunks
 from tokenbridge.config import HfModelSpec, OnPolicyParams, PrepareParams
 from tokenbridge.data.chat import encode_continuation, encode_prompt
-from tokenbridge.stages.distill import train
-from tokenbridge.training.batching import batch_indices
+from tokenbridge.data.padding import left_pad, pad_batch
 from tokenbridge.models import load_model, load_tokenizer, materialize
 from tokenbridge.models.tiny import PLAIN_TEMPLATE
-from tokenbridge.token_bytes import vocab_bytes
 from tokenbridge.on_policy import OnPolicySampler, completion_example, is_on_policy_step, valid_text
-from tokenbridge.stages.prepare import run_prepare
-from tokenbridge.data.padding import left_pad
+from tokenbridge.runtime import Runtime
 from tokenbridge.sampling import completions, decode
-from tokenbridge.data.padding import pad_batch
+from tokenbridge.stages.distill import train
+from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.token_bytes import vocab_bytes
+from tokenbridge.training.batching import batch_indices
 
 
 def _params(tiny_params, **overrides):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tokenbridge.config import PrepareParams
-from tokenbridge.data.gsm import generate_gsm_symbolic
 from tokenbridge.contracts import PreparedManifest
+from tokenbridge.data.gsm import generate_gsm_symbolic
 from tokenbridge.io import read_jsonl
 from tokenbridge.stages.prepare import run_prepare
 

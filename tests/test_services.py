@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -103,7 +103,7 @@ def deployment_run(repo, services):
                       path, env)
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (flow_run := api.get(f"/flow_runs/{flow_run_id}").json())["state"]["type"] in (
+        while (flow_run := api.get(f"/flow_runs/{flow_run_id}").json())["state"]["type"] not in (
                 "COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             assert serve.poll() is None, f"the serve process exited:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"run not finished in {RUN_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
@@ -132,7 +132,7 @@ def test_the_scheduler_creates_future_runs_of_the_deployment(deployment_run, ser
         query = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
         scheduled = api.post("/flow_runs/filter", json=query).json()
     assert scheduled, "the scheduler created no scheduled runs"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for run in scheduled:
         start = datetime.fromisoformat(run["expected_start_time"])
         assert run["auto_scheduled"] and start > now and (start.hour, start.minute) == (3, 0)

@@ -15,23 +15,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenbridge import logit_codec
 from tokenbridge.config import RuntimeParams, TeacherTruncation
 from tokenbridge.contracts import ModelCard, TeacherLogitsManifest
 from tokenbridge.data.chat import Encoded
-from tokenbridge.training.batching import batch_indices
+from tokenbridge.data.padding import pad_batch
 from tokenbridge.io import read_jsonl
 from tokenbridge.losses.base import TeacherView
 from tokenbridge.losses.teacher_distribution import teacher_log_probs
 from tokenbridge.losses.token_stats import truncated_next_token_stats
 from tokenbridge.models import load_model, load_tokenizer
-from tokenbridge.stages.prepare import run_prepare
-from tokenbridge.data.padding import pad_batch
-from tokenbridge.stored_logits import FIELDS, TeacherLogitsReader, read_shard
-from tokenbridge.stages.teacher_logits import run_teacher_logits
 from tokenbridge.runtime import Runtime
+from tokenbridge.stages.prepare import run_prepare
+from tokenbridge.stages.teacher_logits import run_teacher_logits
+from tokenbridge.stored_logits import FIELDS, TeacherLogitsReader, read_shard
+from tokenbridge.training.batching import batch_indices
 from tokenbridge.training.teachers import Teacher
 
 FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny teacher in exact fp32

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
+from tokenbridge.flows.teacher_logits import extract_shards, task_runner
 from tokenbridge.io import read_json
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.prepare import run_prepare
-from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.stages.teacher_logits import run_teacher_logits
-from tokenbridge.flows.teacher_logits import extract_shards, task_runner
+from tokenbridge.stored_logits import TeacherLogitsReader
 
 pytestmark = pytest.mark.integration
 

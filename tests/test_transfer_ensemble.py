@@ -17,16 +17,16 @@ import pytest
 import torch
 import yaml
 
-from tokenbridge.runtime import Runtime
 from tokenbridge.config import RuntimeParams
 from tokenbridge.data.gsm import generate_gsm_symbolic
-from tokenbridge.stages.ensemble import build_ensemble
-from tokenbridge.models.ensemble import EnsembleForCausalLM
 from tokenbridge.io import read_json, write_jsonl
 from tokenbridge.losses.latents import hidden_state_loss
 from tokenbridge.models import load_model, load_tokenizer
-from tokenbridge.token_bytes import special_ids, vocab_bytes
+from tokenbridge.models.ensemble import EnsembleForCausalLM
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.ensemble import build_ensemble
 from tokenbridge.stages.transfer import fvt_path, fvt_rows, run_transfer, train_transfer
+from tokenbridge.token_bytes import special_ids, vocab_bytes
 
 FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny models in exact fp32
 

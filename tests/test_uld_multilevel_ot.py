@@ -12,8 +12,16 @@ import torch
 from tokenbridge.config import TeacherTruncation
 from tokenbridge.losses.base import LOSSES, LossSetup, StudentView, TeacherView
 from tokenbridge.losses.multilevel_ot import (
-    MultiLevelOtLoss, MultiLevelOtParams, column_mass, holistic_absolute_difference, multilevel_ot_loss, ranked_ids, sequence_order,
-    sequential_log_loss, sinkhorn_distance, sinkhorn_plan,
+    MultiLevelOtLoss,
+    MultiLevelOtParams,
+    column_mass,
+    holistic_absolute_difference,
+    multilevel_ot_loss,
+    ranked_ids,
+    sequence_order,
+    sequential_log_loss,
+    sinkhorn_distance,
+    sinkhorn_plan,
 )
 from tokenbridge.losses.uld import UldLoss, UldParams, sorted_with_tail, uld_distance
 

@@ -6,7 +6,7 @@ declares its own options model in its module, and the `distill` section is assem
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,7 +49,7 @@ class TinyModelSpec(Strict):
     seed: int = 0
 
 
-ModelSpec = Annotated[Union[GgufModelSpec, HfModelSpec, TinyModelSpec], Field(discriminator="source")]
+ModelSpec = Annotated[GgufModelSpec | HfModelSpec | TinyModelSpec, Field(discriminator="source")]
 
 
 class ModelsParams(Strict):
@@ -68,7 +68,7 @@ class PrepareParams(Strict):
     seed: int = 1234
 
     @model_validator(mode="after")
-    def _jsonl_paths_given(self) -> "PrepareParams":
+    def _jsonl_paths_given(self) -> PrepareParams:
         if self.source == "jsonl" and not (self.train_jsonl and self.test_jsonl):
             raise ValueError("source 'jsonl' needs both train_jsonl and test_jsonl (paths to GSM8K-format JSONL)")
         return self
@@ -128,7 +128,7 @@ class EnsembleParams(Strict):
     weights: list[float] = Field(default_factory=list, description="one per member (normalised); empty: equal")
 
     @model_validator(mode="after")
-    def _weights_match(self) -> "EnsembleParams":
+    def _weights_match(self) -> EnsembleParams:
         if self.weights and (len(self.weights) != len(self.members) or min(self.weights) < 0 or sum(self.weights) <= 0):
             raise ValueError(f"weights: give one non-negative weight per member ({len(self.members)}), not all zero")
         return self

@@ -18,10 +18,26 @@ from typing import Any, NamedTuple
 import yaml
 
 from tokenbridge.params import DEFAULT_PARAMS
-from tokenbridge.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, ENSEMBLE_DIR, EVAL_DIR,
-                               EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR, REPORT_DIR, SOURCES_DIR, STUDENT_DIR,
-                               TEACHER_DIR, TEACHER_LOGITS_DIR, TRANSFER_EVAL_METRICS, TRANSFER_HISTORY_DIR,
-                               TRANSFER_METRICS, TRANSFERRED_DIR)
+from tokenbridge.paths import (
+    CHECKPOINT_DIR,
+    DISTILL_HISTORY,
+    DISTILL_METRICS,
+    DISTILLED_DIR,
+    ENSEMBLE_DIR,
+    EVAL_DIR,
+    EVAL_METRICS_DIR,
+    EVAL_MODELS,
+    PREPARED_DIR,
+    REPORT_DIR,
+    SOURCES_DIR,
+    STUDENT_DIR,
+    TEACHER_DIR,
+    TEACHER_LOGITS_DIR,
+    TRANSFER_EVAL_METRICS,
+    TRANSFER_HISTORY_DIR,
+    TRANSFER_METRICS,
+    TRANSFERRED_DIR,
+)
 
 PACKAGE = Path(__file__).resolve().parent
 DVC_YAML = Path("dvc.yaml")

@@ -23,9 +23,9 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenbridge.config import OnPolicyParams
 from tokenbridge.data.chat import Encoded, encode_continuation, encode_prompt
-from tokenbridge.token_bytes import special_ids, vocab_bytes
 from tokenbridge.data.padding import left_pad
 from tokenbridge.sampling import completions, decode, sample_next
+from tokenbridge.token_bytes import special_ids, vocab_bytes
 
 
 def is_on_policy_step(step: int, fraction: float, seed: int) -> bool:

@@ -18,9 +18,20 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from tokenbridge.config import (EnsembleParams, EvaluateParams, ModelSpec, ModelsParams, OnPolicyParams, ParamsError,
-                                PrepareParams, RuntimeParams, Strict, TeacherLogitsParams, TeacherTruncation,
-                                TrackingParams)
+from tokenbridge.config import (
+    EnsembleParams,
+    EvaluateParams,
+    ModelsParams,
+    ModelSpec,
+    OnPolicyParams,
+    ParamsError,
+    PrepareParams,
+    RuntimeParams,
+    Strict,
+    TeacherLogitsParams,
+    TeacherTruncation,
+    TrackingParams,
+)
 from tokenbridge.losses.alm import AlmParams
 from tokenbridge.losses.registry import LOSSES, params_sections
 
@@ -60,7 +71,7 @@ class DistillCommonParams(Strict):
         return [self.loss] if isinstance(self.loss, str) else list(self.loss)
 
     @model_validator(mode="after")
-    def _losses_are_usable(self) -> "DistillCommonParams":
+    def _losses_are_usable(self) -> DistillCommonParams:
         names = self.losses
         unknown = [name for name in names if name not in LOSSES]
         if unknown or not names:
@@ -157,7 +168,7 @@ class PipelineParams(Strict):
         return value
 
     @model_validator(mode="after")
-    def _training_fits_the_runtime(self) -> "PipelineParams":
+    def _training_fits_the_runtime(self) -> PipelineParams:
         processes = self.runtime.processes_per_node * self.runtime.nodes
         if self.distill.batch_size < processes:
             raise ValueError(f"distill.batch_size {self.distill.batch_size} is the global batch: give each of the "
@@ -174,7 +185,7 @@ class PipelineParams(Strict):
         return self
 
     @model_validator(mode="after")
-    def _ensemble_members_exist(self) -> "PipelineParams":
+    def _ensemble_members_exist(self) -> PipelineParams:
         known = {"student", "teacher", *self.transfer.sources}
         unknown = [name for name in self.ensemble.members if name not in known]
         if unknown:

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tokenbridge import logit_codec
-from tokenbridge.data.chat import Encoded
 from tokenbridge.contracts import MANIFEST, TEACHER_LOGITS_FORMAT, ModelCard, TeacherLogitsManifest
+from tokenbridge.data.chat import Encoded
 from tokenbridge.io import atomic_path, sha256_file
 
 FIELDS = ("input_ids", "spans", "loss_mask", "topk_ids", "topk_logprobs", "token_logprobs", "boundary_logprobs")

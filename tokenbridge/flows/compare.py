@@ -24,14 +24,14 @@ import psutil
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.stages.evaluate import collect_metrics
 from tokenbridge.contracts import MANIFEST, DistillMetrics, EvalMetrics, ModelCard, PreparedManifest
+from tokenbridge.flows.common import stage_cli
 from tokenbridge.io import write_json
 from tokenbridge.losses.registry import LOSSES, cross_tokenizer_losses
 from tokenbridge.params import load_params
 from tokenbridge.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from tokenbridge.reporting.comparison import render_comparison
-from tokenbridge.flows.common import stage_cli
+from tokenbridge.stages.evaluate import collect_metrics
 
 DEFAULT_LOSSES = [*cross_tokenizer_losses(), "sft"]
 

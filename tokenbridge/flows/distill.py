@@ -24,14 +24,22 @@ from pathlib import Path
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.params import PipelineParams, load_params
-from tokenbridge.stages.distill import train
 from tokenbridge.contracts import DistillMetrics
-from tokenbridge.paths import (CHECKPOINT_DIR, DISTILL_HISTORY, DISTILL_METRICS, DISTILLED_DIR, PREPARED_DIR,
-                              STUDENT_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR)
-from tokenbridge.runtime import Runtime
-from tokenbridge.training.ranks import process_group
 from tokenbridge.flows.common import launch_processes, stage_cli, tracked_stage
+from tokenbridge.params import PipelineParams, load_params
+from tokenbridge.paths import (
+    CHECKPOINT_DIR,
+    DISTILL_HISTORY,
+    DISTILL_METRICS,
+    DISTILLED_DIR,
+    PREPARED_DIR,
+    STUDENT_DIR,
+    TEACHER_DIR,
+    TEACHER_LOGITS_DIR,
+)
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.distill import train
+from tokenbridge.training.ranks import process_group
 
 
 def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None

@@ -11,10 +11,10 @@ Run alone: tokenbridge ensemble   (or: dvc repro ensemble)
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.stages.ensemble import build_ensemble
 from tokenbridge.contracts import ModelCard
-from tokenbridge.paths import ENSEMBLE_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFERRED_DIR
 from tokenbridge.flows.common import stage_cli, tracked_stage
+from tokenbridge.paths import ENSEMBLE_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFERRED_DIR
+from tokenbridge.stages.ensemble import build_ensemble
 
 
 def member_directory(name: str):

@@ -14,10 +14,10 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import EvalMetrics
-from tokenbridge.stages.evaluate import run_evaluate
+from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.paths import EVAL_DIR, EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR
 from tokenbridge.runtime import Runtime
-from tokenbridge.flows.common import stage_cli, tracked_stage
+from tokenbridge.stages.evaluate import run_evaluate
 
 
 @flow(name="evaluate", log_prints=True)

@@ -19,13 +19,20 @@ Run alone: tokenbridge evaluate_transfer   (or: dvc repro evaluate_transfer)
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.stages.evaluate import collect_metrics, run_evaluate
 from tokenbridge.contracts import ModelCard, TransferScores
-from tokenbridge.paths import (ENSEMBLE_DIR, EVAL_DIR, EVAL_METRICS_DIR, PREPARED_DIR, SOURCES_DIR, TRANSFER_EVAL_METRICS,
-                              TRANSFERRED_DIR)
-from tokenbridge.runtime import Runtime
-from tokenbridge.stages.transfer import fvt_path
 from tokenbridge.flows.common import stage_cli, tracked_stage
+from tokenbridge.paths import (
+    ENSEMBLE_DIR,
+    EVAL_DIR,
+    EVAL_METRICS_DIR,
+    PREPARED_DIR,
+    SOURCES_DIR,
+    TRANSFER_EVAL_METRICS,
+    TRANSFERRED_DIR,
+)
+from tokenbridge.runtime import Runtime
+from tokenbridge.stages.evaluate import collect_metrics, run_evaluate
+from tokenbridge.stages.transfer import fvt_path
 
 EVALUATED_ROLES = {"student": "student_before", "teacher": "teacher"}  # members the evaluate stage scored
 

@@ -10,10 +10,10 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import MODEL_CARD
+from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.models import materialize
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.paths import STUDENT_DIR, TEACHER_DIR
-from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
 @flow(name="models", log_prints=True)

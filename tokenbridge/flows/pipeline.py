@@ -23,8 +23,8 @@ from prefect import flow
 from tokenbridge import tracking
 from tokenbridge.config import ParamsError
 from tokenbridge.params import load_params
-from tokenbridge.stages.evaluate import collect_metrics
 from tokenbridge.paths import EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR
+from tokenbridge.stages.evaluate import collect_metrics
 
 
 @flow(name="tokenbridge-pipeline", log_prints=True)

@@ -10,9 +10,9 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import MANIFEST, PreparedManifest
+from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.paths import PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from tokenbridge.stages.prepare import run_prepare
-from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
 @flow(name="prepare", log_prints=True)

@@ -15,13 +15,22 @@ import psutil
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.stages.evaluate import collect_metrics
-from tokenbridge.io import write_json
 from tokenbridge.contracts import ModelCard, TransferMetrics, TransferScores
-from tokenbridge.paths import (DISTILL_HISTORY, DISTILLED_DIR, ENSEMBLE_DIR, EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR,
-                              TEACHER_DIR, TRANSFER_EVAL_METRICS, TRANSFER_METRICS)
-from tokenbridge.stages.report import render_report, render_transfer
 from tokenbridge.flows.common import stage_cli, tracked_stage
+from tokenbridge.io import write_json
+from tokenbridge.paths import (
+    DISTILL_HISTORY,
+    DISTILLED_DIR,
+    ENSEMBLE_DIR,
+    EVAL_METRICS_DIR,
+    EVAL_MODELS,
+    REPORT_DIR,
+    TEACHER_DIR,
+    TRANSFER_EVAL_METRICS,
+    TRANSFER_METRICS,
+)
+from tokenbridge.stages.evaluate import collect_metrics
+from tokenbridge.stages.report import render_report, render_transfer
 
 
 @flow(name="report", log_prints=True)

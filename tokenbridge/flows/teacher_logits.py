@@ -22,10 +22,10 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tokenbridge import tracking
 from tokenbridge.contracts import MANIFEST, TeacherLogitsManifest, TeacherLogitsSkipped
+from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.paths import PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.teacher_logits import ExtractionPlan, extract_shard, run_teacher_logits
-from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
 @task(name="extract-shard", cache_policy=NONE)

@@ -14,13 +14,20 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import TransferMetrics
+from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.models import materialize
 from tokenbridge.models.gguf import default_cache_dir
-from tokenbridge.paths import (PREPARED_DIR, SOURCES_DIR, STUDENT_DIR, TEACHER_DIR, TRANSFER_HISTORY_DIR,
-                              TRANSFER_METRICS, TRANSFERRED_DIR)
+from tokenbridge.paths import (
+    PREPARED_DIR,
+    SOURCES_DIR,
+    STUDENT_DIR,
+    TEACHER_DIR,
+    TRANSFER_HISTORY_DIR,
+    TRANSFER_METRICS,
+    TRANSFERRED_DIR,
+)
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.transfer import run_transfer, target_directory
-from tokenbridge.flows.common import stage_cli, tracked_stage
 
 
 @flow(name="transfer", log_prints=True)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from tokenbridge.config import Strict
+from tokenbridge.contracts import ModelCard
 from tokenbridge.io import atomic_path
 from tokenbridge.losses.base import (
     Alignment,
@@ -53,7 +54,6 @@ from tokenbridge.losses.base import (
 from tokenbridge.losses.divergences import forward_kl
 from tokenbridge.losses.positions import gather_rows, map_positions
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_log_probs
-from tokenbridge.contracts import ModelCard
 from tokenbridge.models import load_tokenizer
 from tokenbridge.token_bytes import is_byte_level, special_ids, vocab_bytes
 

@@ -38,8 +38,16 @@ import torch
 from pydantic import Field
 
 from tokenbridge.config import Strict
-from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView, masked_mean,
-                                    register)
+from tokenbridge.losses.base import (
+    Alignment,
+    DistillLoss,
+    LossOutput,
+    Mean,
+    StudentView,
+    TeacherView,
+    masked_mean,
+    register,
+)
 from tokenbridge.losses.positions import gather_rows, map_positions, paired_target_rows
 from tokenbridge.losses.teacher_distribution import select_teacher_rows, teacher_probabilities
 

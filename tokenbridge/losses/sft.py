@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from tokenbridge.losses.base import (Alignment, DistillLoss, LossOutput, Mean, StudentView, TeacherView, counted_mean,
-                                    register)
+from tokenbridge.losses.base import (
+    Alignment,
+    DistillLoss,
+    LossOutput,
+    Mean,
+    StudentView,
+    TeacherView,
+    counted_mean,
+    register,
+)
 from tokenbridge.losses.positions import rows_to_tokens
 
 

@@ -26,23 +26,23 @@ import torch
 from tqdm import tqdm
 
 from tokenbridge.config import TeacherLogitsParams
+from tokenbridge.contracts import MANIFEST, MODEL_CARD, DistillMetrics, ModelCard, PreparedManifest
 from tokenbridge.data.chat import Encoded
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
 from tokenbridge.losses.registry import build_losses, teacher_fields
-from tokenbridge.contracts import MANIFEST, MODEL_CARD, DistillMetrics, ModelCard, PreparedManifest
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.gguf import default_cache_dir
-from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.on_policy import OnPolicySampler, is_on_policy_step
 from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.stored_logits import TeacherLogitsReader
+from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
 from tokenbridge.training.checkpoint import Checkpoint
 from tokenbridge.training.engine import Engine
-from tokenbridge.training.parallel import TrainingModule, gathered, parallelize, student_weights
 from tokenbridge.training.history import history_csv, median
+from tokenbridge.training.parallel import TrainingModule, gathered, parallelize, student_weights
 from tokenbridge.training.ranks import Ranks
 from tokenbridge.training.schedules import alpha_at, learning_rate, term_weights
 from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher

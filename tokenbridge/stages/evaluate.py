@@ -21,14 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tokenbridge.config import EvaluateParams
+from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
+from tokenbridge.data.chat import encode_example
 from tokenbridge.evaluation.bpb import bits_per_byte
 from tokenbridge.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
-from tokenbridge.data.chat import encode_example
-from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
 from tokenbridge.io import read_jsonl, write_json, write_jsonl
 from tokenbridge.models import load_tokenizer
-from tokenbridge.token_bytes import vocab_bytes
 from tokenbridge.runtime import Runtime
+from tokenbridge.token_bytes import vocab_bytes
 
 
 def tokenize_test_set(test_jsonl: Path, model_dir: Path, out_path: Path) -> Path:

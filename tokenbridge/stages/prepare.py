@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenbridge.config import PrepareParams
+from tokenbridge.contracts import MANIFEST, ModelCard, ModelRef, PerRole, PreparedManifest, Splits, SplitSummary
 from tokenbridge.data.chat import encode_example
 from tokenbridge.data.gsm import generate_gsm_symbolic, read_gsm_jsonl
 from tokenbridge.io import sha256_file, write_jsonl
-from tokenbridge.contracts import MANIFEST, ModelCard, ModelRef, PerRole, PreparedManifest, Splits, SplitSummary
 from tokenbridge.models import load_tokenizer
 from tokenbridge.token_bytes import vocab_bytes
 

@@ -18,8 +18,18 @@ from typing import Any
 
 from tokenbridge.contracts import EvalMetrics
 from tokenbridge.reporting.comparison import COMPARED
-from tokenbridge.reporting.document import (MISSING, Block, Heading, Image, Paragraph, Table, format_value, is_finite,
-                                            is_number, key_values)
+from tokenbridge.reporting.document import (
+    MISSING,
+    Block,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    format_value,
+    is_finite,
+    is_number,
+    key_values,
+)
 from tokenbridge.reporting.plots import plot_losses, plot_metrics
 from tokenbridge.reporting.render import write_document
 

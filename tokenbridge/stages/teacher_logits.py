@@ -34,12 +34,19 @@ import torch
 
 from tokenbridge import logit_codec
 from tokenbridge.config import TeacherLogitsParams
+from tokenbridge.contracts import (
+    MANIFEST,
+    TEACHER_LOGITS_FORMAT,
+    ModelCard,
+    PreparedManifest,
+    StoredDistribution,
+    StoredShard,
+    TeacherLogitsManifest,
+)
 from tokenbridge.data.chat import Encoded
 from tokenbridge.data.padding import pad_batch
 from tokenbridge.io import fingerprint, read_json, sha256_file, write_json
 from tokenbridge.losses.token_stats import NextTokenStats
-from tokenbridge.contracts import (MANIFEST, TEACHER_LOGITS_FORMAT, ModelCard, PreparedManifest, StoredDistribution,
-                                  StoredShard, TeacherLogitsManifest)
 from tokenbridge.runtime import Runtime
 from tokenbridge.stored_logits import FIELDS, write_shard
 from tokenbridge.training.teachers import Teacher

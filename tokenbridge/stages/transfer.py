@@ -27,15 +27,16 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tokenbridge.config import TeacherTruncation
+from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, sha256_file, write_text
 from tokenbridge.losses.alm import AlmLoss
 from tokenbridge.losses.base import LossOutput, TeacherView
 from tokenbridge.losses.latents import hidden_state_loss
-from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.models import copy_tokenizer_files, load_model, load_tokenizer, save_tokenizer
 from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
+from tokenbridge.token_bytes import boundary_mask, gpt2_unicode_to_byte, special_ids, vocab_bytes
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
@@ -44,7 +45,6 @@ from tokenbridge.training.ranks import Ranks
 from tokenbridge.training.schedules import learning_rate
 from tokenbridge.training.teachers import LiveTeacher, Teacher
 from tokenbridge.training.views import student_view
-from tokenbridge.token_bytes import gpt2_unicode_to_byte, boundary_mask, special_ids, vocab_bytes
 
 BYTE = "byte"
 SPECIAL_ROLES = ("pad_token", "unk_token", "eos_token", "bos_token")  # later roles win a shared target token
