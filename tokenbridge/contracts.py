@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
@@ -19,7 +19,7 @@ from tokenbridge.io import write_json
 
 MODEL_CARD = "tokenbridge.json"  # in every model directory
 MANIFEST = "manifest.json"  # in data/prepared and data/teacher_logits
-TEACHER_LOGITS_FORMAT = "tokenbridge.teacher_logits/v2"
+TEACHER_LOGITS_FORMAT: Literal["tokenbridge.teacher_logits/v2"] = "tokenbridge.teacher_logits/v2"
 Better = Literal["lower", "higher"]
 
 
@@ -33,7 +33,8 @@ class FileContract:
     WRITTEN_BY: ClassVar[str]
 
     @classmethod
-    def read(cls, path: Path) -> Any:
+    def read(cls, path: Path) -> Self:
+        model = cast(type[BaseModel], cls)  # every contract is also a pydantic model
         path = Path(path)
         stage = cls.writer_of(path)
         if not path.exists():
@@ -42,13 +43,13 @@ class FileContract:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ContractError(f"{path} cannot be read ({error}): rebuild it with 'dvc repro {stage}'") from error
-        expected = cls.model_fields["format"].default if "format" in cls.model_fields else None
+        expected = model.model_fields["format"].default if "format" in model.model_fields else None
         if expected is not None and (not isinstance(data, dict) or data.get("format") != expected):
             found = data.get("format") if isinstance(data, dict) else None
             age = "has no format field (an older tokenbridge wrote it)" if found is None else f"is in format {found!r}"
             raise ContractError(f"{path} {age}; this version reads {expected!r}: rebuild it with 'dvc repro {stage}'")
         try:
-            return cls.model_validate(data)
+            return cast(Self, model.model_validate(data))
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'file'}: {item['msg']}"
                                  for item in error.errors())

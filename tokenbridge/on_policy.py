@@ -100,6 +100,7 @@ class OnPolicySampler:
                 teachers.append(example)
             else:
                 answer = valid_text(text)
-                teachers.append(encode_continuation(self.teacher_tokenizer, question, answer,
-                                                    ended and len(answer.encode("utf-8")) == len(text), self.teacher_table))
+                complete = ended and len(answer.encode("utf-8")) == len(text)
+                teachers.append(encode_continuation(self.teacher_tokenizer, question, answer, complete,
+                                                    self.teacher_table))
         return students, teachers

@@ -52,7 +52,8 @@ class DistillCommonParams(Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     loss: str | list[str] = Field("alm", description="registered loss name, or a list of names to combine")
-    loss_weights: dict[str, float] = Field(default_factory=dict, description="fixed weight per combined loss (default 1)")
+    loss_weights: dict[str, float] = Field(default_factory=dict,
+                                           description="fixed weight per combined loss (default 1)")
     combine: Literal["fixed", "gradmag"] = Field(
         "fixed", description="fixed: weights and alpha; gradmag: equal last-layer gradient norm per term "
         "(docs/algorithms/alm.md#combining-losses)")
@@ -85,15 +86,18 @@ class DistillCommonParams(Strict):
             raise ValueError("alpha_warmup + alpha_decay must be at most 1 (fractions of the steps)")
         live = [name for name in names if LOSSES[name].needs_online_teacher]
         if live and self.teacher_mode != "online":
-            raise ValueError(f"loss {live[0]!r} needs the live teacher's hidden states: set distill.teacher_mode: online")
+            raise ValueError(f"loss {live[0]!r} needs the live teacher's hidden states: "
+                             "set distill.teacher_mode: online")
         if self.on_policy.fraction > 0 and (self.teacher_mode != "online" or names == ["sft"]):
             raise ValueError("on_policy.fraction > 0: the teacher scores the student's samples, so it needs "
-                             "teacher_mode: online and a distillation loss (stored logits cover only the dataset's answers)")
+                             "teacher_mode: online and a distillation loss (stored logits cover only the dataset's "
+                             "answers)")
         full = self.teacher.top_p == 1 and self.teacher.top_k == 0 and self.teacher_mode == "online"
         needs_full = [name for name in names if LOSSES[name].needs_full_teacher(LOSSES[name].params_in(self))]
         if needs_full and not full:
             raise ValueError(f"{needs_full[0]} is infinite where a truncated teacher has zero probability: use "
-                             "teacher_mode: online with teacher.top_p: 1 and teacher.top_k: 0, or skew_reverse_kl / jsd with beta < 1")
+                             "teacher_mode: online with teacher.top_p: 1 and teacher.top_k: 0, or skew_reverse_kl / "
+                             "jsd with beta < 1")
         return self
 
 
@@ -132,7 +136,8 @@ class TransferParams(Strict):
     embedding_learning_rate: float = Field(1e-3, gt=0, description="phase 1 peak")
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(512, ge=32, description="training examples longer than this (tokens, either side) are skipped")
+    max_length: int = Field(512, ge=32,
+                            description="training examples longer than this (tokens, either side) are skipped")
     hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
@@ -189,7 +194,8 @@ class PipelineParams(Strict):
         known = {"student", "teacher", *self.transfer.sources}
         unknown = [name for name in self.ensemble.members if name not in known]
         if unknown:
-            raise ValueError(f"ensemble.members: {unknown} are neither 'student', 'teacher' nor a transfer.sources name")
+            raise ValueError(f"ensemble.members: {unknown} are neither 'student', 'teacher' nor a "
+                             "transfer.sources name")
         return self
 
 

@@ -93,7 +93,8 @@ class TeacherLogitsReader:
         self.manifest = TeacherLogitsManifest.read(self.directory / MANIFEST)
         missing = [field for field in required if field not in self.manifest.fields]
         if missing:
-            raise ValueError(f"{directory}: stored teacher data lacks {missing}; rerun teacher_logits with a version that stores them")
+            raise ValueError(f"{directory}: stored teacher data lacks {missing}; rerun teacher_logits with a version "
+                             "that stores them")
         if self.manifest.prepared_sha256 != expected_prepared_sha256:
             raise ValueError(f"{directory} was extracted from other prepared data: rerun 'dvc repro teacher_logits'")
         if teacher_card is not None:

@@ -24,7 +24,7 @@ BOUNDARY_BYTES = frozenset(b" \t\n\r")
 
 @lru_cache(maxsize=1)
 def gpt2_unicode_to_byte() -> dict[str, int]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping = {}
     extra = 0
     for byte in range(256):
@@ -67,7 +67,8 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return {index for index, token in tokenizer.backend_tokenizer.get_added_tokens_decoder().items() if token.special}
 
 
-def byte_offsets(tokenizer: PreTrainedTokenizerBase, ids: list[int], text: str, table: list[bytes] | None = None) -> list[tuple[int, int]]:
+def byte_offsets(tokenizer: PreTrainedTokenizerBase, ids: list[int], text: str,
+                 table: list[bytes] | None = None) -> list[tuple[int, int]]:
     """Byte span `[start, end)` of each token in `text`'s UTF-8 bytes.
 
     Raises when the tokens' bytes do not reproduce the text: a tokenizer that normalises text (lowercasing,

@@ -140,9 +140,10 @@ def register_candidate(model_dir: Path, name: str, metric: str, value: float, hi
     beats = champion_value is None or (value > champion_value if higher_is_better else value < champion_value)
     if beats:
         client.set_registered_model_alias(name, CHAMPION, version)
-    comparison = "no champion yet" if champion_value is None else f"{value:.4g} vs champion {champion_value:.4g} on {metric}"
+    comparison = ("no champion yet" if champion_value is None
+                  else f"{value:.4g} vs champion {champion_value:.4g} on {metric}")
     return {
         "model": name, "version": int(version), "candidate": True, "champion_moved": beats,
-        "champion_version": int(version) if beats else int(champion.version),
+        "champion_version": int(version) if beats or champion is None else int(champion.version),
         "reason": f"{'beats' if beats else 'does not beat'} the champion: {comparison}",
     }

@@ -21,7 +21,8 @@ def final_answer(answer: str) -> str | None:
     return match.group(1).replace(",", "") if match else None
 
 
-def generate_gsm_symbolic(n_train: int, n_test: int, test_template_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def generate_gsm_symbolic(n_train: int, n_test: int, test_template_fraction: float,
+                          seed: int) -> tuple[list[dict], list[dict]]:
     """Train/test records split BY TEMPLATE, so no test question is a variant of a training one."""
     import reasoning_gym
 

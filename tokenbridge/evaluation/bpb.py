@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,15 +22,19 @@ from tokenbridge.losses.positions import rows_to_tokens
 from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
 from tokenbridge.models import load_model, load_tokenizer
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def _row_logprobs(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, vocab_size: int) -> torch.Tensor:
+
+def _row_logprobs(model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """log p(x_{j+1} | x_{<=j}) per row. A model without a single output head (an ensemble) returns its
     log-probs as logits; any other model's head runs in chunks of positions."""
     if model.get_output_embeddings() is None:
         logprobs = model(input_ids=ids, attention_mask=attention).logits.log_softmax(-1)
         rows = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         return torch.cat([rows, torch.zeros_like(rows[:, :1])], 1)
-    return next_token_stats(hidden_states(model, ids, attention), ids, output_head(model), vocab_size, None).token_logprobs
+    stats = next_token_stats(hidden_states(model, ids, attention), ids, output_head(model), vocab_size, None)
+    return stats.token_logprobs
 
 
 @torch.no_grad()
@@ -43,10 +48,12 @@ def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device:
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         ids, attention = pad_batch([example.input_ids for example in batch])
-        token_logprobs = rows_to_tokens(_row_logprobs(model, ids.to(device), attention.to(device), len(tokenizer))).cpu()
+        rows = _row_logprobs(model, ids.to(device), attention.to(device), len(tokenizer))
+        token_logprobs = rows_to_tokens(rows).cpu()
         for row, example in enumerate(batch):
             for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):
                 if target and position > 0:
+                    assert span is not None, "a target token always covers bytes of the stream"
                     nats -= token_logprobs[row, position].item()
                     n_bytes += span[1] - span[0]
     return {"bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "bpb_bytes": n_bytes}

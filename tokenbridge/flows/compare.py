@@ -91,6 +91,8 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
 
 def main(argv: list[str]) -> None:
     stage_cli(compare, __doc__, argv,
-              losses={"nargs": "+", "help": f"losses to compare (default: {' '.join(DEFAULT_LOSSES)}; online-only ones run last)"},
-              overrides={"nargs": "+", "metavar": "KEY=VALUE", "help": "extra `dvc exp run -S` overrides for every method"},
+              losses={"nargs": "+", "help": f"losses to compare (default: {' '.join(DEFAULT_LOSSES)}; "
+                                            "online-only ones run last)"},
+              overrides={"nargs": "+", "metavar": "KEY=VALUE",
+                         "help": "extra `dvc exp run -S` overrides for every method"},
               out={"default": "docs/results", "help": "folder for the comparison files (default: docs/results)"})

@@ -12,10 +12,11 @@ Run alone: tokenbridge distill   (or: dvc repro distill)
 Device, precision, micro-batches (gradient accumulation), gradient checkpointing, compile: params `runtime.*`.
 Several processes: set runtime.processes_per_node (and runtime.nodes, runtime.strategy: ddp | fsdp); this command
   (so `dvc repro`) then relaunches itself under torchrun. By hand: torchrun --standalone --nproc-per-node N -m
-  flows.distill, or `accelerate launch --multi_gpu --num_processes N -m tokenbridge distill`. Every rank trains on its contiguous
-  share of each step's `distill.batch_size` examples (the global batch), one GPU per process (NCCL) or on CPUs
-  (gloo); the result equals one process on the same batches (tokenbridge/training/engine.py). Rank 0 alone runs
-  the Prefect flow, logs to MLflow and writes outputs. docs/distributed.md.
+  tokenbridge distill, or `accelerate launch --multi_gpu --num_processes N -m tokenbridge distill`. Every rank
+  trains on its contiguous share of each step's `distill.batch_size` examples (the global batch), one GPU per
+  process (NCCL) or on CPUs (gloo); the result equals one process on the same batches
+  (tokenbridge/training/engine.py). Rank 0 alone runs the Prefect flow, logs to MLflow and writes outputs.
+  docs/distributed.md.
 """
 
 from collections.abc import Callable

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow
+from prefect import Flow, flow
 
 from tokenbridge import tracking
 from tokenbridge.config import ParamsError
@@ -34,7 +34,8 @@ def pipeline(params_file: str = "params.yaml", repro_args: list[str] | None = No
         command = ["dvc", "repro", *(repro_args or [])]
         print("running:", " ".join(command))
         subprocess.run(command, check=True)
-        models = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        evaluated = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        models = {name: metrics.scores() for name, metrics in evaluated.items()}
         for name, scores in models.items():
             tracking.log_metrics({f"{name}.{key}": value for key, value in scores.items()})
         tracking.log_artifact(REPORT_DIR / "report.html")
@@ -67,6 +68,7 @@ def main(argv: list[str]) -> None:
     elif args.pool:
         # The worker runs the flow from this directory: it must see the project at the same path.
         source = pipeline.from_source(source=str(Path.cwd()), entrypoint="tokenbridge/flows/pipeline.py:pipeline")
+        assert isinstance(source, Flow)  # from_source, called outside an event loop, returns the flow itself
         try:
             source.deploy(name=args.name, work_pool_name=args.pool, cron=args.cron, parameters=parameters)
         except ValueError as error:  # Prefect's "Could not find work pool ..."

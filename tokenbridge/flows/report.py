@@ -36,7 +36,8 @@ from tokenbridge.stages.report import render_report, render_transfer
 @flow(name="report", log_prints=True)
 def report(params_file: str = "params.yaml") -> dict:
     with tracked_stage("report", params_file, ("tracking",)) as params:
-        models = {name: scores.scores() for name, scores in collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS)).items()}
+        evaluated = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        models = {name: scores.scores() for name, scores in evaluated.items()}
         primary = params.tracking.primary_metric
         value = models["student_after"][primary]
         registry = tracking.register_candidate(DISTILLED_DIR, params.tracking.registered_model, primary, value,
@@ -46,18 +47,21 @@ def report(params_file: str = "params.yaml") -> dict:
         context = {
             "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(DISTILLED_DIR).name,
             "profile": params.profile, **tracking.revision_tags(),
-            "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps,
-            "registry": registry, "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
+            "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
+                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps, "registry": registry,
+            "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
         }
         files = render_report({"primary_metric": primary, "models": models}, DISTILL_HISTORY, context, REPORT_DIR)
-        transfer = render_transfer({label: scores.scores() for label, scores in TransferScores.read(TRANSFER_EVAL_METRICS).root.items()},
+        transfer_scores = TransferScores.read(TRANSFER_EVAL_METRICS).root
+        transfer = render_transfer({label: scores.scores() for label, scores in transfer_scores.items()},
                                    TransferMetrics.read(TRANSFER_METRICS).model_dump(),
                                    list(params.transfer.sources), params.ensemble.members,
                                    ModelCard.of(ENSEMBLE_DIR).model_dump(exclude_none=True), REPORT_DIR)
         tracking.log_artifact(REPORT_DIR, "report")
         tracking.log_metrics({f"student_after.{primary}": value})
-        return {name: str(path) for name, path in {**files, **{f"transfer_{k}": v for k, v in transfer.items()}}.items()}
+        files |= {f"transfer_{name}": path for name, path in transfer.items()}
+        return {name: str(path) for name, path in files.items()}
 
 
 def main(argv: list[str]) -> None:

@@ -14,6 +14,7 @@ Run alone: tokenbridge teacher_logits   (or: dvc repro teacher_logits)
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from prefect import flow, task, unmapped
@@ -38,7 +39,7 @@ def extract_shard_task(plan: ExtractionPlan, shard: int, workers: int) -> dict:
     return info
 
 
-def task_runner(workers: int) -> TaskRunner:
+def task_runner(workers: int) -> TaskRunner[Any]:
     """One in-process thread (the teacher loaded once), or a local Dask cluster of `workers` processes."""
     if workers == 1:
         return ThreadPoolTaskRunner(max_workers=1)
@@ -58,7 +59,8 @@ def extract_shards(plan: ExtractionPlan) -> list[dict]:
 def teacher_logits(params_file: str = "params.yaml") -> TeacherLogitsManifest | TeacherLogitsSkipped:
     with tracked_stage("teacher_logits", params_file, ("teacher_logits", "runtime")) as params:
         if params.distill.teacher_mode == "online":
-            skipped = TeacherLogitsSkipped(skipped="distill.teacher_mode is online: the teacher runs at every distill step")
+            skipped = TeacherLogitsSkipped(
+                skipped="distill.teacher_mode is online: the teacher runs at every distill step")
             skipped.write(TEACHER_LOGITS_DIR / MANIFEST)
             return skipped
         manifest = run_teacher_logits(PREPARED_DIR, TEACHER_DIR, TEACHER_LOGITS_DIR, params.teacher_logits,

@@ -22,8 +22,8 @@ Reduction: L_b = (HAD_b + sl_weight * SL_b + sd_weight * SD_b) / T_b, i.e. the p
 the loss is the mean of L_b over examples with at least one pair. The paper's overall factor alpha and the
 CE term belong to the training loop's weights.
 
-The teacher's probabilities come from `teacher_distribution.teacher_probabilities`: offline at temperature 1 the stored ones
-(dimensions outside a position's stored top-K read 0, so keep the stored K at least `top_k`); at
+The teacher's probabilities come from `teacher_distribution.teacher_probabilities`: offline at temperature 1 the
+stored ones (dimensions outside a position's stored top-K read 0, so keep the stored K at least `top_k`); at
 `sd_temperature` the stored support renormalised, since the full-vocabulary normaliser is unknown offline.
 The reference code's deviations (docs/algorithms/uld-multilevel-ot.md#multilevelot-reference-code: double
 softmax, swapped SL, logit-std normalisation, batch-wide ranking, 0.001 SD scale, means over positions) are
@@ -64,7 +64,8 @@ class MultiLevelOtParams(Strict):
     sd_weight: float = Field(0.1, ge=0, description="gamma: weight of the Sinkhorn distance")
     sinkhorn_iterations: int = Field(20, ge=1, description="N: alternating row/column normalisations")
     sinkhorn_lambda: float = Field(0.1, gt=0, description="lambda: kernel exp(-C / lambda)")
-    sd_temperature: float = Field(2.0, gt=0, description="softmax temperature of the vectors the Sinkhorn term compares")
+    sd_temperature: float = Field(2.0, gt=0,
+                                  description="softmax temperature of the vectors the Sinkhorn term compares")
     skip_student_eos: bool = Field(True, description="drop the student's last answer target (its EOS) before pairing")
 
 

@@ -57,11 +57,12 @@ def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> ModelCard:
             from tokenbridge.models.gguf import convert_gguf
 
             link_tree(convert_gguf(spec.name, cache_dir), temporary)
-            name = spec.name
+            name: str = spec.name
         elif isinstance(spec, HfModelSpec):
             source = Path(spec.path).expanduser()
             if not (source / "config.json").exists():
-                raise FileNotFoundError(f"models: {source} is not a HF model directory (no config.json); fix its path in params.yaml")
+                raise FileNotFoundError(f"models: {source} is not a HF model directory (no config.json); "
+                                        "fix its path in params.yaml")
             link_tree(source, temporary)
             name = source.name
         else:
@@ -98,4 +99,18 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path, add_bos: b
 def load_model(model_dir: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def input_embeddings(model: PreTrainedModel) -> torch.Tensor:
+    """The input embedding matrix [rows, hidden] (a parameter: writes reach the model)."""
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def output_embeddings(model: PreTrainedModel) -> torch.Tensor:
+    """The output head's matrix [rows, hidden]; the input matrix itself when the two are tied."""
+    head = model.get_output_embeddings()
+    assert head is not None and isinstance(head.weight, torch.Tensor), f"{type(model).__name__} has no output head"
+    return head.weight
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 MISSING = "–"
 
@@ -55,11 +55,11 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def is_finite(value: Any) -> bool:
+def is_finite(value: Any) -> TypeGuard[int | float]:
     """A number a sentence can compare: NaN or infinity is shown in a table but never called up or down."""
     return is_number(value) and math.isfinite(value)
 

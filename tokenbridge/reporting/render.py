@@ -34,7 +34,8 @@ def write_document(out_dir: Path, stem: str, title: str, blocks: Sequence[Block]
     """out_dir/<stem>.md and out_dir/<stem>.html; `images` maps each Image block's name to its PNG under plots/."""
     paths = {"markdown": Path(out_dir) / f"{stem}.md", "html": Path(out_dir) / f"{stem}.html"}
     write_text(paths["markdown"], markdown(title, blocks))
-    write_text(paths["html"], standalone_html(title, blocks, {name: path.read_bytes() for name, path in images.items()}))
+    embedded = {name: path.read_bytes() for name, path in images.items()}
+    write_text(paths["html"], standalone_html(title, blocks, embedded))
     return paths
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -48,8 +49,11 @@ from tokenbridge.training.schedules import alpha_at, learning_rate, term_weights
 from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
 from tokenbridge.training.views import student_view
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def student_forward(student: torch.nn.Module, losses: torch.nn.ModuleDict, vocab_size: int,
+
+def student_forward(student: PreTrainedModel, losses: torch.nn.ModuleDict, vocab_size: int,
                     boundary: torch.Tensor, chunk_size: int):
     """The distill forward: the student's view of a micro-batch and each named loss term on it."""
     def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
@@ -75,10 +79,12 @@ def train(
     setup = LossSetup(teacher_dir, student_dir, teacher_card.tokenizer_sha256 == student_card.tokenizer_sha256,
                       default_cache_dir())
     term_names = params.losses if params.losses == ["sft"] else [*params.losses, "sft"]
-    losses = torch.nn.ModuleDict(build_losses(term_names, params, setup))
+    built = build_losses(term_names, params, setup)
+    losses = torch.nn.ModuleDict(built)
+    teacher: StoredTeacher | LiveTeacher
     if params.teacher_mode == "offline":
-        reader = TeacherLogitsReader(teacher_logits_dir, teacher_fields(losses),
-                                     prepared.sha256.teacher, teacher_card)
+        assert teacher_logits_dir is not None, "offline distillation reads the teacher_logits stage's output"
+        reader = TeacherLogitsReader(teacher_logits_dir, teacher_fields(built), prepared.sha256.teacher, teacher_card)
         teacher = StoredTeacher(reader, params.teacher)
     else:
         teachers = [Encoded.from_json(r) for r in read_jsonl(prepared_dir / "train.teacher.jsonl")]
@@ -94,7 +100,8 @@ def train(
         questions = [record["question"] for record in read_jsonl(prepared_dir / "train.jsonl")]
         generation_eos = student.generation_config.eos_token_id
         sampler = OnPolicySampler(tokenizer, None if setup.same_tokenizer else teacher_tokenizer,
-                                  set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None},
+                                  set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+                                  - {None},
                                   params.on_policy, params.seed)
     module = TrainingModule(student, losses, student_forward(student, losses, len(tokenizer),
                                                              boundary.to(runtime.device), params.logits_chunk_size))
@@ -163,8 +170,9 @@ def train(
         with atomic_path(out_dir) as temporary:
             student.save_pretrained(temporary, state_dict=weights)
             tokenizer.save_pretrained(temporary)
-            student_card.model_copy(update={"name": f"{student_card.name}-distilled", "distilled_from": student_card.name,
-                                            "loss": params.losses}).write(temporary / MODEL_CARD)
+            distilled = {"name": f"{student_card.name}-distilled", "distilled_from": student_card.name,
+                         "loss": params.losses}
+            student_card.model_copy(update=distilled).write(temporary / MODEL_CARD)
         write_text(history_path, history_csv(history, history_fields))
     timed = history[start_step:]
     on_policy_rows = [row for row in timed if row["on_policy"]]
@@ -174,4 +182,5 @@ def train(
         median_seconds_per_step=median([row["seconds"] for row in timed]),
         median_update_seconds=median([row["update_seconds"] for row in timed]),
         runtime={**runtime.describe(), "processes": ranks.size},
-        median_generation_seconds=median([row["generation_seconds"] for row in on_policy_rows]) if on_policy_rows else None)
+        median_generation_seconds=(median([row["generation_seconds"] for row in on_policy_rows])
+                                   if on_policy_rows else None))

@@ -45,7 +45,8 @@ def build_ensemble(members: dict[str, Path], weights: list[float], out_dir: Path
         for name, directory in members.items():
             link_tree(Path(directory), temporary / "members" / name)
         copy_tokenizer_files(first, temporary)
-        card = ModelCard(name="ensemble(" + ", ".join(f"{cards[n].name} x{w:.2f}" for n, w in zip(members, weights)) + ")",
+        label = ", ".join(f"{cards[n].name} x{w:.2f}" for n, w in zip(members, weights, strict=True))
+        card = ModelCard(name=f"ensemble({label})",
                          members={name: cards[name].name for name in members}, weights=dict(zip(members, weights)),
                          tokenizer_sha256=hashes[next(iter(hashes))], tokenizer_size=size,
                          parameters=sum(cards[name].parameters for name in members),

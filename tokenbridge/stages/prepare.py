@@ -23,7 +23,9 @@ ROLES = ("teacher", "student")
 
 def load_records(params: PrepareParams) -> tuple[list[dict], list[dict]]:
     if params.source == "jsonl":
-        return read_gsm_jsonl(Path(params.train_jsonl), params.n_train), read_gsm_jsonl(Path(params.test_jsonl), params.n_test)
+        assert params.train_jsonl and params.test_jsonl  # PrepareParams requires both for a jsonl source
+        return (read_gsm_jsonl(Path(params.train_jsonl), params.n_train),
+                read_gsm_jsonl(Path(params.test_jsonl), params.n_test))
     return generate_gsm_symbolic(params.n_train, params.n_test, params.test_template_fraction, params.seed)
 
 
@@ -35,7 +37,8 @@ def run_prepare(model_dirs: dict[str, Path], out_dir: Path, params: PrepareParam
     for split, records in splits.items():
         encoded = {role: [encode_example(tokenizers[role], r["question"], r["answer"], tables[role]) for r in records]
                    for role in ROLES}
-        keep = [i for i in range(len(records)) if all(len(encoded[role][i].input_ids) <= params.max_length for role in ROLES)]
+        keep = [i for i in range(len(records))
+                if all(len(encoded[role][i].input_ids) <= params.max_length for role in ROLES)]
         if not keep:
             raise ValueError(f"prepare: every {split} example is longer than max_length={params.max_length}; raise it")
         write_jsonl(out_dir / f"{split}.jsonl", (records[i] for i in keep))

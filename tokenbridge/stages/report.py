@@ -88,10 +88,12 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
     for source in sources:
         summary = training.get(source, {})
         blocks += [Heading(f"Transfer: {source}"),
-                   Table(header, [row(f"{source}.{variant}") for variant in ("original", "fvt", "transferred")], numbers=True),
-                   Paragraph(f"FVT initialised {_counts(summary.get('fvt', {}))} target tokens; ALM self-distillation ran "
-                             f"{format_value(summary.get('steps'))} steps on {format_value(summary.get('examples'))} "
-                             f"examples (loss {format_value(summary.get('first_loss'))} -> {format_value(summary.get('final_loss'))}, "
+                   Table(header, [row(f"{source}.{variant}") for variant in ("original", "fvt", "transferred")],
+                         numbers=True),
+                   Paragraph(f"FVT initialised {_counts(summary.get('fvt', {}))} target tokens; ALM "
+                             f"self-distillation ran {format_value(summary.get('steps'))} steps on "
+                             f"{format_value(summary.get('examples'))} examples (loss "
+                             f"{format_value(summary.get('first_loss'))} -> {format_value(summary.get('final_loss'))}, "
                              f"{format_value(summary.get('median_seconds_per_step'))} s a step).")]
     labels = [member if member in scores else f"{member}.transferred" for member in members]
     blocks += [Heading("Ensemble"), Table(header, [row("ensemble"), *(row(label) for label in labels)], numbers=True),
@@ -109,7 +111,8 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
 
 def _counts(values: Mapping[str, Any]) -> str:
     """{'exact': 46145, 'fvt': 3004} -> '46,145 exact, 3,004 fvt'; {'student': 0.5} -> 'student 0.50'."""
-    return ", ".join(f"{value:,} {name}" if isinstance(value, int) else f"{name} {value:.2f}" for name, value in values.items())
+    return ", ".join(f"{value:,} {name}" if isinstance(value, int) else f"{name} {value:.2f}"
+                     for name, value in values.items())
 
 
 def _is_score(models: Mapping[str, Mapping], metric: str) -> bool:
@@ -160,7 +163,8 @@ def _summary(models: Mapping[str, Mapping], scores: Sequence[str], primary: str 
     """One paragraph on the primary metric and bits-per-byte: the student after vs before vs the teacher."""
     if not models:
         return "The metrics file lists no models."
-    focus = [name for name in dict.fromkeys([primary, "bits_per_byte"]) if name in scores] or list(scores[:1])
+    focus = ([name for name in dict.fromkeys([primary, "bits_per_byte"]) if name is not None and name in scores]
+             or list(scores[:1]))
     if not focus:
         return "The metrics file has no numeric scores."
     if AFTER not in models:

@@ -105,6 +105,8 @@ def _process_teacher(model_dir: Path, dtype: str, device: str) -> Teacher:
 
 
 def _example_arrays(encoded: Encoded, stats: NextTokenStats, row: int) -> dict[str, np.ndarray]:
+    assert stats.boundary_logprobs is not None and stats.topk_ids is not None, "extraction asks for every field"
+    assert stats.topk_logprobs is not None and stats.topk_counts is not None
     length = len(encoded.input_ids)
     token_logprobs = stats.token_logprobs[row, :length].float().cpu().numpy().copy()
     token_logprobs[-1] = 0.0  # in a padded batch the last row "predicts" padding; nothing follows the example

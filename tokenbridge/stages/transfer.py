@@ -20,20 +20,29 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tokenbridge.config import TeacherTruncation
 from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, sha256_file, write_text
 from tokenbridge.losses.alm import AlmLoss
-from tokenbridge.losses.base import LossOutput, TeacherView
+from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
 from tokenbridge.losses.latents import hidden_state_loss
-from tokenbridge.models import copy_tokenizer_files, load_model, load_tokenizer, save_tokenizer
+from tokenbridge.models import (
+    copy_tokenizer_files,
+    input_embeddings,
+    load_model,
+    load_tokenizer,
+    output_embeddings,
+    save_tokenizer,
+)
+from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.token_bytes import boundary_mask, gpt2_unicode_to_byte, special_ids, vocab_bytes
@@ -90,7 +99,7 @@ def fvt_rows(source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, m
             mapped[target_id] = source_id
     source_pieces = source.get_vocab()
     decompose: list[int] = []
-    for index, (name, piece) in enumerate(zip(target.convert_ids_to_tokens(range(len(target))), target_table)):
+    for index, (name, piece) in enumerate(zip(target.convert_ids_to_tokens(list(range(len(target)))), target_table)):
         same_piece = source_pieces.get(name)
         if index in mapped:
             out[index] = rows[mapped[index]]
@@ -105,7 +114,8 @@ def fvt_rows(source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, m
             decompose.append(index)
         else:
             counts["random"] += 1
-    for index, parts in zip(decompose, _spellings(source, source_table, by_bytes, [target_table[i] for i in decompose])):
+    spellings = _spellings(source, source_table, by_bytes, [target_table[i] for i in decompose])
+    for index, parts in zip(decompose, spellings):
         if parts:
             out[index] = rows[parts].mean(0)
             counts["fvt"] += 1
@@ -149,13 +159,13 @@ def fvt_model(source_dir: Path, target_dir: Path | None, out_dir: Path, seed: in
     source = load_tokenizer(source_dir)
     tokenizer = byte_tokenizer(source) if target_dir is None else load_tokenizer(target_dir)
     model = load_model(source_dir, torch.float32)
-    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    inputs, counts = fvt_rows(source, tokenizer, model.get_input_embeddings().weight.detach(), seed)
-    head = None if tied else fvt_rows(source, tokenizer, model.get_output_embeddings().weight.detach(), seed)[0]
+    tied = output_embeddings(model).data_ptr() == input_embeddings(model).data_ptr()
+    inputs, counts = fvt_rows(source, tokenizer, input_embeddings(model).detach(), seed)
+    head = None if tied else fvt_rows(source, tokenizer, output_embeddings(model).detach(), seed)[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.get_input_embeddings().weight.data.copy_(inputs)
+    input_embeddings(model).data.copy_(inputs)
     if head is not None:
-        model.get_output_embeddings().weight.data.copy_(head)
+        output_embeddings(model).data.copy_(head)
     for config in (model.config, model.generation_config):
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
@@ -192,13 +202,13 @@ def _encoded_pairs(records: list[dict], teacher: PreTrainedTokenizerBase, studen
     return teachers, students
 
 
-def _embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    found = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+def _embedding_parameters(model: PreTrainedModel) -> list[torch.Tensor]:
+    found = [input_embeddings(model), output_embeddings(model)]
     unique = {id(parameter): parameter for parameter in found}
     return list(unique.values())
 
 
-def _with_lora(model: torch.nn.Module, params: TransferParams) -> torch.nn.Module:
+def _with_lora(model: PreTrainedModel, params: TransferParams) -> PreTrainedModel:
     """Wrap every linear layer of the decoder's blocks with LoRA adapters (q/k/v/o and MLP;
     docs/algorithms/tokenizer-transfer.md#alm-self-distillation)."""
     from peft import LoraConfig, get_peft_model
@@ -206,16 +216,17 @@ def _with_lora(model: torch.nn.Module, params: TransferParams) -> torch.nn.Modul
     targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.get_decoder().named_modules()
                       if isinstance(module, torch.nn.Linear)})
     config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=0.0, target_modules=targets)
-    return get_peft_model(model, config)
+    return cast(PreTrainedModel, get_peft_model(model, config))  # a PeftModel forwards the HF model's methods
 
 
-def transfer_forward(student: torch.nn.Module, vocab_size: int, boundary: torch.Tensor, alm: AlmLoss):
+def transfer_forward(student: PreTrainedModel, vocab_size: int, boundary: torch.Tensor, alm: AlmLoss):
     """The transfer forward: ALM between the FVT student and its original (the live teacher), plus the hidden-state
     loss at chunk ends when it is weighted (byte targets)."""
     def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
         view = student_view(student, batch, vocab_size, boundary, CHUNK_SIZE, counts_only)
         outputs = {"alm": alm(view, teacher, batch.alignment)}
         if "hidden_state" in names:
+            assert teacher.hidden is not None, "the live teacher always returns its hidden states"
             outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, view.hidden,
                                                                     batch.alignment.teacher_chunks,
                                                                     batch.alignment.student_chunks),))
@@ -246,9 +257,9 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
                           TeacherTruncation(), 1.0, CHUNK_SIZE)
     student = runtime.prepare_student(load_model(fvt_dir, torch.float32).train())
     byte_level = fvt_card.byte_level
-    boundaries = {"teacher": boundary_mask(teacher_tokenizer, teacher.teacher.model.get_output_embeddings().weight.shape[0]),
-                  "student": boundary_mask(student_tokenizer, student.get_output_embeddings().weight.shape[0])}
-    alm = AlmLoss(params.alm, setup=None)  # ALM needs no facts about the pair beyond the batch
+    boundaries = {"teacher": boundary_mask(teacher_tokenizer, output_embeddings(teacher.teacher.model).shape[0]),
+                  "student": boundary_mask(student_tokenizer, output_embeddings(student).shape[0])}
+    alm = AlmLoss(params.alm, LossSetup(source_dir, fvt_dir, same_tokenizer=False, cache_dir=default_cache_dir()))
     hidden_weight = params.hidden_state_weight if byte_level else 0.0
     weights = {"alm": 1.0, "hidden_state": hidden_weight}
 
@@ -265,8 +276,8 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
         if phase == "lora":
             for name, parameter in student.named_parameters():
                 parameter.requires_grad_("lora_" in name)
-        for parameter in _embedding_parameters(student):
-            parameter.requires_grad_(True)
+        for weight in _embedding_parameters(student):
+            weight.requires_grad_(True)
         trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
         module = TrainingModule(student, torch.nn.ModuleDict(), transfer_forward(
             student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm))
@@ -275,8 +286,8 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
         for phase_step in tqdm(range(steps), desc=f"transfer ({phase})", unit="step"):
             started = time.perf_counter()
             indices = batch_indices(step, params.batch_size, len(students), len(students), params.seed)
-            micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries).to(runtime.device)
-                             for part in split(indices, runtime.micro_batch_size)]
+            micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries)
+                             .to(runtime.device) for part in split(indices, runtime.micro_batch_size)]
             rate = learning_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
             result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
                                  f"transfer step {step}")
@@ -285,8 +296,9 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
                             "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
                             "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
 
-    if hasattr(student, "merge_and_unload"):
-        student = student.merge_and_unload()
+    merge_lora = getattr(student, "merge_and_unload", None)  # present after a LoRA phase
+    if merge_lora is not None:
+        student = merge_lora()
     summary = TransferTraining(steps=step, final_loss=history[-1]["loss"] if history else None,
                                first_loss=history[0]["loss"] if history else None, examples=len(students),
                                median_seconds_per_step=median([r["seconds"] for r in history]) if history else None)

@@ -34,7 +34,8 @@ class Batch:
             return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
         alignment = Alignment(**{f.name: move(getattr(self.alignment, f.name)) for f in dataclasses.fields(Alignment)})
-        moved = {f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("alignment", "stored")}
+        moved = {f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if f.name not in ("alignment", "stored")}
         return Batch(**moved, alignment=alignment, stored={key: move(value) for key, value in self.stored.items()})
 
 
