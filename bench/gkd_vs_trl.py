@@ -63,8 +63,8 @@ EXAMPLES_PER_SHARD = 32  # our shard-blocked shuffle's block (no stored logits h
 
 
 def build_pair(root: Path, args: argparse.Namespace) -> dict[str, Path]:
-    student = TinyModelSpec(source="tiny", tokenizer="metaspace", vocab_size=args.vocab, hidden_size=args.student_hidden,
-                            num_layers=args.layers, chat_format="plain", seed=2)
+    student = TinyModelSpec(source="tiny", tokenizer="metaspace", vocab_size=args.vocab,
+                            hidden_size=args.student_hidden, num_layers=args.layers, chat_format="plain", seed=2)
     materialize(student, root / "student", root / "cache")
     build_tiny_teacher_like(root / "student", root / "teacher-source", args.teacher_hidden, seed=7)
     materialize(HfModelSpec(source="hf", path=str(root / "teacher-source")), root / "teacher", root / "cache")
@@ -109,9 +109,10 @@ def trl_trainer(root: Path, dirs: dict[str, Path], args: argparse.Namespace, fra
     records = list(read_jsonl(root / "prepared" / "train.jsonl"))
     dataset = Dataset.from_list([{"messages": chat_messages(r["question"], r["answer"])} for r in records])
     config = GKDConfig(output_dir=str(root / name), per_device_train_batch_size=args.batch, max_steps=steps,
-                       learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=0, lmbda=fraction, beta=beta,
-                       temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens, seed=SEED, report_to="none",
-                       logging_strategy="no", save_strategy="no", use_cpu=runtime.device.type == "cpu", bf16=False, disable_tqdm=True,
+                       learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=0, lmbda=fraction,
+                       beta=beta, temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens, seed=SEED,
+                       report_to="none", logging_strategy="no", save_strategy="no",
+                       use_cpu=runtime.device.type == "cpu", bf16=False, disable_tqdm=True,
                        dataloader_num_workers=0, max_length=1024)
     timer = StepTimer()
     trainer = GKDTrainer(model=load_model(dirs["student"]), teacher_model=load_model(dirs["teacher"]), args=config,
@@ -182,7 +183,8 @@ def main() -> int:
           f"torch {results['torch']}, {results['torch_threads']} threads)\n")
     print(f"Student: Llama hidden {settings['student_hidden']}, teacher hidden {settings['teacher_hidden']}, "
           f"{settings['layers']} layers, one tokenizer of {settings['vocab']} tokens; batch {settings['batch']}, "
-          f"{settings['steps']} steps, max new tokens {settings['max_new_tokens']}, temperature {TEMPERATURE}, beta 0.5.\n")
+          f"{settings['steps']} steps, max new tokens {settings['max_new_tokens']}, "
+          f"temperature {TEMPERATURE}, beta 0.5.\n")
     print("| lambda | ours s/step | TRL s/step | ratio ours/TRL | ours: generation s | ours: update s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for row in results["timing"]:

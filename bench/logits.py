@@ -138,7 +138,8 @@ def fidelity(teacher, sequences: list[list[int]], batch_size: int) -> list[dict]
             "top_p": top_p, "top_k": top_k, "positions": n, "mean_kept": float(counts.mean()),
             "naive_bytes_per_token": 6 * float(counts.mean()),
             "bytes_per_token": logit_codec.encoded_bytes(streams) / n,
-            **{f"kl_tau{tau:g}": float(_kl(exact_sorted[:, :width], decoded_sorted, tau).mean()) for tau in TEMPERATURES},
+            **{f"kl_tau{tau:g}": float(_kl(exact_sorted[:, :width], decoded_sorted, tau).mean())
+               for tau in TEMPERATURES},
             "encode_tokens_per_second": n / encode_seconds,
         })
     return rows
@@ -150,7 +151,7 @@ def bare_forward_seconds(teacher, sequences: list[list[int]], batch_size: int) -
     started = time.perf_counter()
     for start in range(0, len(sequences), batch_size):
         ids, mask = pad_batch(sequences[start : start + batch_size])
-        teacher.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        _ = teacher.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # timed, not used
         if device.type == "cuda":
             torch.cuda.synchronize()
     return time.perf_counter() - started
@@ -201,12 +202,14 @@ def measure(args: argparse.Namespace, runtime: Runtime, scratch: Path) -> dict:
         manifest = run_teacher_logits(prepared, args.teacher, scratch / f"logits-{repeat}", params, runtime)
         extract.append(tokens / (time.perf_counter() - started))
     return {
-        "machine": f"{runtime.describe()['device_name']}, {torch.get_num_threads()} threads, device {runtime.device.type}",
+        "machine": f"{runtime.describe()['device_name']}, {torch.get_num_threads()} threads, "
+                   f"device {runtime.device.type}",
         "teacher": f"random-init {args.shape} (synthetic data)" if args.shape else str(args.teacher),
         "shape": args.shape, "vocab_size": teacher.vocab_size, "dtype": runtime.inference_dtype_name,
         "examples": args.examples, "tokens": tokens, "batch_size": args.batch_size, "repeats": args.repeats,
         "settings": rows,
-        "forward_tokens_per_second": statistics.median(forward), "extract_tokens_per_second": statistics.median(extract),
+        "forward_tokens_per_second": statistics.median(forward),
+        "extract_tokens_per_second": statistics.median(extract),
         "throughput_ratio": statistics.median(extract) / statistics.median(forward),
         "stage_shard_bytes_per_token_at_k128": manifest.bytes_per_token if manifest else None,
     }
@@ -218,7 +221,8 @@ def markdown(result: dict, repeats: int) -> str:
              "| top_p | top_k | mean kept | naive B/token | encoded B/token | x smaller | KL tau=1 | KL tau=2 |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["settings"]:
-        lines.append(f"| {row['top_p']} | {row['top_k']} | {row['mean_kept']:.1f} | {row['naive_bytes_per_token']:.0f} | "
+        lines.append(f"| {row['top_p']} | {row['top_k']} | {row['mean_kept']:.1f} | "
+                     f"{row['naive_bytes_per_token']:.0f} | "
                      f"{row['bytes_per_token']:.1f} | {row['naive_bytes_per_token'] / row['bytes_per_token']:.1f} | "
                      f"{row['kl_tau1']:.1e} | {row['kl_tau2']:.1e} |")
     lines += ["", f"Whole shard (top-1.0-128, with ALM's per-token fields): "

@@ -108,7 +108,8 @@ def _model_dirs(root: Path, vocab: int, hidden: int) -> tuple[Path, Path]:
         path = root / name
         LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                     num_attention_heads=1, num_key_value_heads=1).save_pretrained(path)
-        ModelCard(name=f"bench-{name}", tokenizer_sha256="0" * 64, tokenizer_size=vocab, parameters=0).write(path / MODEL_CARD)
+        ModelCard(name=f"bench-{name}", tokenizer_sha256="0" * 64, tokenizer_size=vocab,
+                  parameters=0).write(path / MODEL_CARD)
         dirs.append(path)
     return dirs[0], dirs[1]
 
@@ -168,7 +169,8 @@ def _naive_step(student_model: SyntheticModel, hidden: torch.Tensor, input_ids: 
 
 
 def _loss_step(name: str, student_model: SyntheticModel, hidden: torch.Tensor, input_ids: torch.Tensor,
-               loss_mask: torch.Tensor, boundary: torch.Tensor, chunk: int, prompt: int, work: Path) -> Callable[[], None]:
+               loss_mask: torch.Tensor, boundary: torch.Tensor, chunk: int, prompt: int,
+               work: Path) -> Callable[[], None]:
     """Setup for a registered loss (teacher signals, views, alignment, model dirs under `work`; not measured)
     and its step."""
     batch, length, hidden_size = hidden.shape
@@ -258,9 +260,9 @@ def _report(results: dict[int, dict[str, dict]], args: argparse.Namespace, names
         lines.append(f"| {name} | " + " | ".join(_ratio_cells(results[v][name], results[v][BASELINE]) for v in vocabs)
                      + " |")
 
-    lines += ["", "Memory promise (no loss needs more than one fp32 B x T x V tensor at a time): each step's peak extra "
-              "RSS in units of one fp32 B x T x V tensor; flagged when above one such tensor plus the head's [V, d] "
-              "fp32 weight gradient, which every step also holds:"]
+    lines += ["", "Memory promise (no loss needs more than one fp32 B x T x V tensor at a time): "
+              "each step's peak extra RSS in units of one fp32 B x T x V tensor; flagged when above one such tensor "
+              "plus the head's [V, d] fp32 weight gradient, which every step also holds:"]
     for v in vocabs:
         full_mib = args.batch * args.length * v * 4 / MIB
         grad_mib = v * args.hidden * 4 / MIB

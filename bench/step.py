@@ -143,7 +143,8 @@ def run(quick: bool, device: str, precision: str | None, chunk_size: int) -> dic
         setup = LossSetup(dirs["teacher"], dirs["student"], False, Path(scratch) / "cache")
         students = {name: {"ce": measure(name, "sft", batch, runtime, setup, tokenizers["student"], None, chunk_size,
                                          plan["warmup"], plan["steps"])} for name in plan["students"]}
-        model = build_model(plan["teacher"], runtime.device, runtime.inference_dtype, seed=1).eval().requires_grad_(False)
+        model = build_model(plan["teacher"], runtime.device, runtime.inference_dtype,
+                            seed=1).eval().requires_grad_(False)
         teacher = LiveTeacher(Teacher(model, teacher_shape.tokenizer_size,
                                       boundary_mask(tokenizers["teacher"], teacher_shape.rows).to(runtime.device)),
                               examples["teacher"], TeacherTruncation(), 1.0, chunk_size)
@@ -176,11 +177,12 @@ def markdown(result: dict) -> str:
 
     lines = [f"# Distill step: ALM against next-token CE ({result['machine']}, {result['runtime']['precision']}, "
              f"torch {result['torch']})", "",
-             f"Batch {result['batch_size']} x {result['tokens_per_example']} tokens ({result['student_tokens']} student "
-             f"tokens), teacher {result['teacher']} ({result['teacher_tokens']} tokens), median of "
-             f"{result['timed_steps']} steps after {result['warmup_steps']} warm-up.", "",
-             "| student | CE s/step | CE tokens/s | ALM s/step | ALM / CE (goal <= 1.10) | teacher s | ALM+teacher / CE "
-             "| ALM tokens/s (live) | CE peak GiB | ALM peak GiB | memory ALM / CE (goal <= 1.5) |",
+             f"Batch {result['batch_size']} x {result['tokens_per_example']} tokens "
+             f"({result['student_tokens']} student tokens), teacher {result['teacher']} "
+             f"({result['teacher_tokens']} tokens), median of {result['timed_steps']} steps after "
+             f"{result['warmup_steps']} warm-up.", "",
+             "| student | CE s/step | CE tokens/s | ALM s/step | ALM / CE (goal <= 1.10) | teacher s "
+             "| ALM+teacher / CE | ALM tokens/s (live) | CE peak GiB | ALM peak GiB | memory ALM / CE (goal <= 1.5) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["students"].items():
         ce, alm = row["ce"], row["alm"]

@@ -67,8 +67,10 @@ def main() -> None:
         return
     results = {}
     for name in ("naive", "chunked"):
-        command = [sys.executable, __file__, "--variant", name] + [f"--{k}={v}" for k, v in vars(args).items() if k != "variant"]
-        results[name] = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        flags = [f"--{k}={v}" for k, v in vars(args).items() if k != "variant"]
+        command = [sys.executable, __file__, "--variant", name, *flags]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results[name] = json.loads(output.strip().splitlines()[-1])
     print(f"shape B={args.batch} T={args.length} d={args.hidden} V={args.vocab}, chunk={args.chunk}")
     for name, result in results.items():
         print(f"  {name:8s} {result['seconds']:7.2f} s   peak +{result['peak_extra_mib']:8.0f} MiB")

@@ -55,7 +55,8 @@ def _all_minimal_chunks(teacher_spans, student_spans) -> list[tuple[int, int]]:
     student_starts = {span[0]: i for i, span in enumerate(student_spans) if span}
     chunks = []
     for start in sorted(teacher_starts.keys() & student_starts.keys()):
-        common = set(_chain_ends(teacher_spans, teacher_starts[start])) & set(_chain_ends(student_spans, student_starts[start]))
+        common = (set(_chain_ends(teacher_spans, teacher_starts[start]))
+                  & set(_chain_ends(student_spans, student_starts[start])))
         if common:
             chunks.append((start, min(common)))
     return chunks
@@ -74,7 +75,8 @@ def byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<pad>", "<bos>", "<eot>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eot>", bos_token="<bos>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eot>", bos_token="<bos>",
+                                        pad_token="<pad>")
     tokenizer.chat_template = PLAIN_TEMPLATE
     return tokenizer
 
@@ -83,7 +85,8 @@ def _check_byte_exact_ordered_chunks(teacher_tokenizer, student_tokenizer, teach
                                      question: str, answer: str) -> tuple[Encoded, Encoded, list]:
     """Every chunk's two token spans spell the same bytes of the common stream, in order, without overlap,
     and the chunks are exactly all the minimal byte-exact chunks there are."""
-    teacher, student = encode_example(teacher_tokenizer, question, answer), encode_example(student_tokenizer, question, answer)
+    teacher, student = (encode_example(teacher_tokenizer, question, answer),
+                        encode_example(student_tokenizer, question, answer))
     stream = (question + answer).encode("utf-8")
     chunks = align_chunks(teacher.spans, student.spans)
     previous = None
@@ -241,8 +244,8 @@ def test_space_chunks_end_only_where_both_sides_start_a_word_or_the_run_breaks(t
     (teacher, teacher_ws), (student, student_ws) = sides["teacher"], sides["student"]
     teacher_ids, student_ids, is_target = example_chunks(teacher, student)
     columns_t, columns_s, column_counted = word_chunks(
-        torch.tensor([teacher_ids]), torch.tensor([student_ids]), torch.tensor([teacher_ws]), torch.tensor([student_ws]),
-        torch.tensor([is_target]))
+        torch.tensor([teacher_ids]), torch.tensor([student_ids]), torch.tensor([teacher_ws]),
+        torch.tensor([student_ws]), torch.tensor([is_target]))
     columns_t, columns_s, column_counted = columns_t[0].tolist(), columns_s[0].tolist(), column_counted[0].tolist()
 
     def tokens_of(ids, chunk):

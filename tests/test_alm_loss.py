@@ -58,7 +58,7 @@ def _reference_alm(teacher_rows, teacher_boundary, student_rows, student_boundar
     for b in range(len(teacher_ids)):
         chunks = sorted(set(teacher_ids[b]) - {-1})
 
-        def chunk_stats(ids, rows, boundary, chunk):
+        def chunk_stats(ids, rows, boundary, chunk, b=b):
             tokens = [i for i, value in enumerate(ids) if value == chunk]
             return sum(min(0.0, rows[b][i - 1]) for i in tokens), min(0.0, boundary[b][tokens[-1]])
 
@@ -146,7 +146,8 @@ def test_equal_chunk_likelihoods_give_zero_gradient_across_different_tokenizatio
             s_boundary[b, s_members[-1]] = t_boundary[b, t_members[-1]].clamp(max=0)
     s_rows = torch.cat([s_tokens[:, 1:], s_tokens[:, :1] * 0], 1).requires_grad_(True)
     s_boundary.requires_grad_(True)
-    options = AlmOptions(diff_fn=diff_fn, merge_by_space_prob=flags.merge_by_space_prob, append_space=flags.append_space)
+    options = AlmOptions(diff_fn=diff_fn, merge_by_space_prob=flags.merge_by_space_prob,
+                         append_space=flags.append_space)
     loss = alm_loss(t_rows, t_boundary, s_rows, s_boundary, t_chunks, s_chunks, counted, options).loss
     gradients = torch.autograd.grad(loss, [s_rows, s_boundary], allow_unused=True)  # no boundary without flags
     assert all(gradient is None or gradient.abs().max().item() < 1e-6 for gradient in gradients)
@@ -195,7 +196,8 @@ def test_binary_ce_of_identical_models_is_the_mean_binary_entropy_with_zero_grad
     student_logits = logits.clone().requires_grad_(True)
     student_token, student_boundary = _rows(student_logits, ids, boundary)
     chunks, counted = _identity_chunks(12)
-    result = alm_loss(teacher_token, teacher_boundary, student_token, student_boundary, chunks, chunks, counted, options)
+    result = alm_loss(teacher_token, teacher_boundary, student_token, student_boundary, chunks, chunks, counted,
+                      options)
     result.loss.backward()
     assert student_logits.grad.abs().max().item() < 1e-6
     if options == NAIVE:
@@ -229,7 +231,8 @@ def test_temperature_limits_match_the_documented_values():
     t, u = -3.0 - tau * 1e-6, -5.0 - tau * 1e-6
     shifted_limit = (t - u) + t * math.log(u / t)
     assert (tau * chunk_divergence(teacher, student, "binary_kl", tau)).item() == pytest.approx(shifted_limit, rel=1e-3)
-    forward = chunk_divergence(teacher, student, "binary_ce", tau) - chunk_divergence(teacher, teacher, "binary_ce", tau)
+    forward = (chunk_divergence(teacher, student, "binary_ce", tau)
+               - chunk_divergence(teacher, teacher, "binary_ce", tau))
     assert (tau * forward).item() == pytest.approx(shifted_limit, rel=1e-3)
     assert chunk_divergence(teacher, student, "binary_kl_temp_limit", tau).item() == pytest.approx(0.4675, rel=1e-3)
     assert (tau * chunk_divergence(teacher, student, "abs_exp", tau)).item() == pytest.approx(2.0, rel=1e-3)
@@ -260,7 +263,8 @@ def test_binarised_divergences_keep_fp32_precision_for_near_certain_chunks(diff_
     (gradient,) = torch.autograd.grad(value.sum(), student)
     exact_teacher_gradient, exact_gradient = torch.autograd.grad(exact.sum(), (exact_teacher, exact_student))
     log_a, log_b = exact_teacher.detach() / tau - EPS, exact_student.detach() / tau - EPS
-    kappa = tau * (exact_teacher_gradient.abs() * log_a.abs() + exact_gradient.abs() * log_b.abs()) / exact.detach().abs()
+    kappa = (tau * (exact_teacher_gradient.abs() * log_a.abs() + exact_gradient.abs() * log_b.abs())
+             / exact.detach().abs())
     relative_error = (value.double() - exact.detach()).abs() / exact.detach().abs()
     assert (relative_error <= 8 * 2.0**-24 * (1 + kappa)).all(), (relative_error, kappa)
     assert torch.allclose(gradient.double(), exact_gradient, rtol=1e-4, atol=0)

@@ -32,8 +32,10 @@ def test_alpha_zero_is_the_plain_next_token_loss_and_one_is_pure_distillation():
 
 
 def test_linear_schedules_reach_their_endpoints():
-    increase, decrease = _params(alpha=0.8, alpha_schedule="linear_increase"), _params(alpha=0.8, alpha_schedule="linear_decrease")
-    assert alpha_at(0, increase) == 0 and alpha_at(100, increase) == pytest.approx(0.8) and alpha_at(50, increase) == pytest.approx(0.4)
+    increase, decrease = (_params(alpha=0.8, alpha_schedule="linear_increase"),
+                          _params(alpha=0.8, alpha_schedule="linear_decrease"))
+    assert (alpha_at(0, increase) == 0 and alpha_at(100, increase) == pytest.approx(0.8)
+            and alpha_at(50, increase) == pytest.approx(0.4))
     assert alpha_at(0, decrease) == pytest.approx(0.8) and alpha_at(100, decrease) == 0
 
 

@@ -95,7 +95,8 @@ def test_a_foreign_file_fails_naming_each_wrong_field(tmp_path):
     path = tmp_path / "student_after.json"
     path.write_text(json.dumps({"bits_per_byte": "low", "bpb_bytes": 9, "perplexity": 3.0}))
     with pytest.raises(ContractError, match=rf"{path} is not a valid EvalMetrics \(bits_per_byte: .*number.*; "
-                                            r"perplexity: Extra inputs are not permitted\).*dvc repro evaluate@student_after"):
+                                            r"perplexity: Extra inputs are not permitted\)"
+                                            r".*dvc repro evaluate@student_after"):
         EvalMetrics.read(path)
 
 
@@ -109,7 +110,8 @@ def test_a_file_that_is_not_json_fails_naming_its_path(tmp_path):
 @pytest.mark.parametrize(("path", "stage"), [
     (Path("data/prepared/manifest.json"), "prepare"), (Path("data/teacher_logits/manifest.json"), "teacher_logits"),
     (Path("models/teacher/tokenbridge.json"), "models"), (Path("models/distilled/tokenbridge.json"), "distill"),
-    (Path("models/transferred/src/tokenbridge.json"), "transfer"), (Path("models/ensemble/tokenbridge.json"), "ensemble"),
+    (Path("models/transferred/src/tokenbridge.json"), "transfer"),
+    (Path("models/ensemble/tokenbridge.json"), "ensemble"),
     (Path("metrics/eval/teacher.json"), "evaluate@teacher"), (Path("metrics/distill.json"), "distill"),
     (Path("metrics/eval/transfer.json"), "evaluate_transfer"), (Path("metrics/transfer.json"), "transfer")])
 def test_a_missing_file_names_the_stage_that_writes_it(path, stage, tmp_path):

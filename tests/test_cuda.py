@@ -291,7 +291,8 @@ def test_fsdp2_on_one_gpu_trains_like_the_unwrapped_student(pairs, tiny_params, 
         dist.destroy_process_group()
     if precision == "fp32":
         for key, tensor in plain.items():
-            torch.testing.assert_close(sharded[key], tensor, rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(sharded[key], tensor, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, key=key: f"{key}: {m}")
         return
     # bf16: FSDP2 gathers bf16 parameters where the plain run autocasts fp32 ones, so the rounding differs; the two
     # must still agree far better than either moved from the initial weights (on a CPU: 3e-3 apart, as a check).

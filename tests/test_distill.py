@@ -33,7 +33,8 @@ def _losses(path):
         return [float(row["loss"]) for row in csv.DictReader(handle)]
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(inputs, tiny_params, tiny_dirs):
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(
+        inputs, tiny_params, tiny_dirs):
     _, reference = _train(inputs, tiny_params, tiny_dirs, "uninterrupted")
 
     def crash_at_step_3(metrics, step):
@@ -46,7 +47,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninte
     assert not (inputs / "interrupted" / "model").exists(), "no half-written model after an interruption"
     summary, resumed = _train(inputs, tiny_params, tiny_dirs, "interrupted")
     assert summary.resumed_from_step == 2
-    assert _losses(inputs / "interrupted" / "history.csv") == pytest.approx(_losses(inputs / "uninterrupted" / "history.csv"), rel=1e-5)
+    assert _losses(inputs / "interrupted" / "history.csv") == pytest.approx(
+        _losses(inputs / "uninterrupted" / "history.csv"), rel=1e-5)
     for name, tensor in reference.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
 
@@ -60,7 +62,8 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(inputs, tiny_param
 def test_stored_and_live_teachers_give_the_same_training(inputs, tiny_params, tiny_dirs):
     _train(inputs, tiny_params, tiny_dirs, "offline", teacher_mode="offline")
     _train(inputs, tiny_params, tiny_dirs, "online", teacher_mode="online")
-    assert _losses(inputs / "online" / "history.csv") == pytest.approx(_losses(inputs / "offline" / "history.csv"), rel=1e-5)
+    assert _losses(inputs / "online" / "history.csv") == pytest.approx(_losses(inputs / "offline" / "history.csv"),
+                                                                        rel=1e-5)
 
 
 def test_both_loss_terms_are_logged_and_training_lowers_the_loss(inputs, tiny_params, tiny_dirs):
@@ -75,7 +78,8 @@ def test_both_loss_terms_are_logged_and_training_lowers_the_loss(inputs, tiny_pa
     ("uld", {}), ("mined", {}), ("multilevel_ot", {}), ("sft", {}), (["alm", "uld"], {"combine": "gradmag"}),
     ("dskd", {"teacher_mode": "online"}), ("alm", {"alpha_schedule": "wsd", "alpha_warmup": 0.5, "alpha_decay": 0.25}),
 ])
-def test_every_cross_tokenizer_loss_trains_the_tiny_pair_and_logs_its_term(inputs, tiny_params, tiny_dirs, loss, overrides):
+def test_every_cross_tokenizer_loss_trains_the_tiny_pair_and_logs_its_term(inputs, tiny_params, tiny_dirs, loss,
+                                                                            overrides):
     logged = []
     name = "-".join(loss) if isinstance(loss, list) else loss
     summary, _ = _train(inputs, tiny_params, tiny_dirs, f"loss-{name}", log_metrics=lambda m, step: logged.append(m),
@@ -94,7 +98,8 @@ def test_every_cross_tokenizer_loss_trains_the_tiny_pair_and_logs_its_term(input
 
 def test_a_same_tokenizer_loss_with_two_tokenizers_is_refused_naming_the_alternatives(inputs, tiny_params, tiny_dirs):
     alternatives = ", ".join(cross_tokenizer_losses())
-    with pytest.raises(ValueError, match=rf"'forward_kl' .*different tokenizers.*use a cross-tokenizer loss \({alternatives}\)"):
+    with pytest.raises(ValueError,
+                       match=rf"'forward_kl' .*different tokenizers.*use a cross-tokenizer loss \({alternatives}\)"):
         _train(inputs, tiny_params, tiny_dirs, "refused", loss="forward_kl")
     assert not (inputs / "refused" / "model").exists()
 
@@ -104,13 +109,15 @@ def test_a_same_tokenizer_loss_with_two_tokenizers_is_refused_naming_the_alterna
     ("skew_forward_kl", {}), ("skew_reverse_kl", {}), ("reverse_kl", {"teacher_mode": "online"}),
     ("alm", {}), ("uld", {}),
 ])
-def test_same_tokenizer_losses_train_a_pair_that_shares_the_tokenizer(same_tokenizer_pair, tiny_params, loss, overrides):
+def test_same_tokenizer_losses_train_a_pair_that_shares_the_tokenizer(same_tokenizer_pair, tiny_params, loss,
+                                                                       overrides):
     root, dirs = same_tokenizer_pair
-    params = tiny_params.distill.model_copy(update={"steps": 3, "checkpoint_every": 2, "loss": loss, "learning_rate": 3e-3})
+    params = tiny_params.distill.model_copy(update={"steps": 3, "checkpoint_every": 2, "loss": loss,
+                                                    "learning_rate": 3e-3})
     params = type(params).model_validate({**params.model_dump(), **overrides})
     logged = []
-    train(root / "prepared", dirs["student"], root / loss / "model", root / loss / "checkpoints", root / loss / "history.csv",
-          params, tiny_params.teacher_logits, dirs["teacher"], root / "logits", log_metrics=lambda m, step: logged.append(m),
-          runtime=Runtime.resolve(tiny_params.runtime))
+    train(root / "prepared", dirs["student"], root / loss / "model", root / loss / "checkpoints",
+          root / loss / "history.csv", params, tiny_params.teacher_logits, dirs["teacher"], root / "logits",
+          log_metrics=lambda m, step: logged.append(m), runtime=Runtime.resolve(tiny_params.runtime))
     assert all(math.isfinite(m[f"{loss}_loss"]) and m[f"{loss}_loss"] >= 0 for m in logged)
     assert logged[-1][f"{loss}_loss"] != logged[0][f"{loss}_loss"]

@@ -67,7 +67,8 @@ def _assert_same_training(reference: Path, other: Path, label: str) -> None:
     weights = _weights(reference)
     for key, tensor in _weights(other).items():  # atol: Adam turns rounding in a near-zero gradient into
         # up to ~1e-5 of weight (2e-6 seen); averaging the ranks' means instead is off by ~5e-3
-        torch.testing.assert_close(tensor, weights[key], rtol=1e-5, atol=5e-5, msg=lambda m: f"{label} {key}: {m}")
+        torch.testing.assert_close(tensor, weights[key], rtol=1e-5, atol=5e-5,
+                                   msg=lambda m, key=key: f"{label} {key}: {m}")
 
 
 def test_two_processes_with_ddp_or_fsdp2_train_exactly_like_one_process_and_resume_each_others_checkpoints(
@@ -112,7 +113,8 @@ def test_two_processes_with_ddp_or_fsdp2_train_exactly_like_one_process_and_resu
 
     for run in two:
         out = Path(run["out"])
-        _assert_same_training(tmp_path / "one" / out.name.removesuffix("_resumed"), out, f"{out.parent.name}/{out.name}")
+        _assert_same_training(tmp_path / "one" / out.name.removesuffix("_resumed"), out,
+                              f"{out.parent.name}/{out.name}")
     _assert_same_training(tmp_path / "one" / "alm", tmp_path / "one" / "alm_resumed", "one process from FSDP2")
     states = {strategy: torch.load(tmp_path / strategy / "alm" / "checkpoints" / "state.pt", weights_only=False)
               for strategy in ("one", "ddp", "fsdp")}

@@ -16,7 +16,8 @@ ROOT = Path(__file__).parents[1]
 THIS_FILE = Path(__file__).relative_to(ROOT).as_posix()
 # Pointers to documents that live outside the repository (a spec's numbered sections, its files, a sibling folder).
 OUTSIDE = [
-    (re.compile(r"\bspec(?: section| sections)? \d+(?:\.\d+)*", re.IGNORECASE), "a numbered section of an outside spec"),
+    (re.compile(r"\bspec(?: section| sections)? \d+(?:\.\d+)*", re.IGNORECASE),
+     "a numbered section of an outside spec"),
     (re.compile(r"\b(?:the spec|spec's)\b", re.IGNORECASE), "an outside spec"),
     (re.compile(r"ALGORITHMS\.md"), "the outside ALGORITHMS.md"),
     (re.compile(r"DESIGN\.md"), "the outside DESIGN.md"),
@@ -27,7 +28,8 @@ MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 README_SECTION = re.compile(r"""README \\?["']([^"'\\]+)""")
 PATH_MENTION = re.compile(r"`((?:tokenbridge|bench|tests|infra|docs)/[\w./-]*)")
 NAMED_DEFINITION = re.compile(r"`((?:tokenbridge|bench|tests)/[\w/]+\.py): (\w+)")
-# A command as written in backticks or a code block: `tokenbridge X`, `python -m tokenbridge X`, .venv/bin/tokenbridge X.
+# A command as written in backticks or a code block:
+# `tokenbridge X`, `python -m tokenbridge X`, .venv/bin/tokenbridge X.
 COMMAND_MENTION = re.compile(r"(?:`|-m |/bin/|^\s*)tokenbridge ([a-z_]+)")
 FENCE = re.compile(r"^\s*(```|~~~)")
 

@@ -229,7 +229,8 @@ def test_the_loss_is_finite_when_rows_or_whole_batches_have_no_targets(toy_pair)
     terms.total.backward()
     assert all(torch.isfinite(parameter.grad).all() for parameter in projectors.parameters())
 
-    nothing = dict(toy_pair, student_loss=torch.zeros(2, 6, dtype=torch.bool), teacher_loss=torch.zeros(2, 7, dtype=torch.bool))
+    nothing = dict(toy_pair, student_loss=torch.zeros(2, 6, dtype=torch.bool),
+                   teacher_loss=torch.zeros(2, 7, dtype=torch.bool))
     terms = _terms(nothing, projectors)
     assert terms.total.item() == 0
     terms.total.backward()
@@ -264,8 +265,9 @@ def _tiny_views(tiny_dirs, tiny_tokenizers, teacher_role: str, student_role: str
             model.requires_grad_(False)
             with torch.no_grad():
                 hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
-            views[side] = TeacherView(batch["input_ids"], batch["attention_mask"], loss_mask, zeros, zeros, len(tokenizer),
-                                      TeacherTruncation(), model=model, hidden=hidden, head=output_head(model))
+            views[side] = TeacherView(batch["input_ids"], batch["attention_mask"], loss_mask, zeros, zeros,
+                                      len(tokenizer), TeacherTruncation(), model=model, hidden=hidden,
+                                      head=output_head(model))
         else:
             hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
             views[side] = StudentView(model, hidden, output_head(model), len(tokenizer), batch["input_ids"],
@@ -289,5 +291,6 @@ def test_dskd_trains_on_the_tiny_models(tiny_dirs, tiny_tokenizers, tmp_path, te
     assert set(output.metrics) == {"t2s_ce", "t2s_kd", "s2t_kd", "t2s_accuracy"}
     output.loss.backward()
     assert all(parameter.grad is not None for parameter in loss.parameters())
-    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in student.model.parameters())
+    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0
+               for parameter in student.model.parameters())
     assert all(parameter.grad is None for parameter in teacher.model.parameters())

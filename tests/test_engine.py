@@ -47,7 +47,8 @@ def _assert_same_training(first, second, label):
     for row, other in zip(history, other_history, strict=True):
         assert other == pytest.approx(row, rel=1e-5, abs=1e-7), label
     for key, tensor in weights.items():  # Adam turns float rounding in near-zero gradients into up to ~1e-5
-        torch.testing.assert_close(other_weights[key], tensor, rtol=1e-5, atol=5e-5, msg=lambda m: f"{label} {key}: {m}")
+        torch.testing.assert_close(other_weights[key], tensor, rtol=1e-5, atol=5e-5,
+                                   msg=lambda m, key=key: f"{label} {key}: {m}")
 
 
 @pytest.mark.parametrize("pair_name, overrides", [
@@ -72,7 +73,8 @@ def test_gradient_checkpointing_gives_the_same_training(cross_tokenizer_pair, ti
 
 def test_gradmag_with_gradient_accumulation_is_refused_naming_the_fix(cross_tokenizer_pair, tiny_params):
     with pytest.raises(ValueError, match="micro_batch_size"):
-        _train(cross_tokenizer_pair, tiny_params, "gradmag", _runtime(micro_batch_size=2), loss=["alm", "uld"], combine="gradmag")
+        _train(cross_tokenizer_pair, tiny_params, "gradmag", _runtime(micro_batch_size=2), loss=["alm", "uld"],
+               combine="gradmag")
 
 
 def _views_and_batches(root, dirs, tiny_params, live: bool):
@@ -102,7 +104,8 @@ def test_a_losss_units_never_depend_on_the_students_values(cross_tokenizer_pair,
     real forward averages over, for every registered loss."""
     loss_class = LOSSES[name]
     root, dirs = same_tokenizer_pair if loss_class.same_tokenizer_only else cross_tokenizer_pair
-    params = tiny_params.distill.model_copy(update={"teacher_mode": "online" if loss_class.needs_online_teacher else "offline"})
+    teacher_mode = "online" if loss_class.needs_online_teacher else "offline"
+    params = tiny_params.distill.model_copy(update={"teacher_mode": teacher_mode})
     setup = LossSetup(dirs["teacher"], dirs["student"], loss_class.same_tokenizer_only, default_cache_dir())
     losses = torch.nn.ModuleDict(build_losses([name], params, setup))
     student = load_model(dirs["student"], torch.float32)

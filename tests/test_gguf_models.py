@@ -193,7 +193,8 @@ def test_chunks_between_real_tokenizers_are_byte_exact(converted, teacher):
     student_tokenizer, _ = converted("smollm2-135m-instruct")
     teacher_table, student_table = vocab_bytes(teacher_tokenizer), vocab_bytes(student_tokenizer)
     rng = random.Random(0)
-    alphabet = list("abcdefghij XYZ0123456789.,;\n\t") + ["é", "ß", "€", "中", "文", "😀", "👍🏽", "∑", "  ", "\n\n", "    "]
+    alphabet = list("abcdefghij XYZ0123456789.,;\n\t") + ["é", "ß", "€", "中", "文", "😀", "👍🏽", "∑",
+                                                         "  ", "\n\n", "    "]
     for _ in range(60):
         question = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 50)))
         answer = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 50)))

@@ -160,8 +160,9 @@ def test_batched_generation_gives_the_answers_of_one_question_at_a_time(task_dir
         build_ensemble({"model": model, "other": other}, [], tmp_path / "ensemble")
         model = tmp_path / "ensemble"
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": record["question"]}], add_generation_prompt=True,
-                                             tokenize=False) for record in [*RECORDS, LONGER]]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": record["question"]}],
+                                             add_generation_prompt=True, tokenize=False)
+               for record in [*RECORDS, LONGER]]
     assert len({len(tokenizer(prompt)["input_ids"]) for prompt in prompts}) > 1  # a batch of them is padded
     generations = {}
     for batch_size in (1, 4):
@@ -185,7 +186,8 @@ def test_the_evaluate_stage_generates_on_the_runtimes_device_in_its_inference_dt
     scores = run_evaluate(prepared, tiny_dirs["student"], tmp_path / "eval", tmp_path / "metrics.json",
                           params, runtime)
     harness = read_json(tmp_path / "eval" / "lm_eval_config.json")
-    assert (harness["device"], harness["model_dtype"], harness["batch_size"]) == (str(runtime.device), "torch.bfloat16", 2)
+    assert ((harness["device"], harness["model_dtype"], harness["batch_size"])
+            == (str(runtime.device), "torch.bfloat16", 2))
     run = read_json(tmp_path / "eval" / "run.json")
     assert run["runtime"]["device"] == runtime.device.type and run["runtime"]["inference_dtype"] == "bfloat16"
     assert scores.gsm_n == 2 and scores.bits_per_byte > 0 and read_json(tmp_path / "metrics.json") == scores.scores()

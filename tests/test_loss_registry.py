@@ -159,7 +159,8 @@ from tokenbridge.training.schedules import term_weights
 params = load_params(Path(sys.argv[2]))
 setup = LossSetup(Path("teacher"), Path("student"), same_tokenizer=False, cache_dir=Path(sys.argv[1]))
 losses = build_losses(params.distill.losses, params.distill, setup)
-student = SimpleNamespace(token_logprobs=torch.tensor([[-1.0, -2.0, -3.0]]), loss_mask=torch.tensor([[False, True, True]]))
+student = SimpleNamespace(token_logprobs=torch.tensor([[-1.0, -2.0, -3.0]]),
+                          loss_mask=torch.tensor([[False, True, True]]))
 try:
     load_params(Path(sys.argv[3]))
     refused = ""

@@ -52,7 +52,7 @@ def cross_pair(tiny_params, tiny_dirs, tmp_path_factory):
     return root, tiny_dirs
 
 
-# ------------------------------------------------------------------------------------------ lambda
+# -------------------------------------------------------------------------------- lambda
 
 
 def test_the_step_choice_is_seeded_per_step_and_its_frequency_is_lambda():
@@ -95,7 +95,8 @@ def test_with_lambda_one_every_batch_is_the_students_own_samples(cross_pair, tin
 
     tokenizer = load_tokenizer(dirs["student"])
     questions = [json.loads(line)["question"] for line in (root / "prepared" / "train.jsonl").read_text().splitlines()]
-    dataset = {tuple(json.loads(line)["input_ids"]) for line in (root / "prepared" / "train.student.jsonl").read_text().splitlines()}
+    dataset = {tuple(json.loads(line)["input_ids"])
+               for line in (root / "prepared" / "train.student.jsonl").read_text().splitlines()}
     assert summary.on_policy_steps == 4 and len(batches) == 4
     for step, (students, _) in enumerate(batches):
         for index, example in zip(batch_indices(step, params.batch_size, len(questions), 6, params.seed), students):
@@ -115,7 +116,7 @@ def test_on_policy_needs_the_live_teacher():
                       on_policy=OnPolicyParams(fraction=0.5))
 
 
-# ------------------------------------------------------------------------------------------ sampling
+# -------------------------------------------------------------------------------- sampling
 
 
 def test_batched_kv_cache_decoding_of_left_padded_prompts_matches_each_prompt_alone(tiny_dirs):
@@ -155,11 +156,13 @@ def test_sampled_tokens_sit_on_the_common_byte_stream_and_the_teacher_reads_vali
     assert reader.loss_mask[-1] and reader.input_ids[-1] == teacher.eos_token_id
 
     assert valid_text("caf\u00e9".encode()[:-1]) == "caf"  # a sample cut inside a character
-    cut, text, ended = completion_example(prompt, len(question.encode()), answer_ids, table, {student.eos_token_id}, set())
-    assert not ended and encode_continuation(teacher, question, valid_text(text), ended).input_ids[-1] != teacher.eos_token_id
+    cut, text, ended = completion_example(prompt, len(question.encode()), answer_ids, table, {student.eos_token_id},
+                                          set())
+    assert not ended and (encode_continuation(teacher, question, valid_text(text), ended).input_ids[-1]
+                          != teacher.eos_token_id)
 
 
-# ------------------------------------------------------------------------------------------ cross-tokenizer zero gradient
+# -------------------------------------------------------------------------------- cross-tokenizer zero gradient
 
 
 CHARACTERS = [chr(code) for code in range(32, 127)] + ["\n"]
@@ -206,7 +209,8 @@ def permuted_pair(tmp_path_factory):
     for role in ("student", "teacher", "noisy"):
         materialize(HfModelSpec(source="hf", path=str(root / f"{role}-source")), root / role, root / "cache")
     records = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-                "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"} for a, b in [(3, 4), (10, 7), (2, 9), (5, 5)]]
+                "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"}
+               for a, b in [(3, 4), (10, 7), (2, 9), (5, 5)]]
     for split in ("train", "test"):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     prepare = PrepareParams(source="jsonl", train_jsonl=str(root / "train.jsonl"), test_jsonl=str(root / "test.jsonl"),
@@ -227,13 +231,15 @@ def _first_gradient_norm(root, teacher, tiny_params, name) -> float:
 ON_POLICY = {"fraction": 1.0, "max_new_tokens": 24}
 
 
-def test_cross_tokenizer_on_policy_alm_has_zero_gradient_when_both_models_give_equal_chunk_likelihoods(permuted_pair, tiny_params):
+def test_cross_tokenizer_on_policy_alm_has_zero_gradient_when_both_models_give_equal_chunk_likelihoods(
+        permuted_pair, tiny_params):
     student, teacher = load_tokenizer(permuted_pair / "student"), load_tokenizer(permuted_pair / "teacher")
     assert student.get_vocab() != teacher.get_vocab()
     sampler = OnPolicySampler(student, teacher, set(), OnPolicyParams(**ON_POLICY), tiny_params.distill.seed)
     questions = [json.loads(line)["question"] for line in (permuted_pair / "train.jsonl").read_text().splitlines()]
     students, teachers = sampler(load_model(permuted_pair / "student"), questions, step=0)
-    assert sum(sum(example_chunks(t, s)[2]) for s, t in zip(students, teachers)) >= 40, "samples align into answer chunks"
+    assert sum(sum(example_chunks(t, s)[2]) for s, t in zip(students, teachers)) >= 40, \
+        "samples align into answer chunks"
 
     equal = _first_gradient_norm(permuted_pair, "teacher", tiny_params, "equal")
     different = _first_gradient_norm(permuted_pair, "noisy", tiny_params, "different")
@@ -241,7 +247,7 @@ def test_cross_tokenizer_on_policy_alm_has_zero_gradient_when_both_models_give_e
     assert equal < 1e-3 * different
 
 
-# ------------------------------------------------------------------------------------------ agreement with TRL
+# -------------------------------------------------------------------------------- agreement with TRL
 
 
 def trl_gkd_inputs(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -265,11 +271,13 @@ def test_the_generalized_jsd_step_loss_equals_trl_gkd_on_an_identical_batch(same
           log_metrics=lambda metrics, step: logged.append(metrics), runtime=Runtime.resolve(tiny_params.runtime))
 
     records = [json.loads(line) for line in (root / "prepared" / "train.student.jsonl").read_text().splitlines()]
-    indices = batch_indices(0, params.batch_size, len(records), tiny_params.teacher_logits.examples_per_shard, params.seed)
+    indices = batch_indices(0, params.batch_size, len(records), tiny_params.teacher_logits.examples_per_shard,
+                            params.seed)
     ids, mask, labels = trl_gkd_inputs([records[i] for i in indices])
     with torch.no_grad():
         student_logits = load_model(dirs["student"])(input_ids=ids, attention_mask=mask).logits
         teacher_logits = load_model(dirs["teacher"])(input_ids=ids, attention_mask=mask).logits
-    reference = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], beta=beta)
+    reference = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:],
+                                                beta=beta)
     assert logged[0]["jsd_loss"] == pytest.approx(reference.item(), rel=1e-4)
     assert logged[0]["loss"] == logged[0]["jsd_loss"]

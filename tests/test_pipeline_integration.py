@@ -103,7 +103,8 @@ def test_mlflow_holds_each_stage_run_grouped_under_the_pipeline(repo):
     experiment = client.get_experiment_by_name("tokenbridge")
     runs = client.search_runs([experiment.experiment_id])
     parent = [r for r in runs if r.data.tags.get("tokenbridge.stage") == "pipeline"][0]
-    stages = {r.data.tags["tokenbridge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    stages = {r.data.tags["tokenbridge.stage"]: r for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(stages) == set(STAGES)
     group = parent.data.tags["tokenbridge.pipeline_id"]
     assert all(r.data.tags["tokenbridge.pipeline_id"] == group for r in stages.values())
@@ -161,7 +162,8 @@ def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
 def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_side(repo):
     path, env, _ = repo
     params_before = (path / "params.yaml").read_text()
-    output = _run([sys.executable, "-m", "tokenbridge", "compare", "--losses", "sft", "alm", "--out", "results"], path, env)
+    output = _run([sys.executable, "-m", "tokenbridge", "compare", "--losses", "sft", "alm", "--out", "results"],
+                  path, env)
     # Upstream stages are shared: each experiment reruns only distill, the distilled student's evaluation, report.
     assert _stages_run(output) <= {"distill", "evaluate@student_after", "report"}, output
     assert (path / "params.yaml").read_text() == params_before

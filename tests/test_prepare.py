@@ -27,7 +27,8 @@ def _jsonl(path, records):
 
 def test_local_gsm8k_jsonl_is_tokenized_for_both_models(tmp_path, tiny_dirs):
     params = PrepareParams(source="jsonl", train_jsonl=_jsonl(tmp_path / "train.jsonl", RECORDS),
-                           test_jsonl=_jsonl(tmp_path / "test.jsonl", RECORDS[:1]), n_train=10, n_test=10, max_length=1024)
+                           test_jsonl=_jsonl(tmp_path / "test.jsonl", RECORDS[:1]), n_train=10, n_test=10,
+                           max_length=1024)
     manifest = run_prepare(tiny_dirs, tmp_path / "out", params)
     assert manifest.splits.train.examples == 2 and manifest.splits.test.examples == 1
     assert read_jsonl(tmp_path / "out" / "train.jsonl") == RECORDS

@@ -56,7 +56,8 @@ def test_asking_for_cuda_without_it_fails_naming_the_fix():
 
 
 def test_a_bad_runtime_value_is_refused_at_load_with_its_path(tmp_path):
-    source = (Path(__file__).parents[1] / "params.yaml").read_text().replace("  precision: auto ", "  precision: bf16 ", 1)
+    source = (Path(__file__).parents[1] / "params.yaml").read_text().replace("  precision: auto ",
+                                                                             "  precision: bf16 ", 1)
     assert "precision: bf16 " in source
     (tmp_path / "params.yaml").write_text(source)
     with pytest.raises(ParamsError, match="runtime.precision"):

@@ -120,7 +120,7 @@ def test_divergences_pass_float64_gradcheck():
     logits = torch.randn(3, VOCAB, dtype=torch.float64, requires_grad=True)
     for fn in (divergences.forward_kl, divergences.reverse_kl, divergences.tvd,
                lambda a, b: divergences.jsd(a, b, 0.3), lambda a, b: divergences.skew_reverse_kl(a, b, 0.1)):
-        assert torch.autograd.gradcheck(lambda z: fn(p, z.log_softmax(-1)), (logits,))
+        assert torch.autograd.gradcheck(lambda z, fn=fn: fn(p, z.log_softmax(-1)), (logits,))
 
 
 def test_sparse_forward_kl_equals_dense_kl_against_the_zero_filled_teacher_and_nll_differs_by_entropy():
@@ -141,7 +141,10 @@ def test_sparse_forward_kl_equals_dense_kl_against_the_zero_filled_teacher_and_n
 
 # --- The adapter: rows, masks, offline vs online -----------------------------------------------------------
 
-def _views(seed=0, length=7, hidden=8, k=None, truncation=TeacherTruncation()):
+NO_TRUNCATION = TeacherTruncation()
+
+
+def _views(seed=0, length=7, hidden=8, k=None, truncation=NO_TRUNCATION):
     generator = torch.Generator().manual_seed(seed)
     student_head = torch.nn.Linear(hidden, VOCAB + 4, bias=False)  # 4 padded rows past the vocabulary
     teacher_head = torch.nn.Linear(hidden, VOCAB, bias=False).requires_grad_(False)

@@ -91,8 +91,8 @@ def deployment_run(repo, services):
     api = httpx.Client(base_url=services["PREFECT_API_URL"], timeout=30)
     log = path.parent / "serve.log"
     with log.open("w") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "tokenbridge", "pipeline", "--serve", "--cron", CRON], cwd=path, env=env,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        serve = subprocess.Popen([sys.executable, "-m", "tokenbridge", "pipeline", "--serve", "--cron", CRON],
+                                 cwd=path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while (response := api.get(f"/deployments/name/{FLOW}/{DEPLOYMENT}")).status_code == 404:
@@ -129,7 +129,8 @@ def test_a_triggered_run_of_the_cron_deployment_completes(deployment_run):
 def test_the_scheduler_creates_future_runs_of_the_deployment(deployment_run, services):
     deployment, _, _ = deployment_run
     with httpx.Client(base_url=services["PREFECT_API_URL"], timeout=30) as api:
-        query = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
+        query = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]},
+                               "state": {"type": {"any_": ["SCHEDULED"]}}}}
         scheduled = api.post("/flow_runs/filter", json=query).json()
     assert scheduled, "the scheduler created no scheduled runs"
     now = datetime.now(UTC)
@@ -171,8 +172,8 @@ def test_a_deployment_on_a_work_pool_records_the_schedule_and_the_project_direct
     path, env = repo
     _run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "tokenbridge", "--type", "process"],
          path, env)
-    _run([sys.executable, "-m", "tokenbridge", "pipeline", "--pool", "tokenbridge", "--name", "on-pool", "--cron", CRON],
-         path, env)
+    _run([sys.executable, "-m", "tokenbridge", "pipeline", "--pool", "tokenbridge", "--name", "on-pool",
+          "--cron", CRON], path, env)
     with httpx.Client(base_url=services["PREFECT_API_URL"], timeout=30) as api:
         deployment = api.get(f"/deployments/name/{FLOW}/on-pool").json()
     assert deployment["work_pool_name"] == "tokenbridge"

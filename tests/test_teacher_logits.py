@@ -117,7 +117,8 @@ def extracted(tiny_params, tiny_dirs, prepared, tmp_path_factory):
 
 
 def _reader(out, manifest, **overrides):
-    return TeacherLogitsReader(out, ("token_logprobs", "boundary_logprobs", "topk_ids"), manifest.prepared_sha256, **overrides)
+    return TeacherLogitsReader(out, ("token_logprobs", "boundary_logprobs", "topk_ids"), manifest.prepared_sha256,
+                               **overrides)
 
 
 def test_manifest_records_the_truncation_so_training_can_re_temper(extracted, tiny_dirs, prepared):
@@ -142,7 +143,8 @@ def test_stored_distributions_are_the_top_p_prefix_capped_at_k_of_the_live_teach
         stored = reader[index]
         assert stored["input_ids"].tolist() == records[index].input_ids
         full = teacher.model(ids, attention_mask=mask).logits[0, :, : teacher.vocab_size].float().log_softmax(-1)
-        torch.testing.assert_close(stored["token_logprobs"][:-1], full[:-1].gather(-1, ids[0, 1:, None])[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(stored["token_logprobs"][:-1], full[:-1].gather(-1, ids[0, 1:, None])[:, 0],
+                                   atol=1e-5, rtol=0)
         for position in range(len(records[index].input_ids)):
             ranked = full[position].sort(descending=True)
             reach = int((ranked.values.exp().cumsum(0) < 0.9).sum()) + 1
@@ -159,10 +161,12 @@ def test_temperature_changes_stored_values_but_never_which_ids_are_kept(tiny_par
     manifests = {}
     for temperature in (1.0, 3.0):
         params = tiny_params.teacher_logits.model_copy(update={"top_p": 0.8, "temperature": temperature})
-        manifests[temperature] = run_teacher_logits(prepared, tiny_dirs["teacher"], tmp_path / str(temperature), params, FP32)
+        manifests[temperature] = run_teacher_logits(prepared, tiny_dirs["teacher"], tmp_path / str(temperature),
+                                                    params, FP32)
     cold = _reader(tmp_path / "1.0", manifests[1.0])[3]
     hot = _reader(tmp_path / "3.0", manifests[3.0])[3]
-    assert [sorted(r[r >= 0].tolist()) for r in torch.where(cold["topk_logprobs"].isfinite(), cold["topk_ids"], -1)] == \
+    assert [sorted(r[r >= 0].tolist())
+            for r in torch.where(cold["topk_logprobs"].isfinite(), cold["topk_ids"], -1)] == \
            [sorted(r[r >= 0].tolist()) for r in torch.where(hot["topk_logprobs"].isfinite(), hot["topk_ids"], -1)]
     assert not torch.equal(cold["topk_logprobs"], hot["topk_logprobs"])
 
@@ -189,7 +193,8 @@ def test_vocabulary_blocked_statistics_equal_a_dense_softmax_at_every_real_posit
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 5:], mask[2, 2:] = 0, 0
     boundary = torch.rand(vocab + padded_rows) < 0.3
-    stats = truncated_next_token_stats(hidden, ids, mask, model, vocab, boundary, temperature, k, top_p, block_elements=100)
+    stats = truncated_next_token_stats(hidden, ids, mask, model, vocab, boundary, temperature, k, top_p,
+                                       block_elements=100)
 
     logits = model.head(hidden)[..., :vocab]
     logits = torch.tanh(logits / cap) * cap if cap else logits
@@ -217,7 +222,8 @@ def test_padded_stored_rows_add_no_mass_to_a_real_id_0():
     values = torch.tensor([[[-0.2, -1.0, float("-inf"), float("-inf")], [-0.1, -2.5, float("-inf"), float("-inf")]]])
     view = TeacherView(input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2),
                        loss_mask=torch.ones(1, 2, dtype=torch.bool), vocab_size=10, truncation=TeacherTruncation(),
-                       token_logprobs=torch.zeros(1, 2), boundary_logprobs=None, topk_ids=ids, topk_logprobs=values, stored_temperature=1.0)
+                       token_logprobs=torch.zeros(1, 2), boundary_logprobs=None, topk_ids=ids, topk_logprobs=values,
+                       stored_temperature=1.0)
     dense = teacher_log_probs(ids, values, None, view)
     expected = torch.tensor([-0.1, -2.5]).log_softmax(-1)
     torch.testing.assert_close(dense[0, 1, [0, 7]], expected)
@@ -257,7 +263,8 @@ def test_logits_from_another_teacher_or_prepared_data_are_refused_with_both_valu
     card = ModelCard(name="teacher", tokenizer_sha256=manifest.tokenizer_sha256, tokenizer_size=manifest.vocab_size,
                      parameters=1)
     _reader(out, manifest, teacher_card=card)
-    with pytest.raises(ValueError, match=f"tokenizer sha256 is {manifest.tokenizer_sha256}.*configured teacher's is abc"):
+    with pytest.raises(ValueError,
+                       match=f"tokenizer sha256 is {manifest.tokenizer_sha256}.*configured teacher's is abc"):
         _reader(out, manifest, teacher_card=card.model_copy(update={"tokenizer_sha256": "abc"}))
     with pytest.raises(ValueError, match=f"vocabulary size is {manifest.vocab_size}.*configured teacher's is 151936"):
         _reader(out, manifest, teacher_card=card.model_copy(update={"tokenizer_size": 151936}))
@@ -297,16 +304,19 @@ from pathlib import Path
 from tokenbridge.config import RuntimeParams, TeacherLogitsParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.teacher_logits import run_teacher_logits
-run_teacher_logits(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), TeacherLogitsParams.model_validate_json(sys.argv[4]),
+run_teacher_logits(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
+                   TeacherLogitsParams.model_validate_json(sys.argv[4]),
                    Runtime.resolve(RuntimeParams(precision="fp32")))
 """
 
 
-def test_extraction_killed_mid_shard_resumes_with_every_position_stored_exactly_once(tiny_params, tiny_dirs, prepared, tmp_path):
+def test_extraction_killed_mid_shard_resumes_with_every_position_stored_exactly_once(tiny_params, tiny_dirs, prepared,
+                                                                                      tmp_path):
     params = tiny_params.teacher_logits.model_copy(update={"examples_per_shard": 6, "batch_size": 1})
     reference = run_teacher_logits(prepared, tiny_dirs["teacher"], tmp_path / "clean", params, FP32)
     out = tmp_path / "killed"
-    command = [sys.executable, "-c", _EXTRACT, str(prepared), str(tiny_dirs["teacher"]), str(out), params.model_dump_json()]
+    command = [sys.executable, "-c", _EXTRACT, str(prepared), str(tiny_dirs["teacher"]), str(out),
+               params.model_dump_json()]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (out / "shard-00000.json").exists():

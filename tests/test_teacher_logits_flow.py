@@ -28,10 +28,12 @@ def test_two_dask_workers_share_the_shards_and_store_what_one_process_does(tiny_
                for shard in parallel.shards}
     assert len(workers) == 2 and os.getpid() not in workers, "both worker processes extracted shards"
 
-    sequential = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "sequential", params, runtime)
+    sequential = run_teacher_logits(tmp_path / "prepared", tiny_dirs["teacher"], tmp_path / "sequential", params,
+                                    runtime)
     assert [s.first_index for s in parallel.shards] == [s.first_index for s in sequential.shards]
     fields = ("token_logprobs", "topk_ids")
-    one, two = (TeacherLogitsReader(tmp_path / name, fields, parallel.prepared_sha256) for name in ("sequential", "parallel"))
+    one, two = (TeacherLogitsReader(tmp_path / name, fields, parallel.prepared_sha256)
+                for name in ("sequential", "parallel"))
     for index in range(len(one)):
         for field, value in one[index].items():
             torch.testing.assert_close(two[index][field], value, atol=1e-5, rtol=0)

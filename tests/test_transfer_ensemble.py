@@ -207,7 +207,8 @@ def test_lm_eval_scores_an_ensemble_by_log_likelihood_and_generation(self_ensemb
     (tmp_path / "loglik" / "task.yaml").write_text(yaml.safe_dump(task))
     results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(self_ensemble), "device": "cpu"},
                                       tasks=["tokenbridge_answer_loglik"], limit=1, batch_size=1, log_samples=True,
-                                      task_manager=TaskManager(include_path=str(tmp_path / "loglik"), include_defaults=False))
+                                      task_manager=TaskManager(include_path=str(tmp_path / "loglik"),
+                                                               include_defaults=False))
     sample = results["samples"]["tokenbridge_answer_loglik"][0]
     loglik = sample["resps"][0][0][0]
     # The harness's log-likelihood is the ensemble's own: recompute it from the mixture.

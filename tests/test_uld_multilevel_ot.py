@@ -41,7 +41,10 @@ def uld(student: torch.Tensor, teacher: torch.Tensor, top_k: int) -> torch.Tenso
 def exact_uld(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """ULD as its paper states it: sort each descending, zero-pad the smaller vocabulary, sum |differences|."""
     width = max(student.shape[-1], teacher.shape[-1])
-    pad = lambda p: torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
+
+    def pad(p: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
+
     return (pad(student) - pad(teacher)).abs().sum(-1)
 
 
@@ -347,7 +350,8 @@ def run(loss: torch.nn.Module, pair: Pair, live: bool):
 
 def test_losses_are_registered_with_the_teacher_fields_they_read():
     assert LOSSES["uld"] is UldLoss and LOSSES["multilevel_ot"] is MultiLevelOtLoss
-    for cls, (section, model) in ((UldLoss, ("uld", UldParams)), (MultiLevelOtLoss, ("multilevel_ot", MultiLevelOtParams))):
+    for cls, (section, model) in ((UldLoss, ("uld", UldParams)),
+                                  (MultiLevelOtLoss, ("multilevel_ot", MultiLevelOtParams))):
         assert cls.section() == section and cls.params_model is model
         assert cls.teacher_fields == ("topk_ids", "topk_logprobs")
         assert not cls.same_tokenizer_only and not cls.needs_online_teacher
@@ -437,7 +441,10 @@ def test_first_pair_rows_predict_the_first_answer_tokens(loss):
 def test_appending_masked_padding_positions_changes_nothing(loss):
     pair = Pair(seed=6)
     expected = run(loss, pair, live=True).loss
-    pad = lambda t, n: torch.cat([t, torch.zeros(t.shape[0], n, *t.shape[2:], dtype=t.dtype)], dim=1)
+
+    def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.cat([t, torch.zeros(t.shape[0], n, *t.shape[2:], dtype=t.dtype)], dim=1)
+
     student = student_view(pad(pair.student_hidden.detach(), 3), pad(pair.student_mask, 3), pair.student_head)
     teacher = teacher_view(pad(pair.teacher_hidden, 2), pad(pair.teacher_mask, 2), pair.teacher_head, V_TEACHER, True)
     torch.testing.assert_close(loss(student, teacher, NO_ALIGNMENT).loss, expected)
@@ -449,8 +456,13 @@ def test_adapters_ignore_teacher_vocabulary_order_and_zero_probability_entries(l
     pair = Pair(seed=7)
     expected = run(loss, pair, live=True).loss
     permutation = torch.randperm(V_TEACHER)
-    permuted = lambda h: pair.teacher_head(h)[..., permutation]
-    padded = lambda h: torch.cat([pair.teacher_head(h), torch.full((*h.shape[:-1], 5), float("-inf"))], dim=-1)
+
+    def permuted(h: torch.Tensor) -> torch.Tensor:
+        return pair.teacher_head(h)[..., permutation]
+
+    def padded(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pair.teacher_head(h), torch.full((*h.shape[:-1], 5), float("-inf"))], dim=-1)
+
     student = student_view(pair.student_hidden, pair.student_mask, pair.student_head)
     for head, vocab in ((permuted, V_TEACHER), (padded, V_TEACHER + 5)):
         teacher = teacher_view(pair.teacher_hidden, pair.teacher_mask, head, vocab, live=True)
