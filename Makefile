@@ -34,7 +34,10 @@ install: $(STAMP)
 run: install
 	$(PY) -m tokenbridge pipeline
 
+# Lint and type-check first (configuration in pyproject.toml), then the tests.
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # dvc.yaml is generated (tokenbridge/dvc_stages.py): rerun after changing a stage, an import or a profile.
