@@ -65,16 +65,21 @@ class FileContract:
         write_json(path, self.model_dump(exclude_none=True))  # type: ignore[attr-defined]
 
 
-class Contract(FileContract, BaseModel):
+class Record(BaseModel):
+    """A part of a contract file: unknown keys are errors (a foreign file fails), values never change once read."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Contract(FileContract, Record):
+    """A whole file that is one JSON object."""
 
 
 # ---------------------------------------------------------------------------------------------- model card
 
-class TransferTraining(BaseModel):
+class TransferTraining(Record):
     """The transfer stage's ALM self-distillation of one source (also in metrics/transfer.json)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     steps: int
     final_loss: float | None = Field(None, json_schema_extra={"better": "lower"})  # None: no steps
     first_loss: float | None = None
@@ -125,28 +130,24 @@ class ModelCard(Contract):
 T = TypeVar("T")
 
 
-class PerRole(BaseModel, Generic[T]):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PerRole(Record, Generic[T]):
     teacher: T
     student: T
 
 
-class SplitSummary(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SplitSummary(Record):
     examples: int
     dropped_too_long: int
     tokens: PerRole[int]
     sha256: PerRole[str]  # of `<split>.<role>.jsonl`: what downstream stages key their saved progress on
 
 
-class Splits(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Splits(Record):
     train: SplitSummary
     test: SplitSummary
 
 
-class ModelRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ModelRef(Record):
     name: str
     tokenizer_sha256: str
 
@@ -163,8 +164,7 @@ class PreparedManifest(Contract):
 
 # ---------------------------------------------------------------------------------------------- teacher logits
 
-class StoredShard(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class StoredShard(Record):
     file: str
     sha256: str
     first_index: int
@@ -176,8 +176,7 @@ class StoredShard(BaseModel):
         return self.first_index <= index < self.first_index + self.n_examples
 
 
-class StoredDistribution(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class StoredDistribution(Record):
     kept: str
     logprobs: str
     encoding: str
