@@ -4,10 +4,10 @@ change alone."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).parents[1] / "tokenbridge"
+from tokenbridge.dvc_stages import PACKAGE, imported_names
+
 # Lowest first. A module may import its own layer or a lower one, and no stage imports another stage.
 LAYERS = [
     {"io", "paths", "config", "contracts", "runtime", "logit_codec", "sampling", "token_bytes"},
@@ -30,17 +30,6 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(imported module, names taken from it) for every import in the file, wherever it stands."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.module, [alias.name for alias in node.names]))
-        elif isinstance(node, ast.Import):
-            found += [(alias.name, []) for alias in node.names]
-    return found
-
-
 def _modules() -> list[tuple[Path, str]]:
     return [(path, _module_name(path)) for path in sorted(PACKAGE.rglob("*.py"))]
 
@@ -51,26 +40,10 @@ def _part(module: str) -> str:
 
 
 def _package_imports() -> list[tuple[str, str]]:
-    """(importing module, imported module) for every import of this package's modules, `from x import y` counted
-    as importing x.y when y is a module."""
-    edges = []
-    for _, name in _modules():
-        for module, names in _imports(_path_of(name)):
-            if module.split(".")[0] != "tokenbridge":
-                continue
-            targets = [f"{module}.{item}" for item in names if _is_module(f"{module}.{item}")] or [module]
-            edges += [(name, target) for target in targets if target != "tokenbridge"]
-    return edges
-
-
-def _path_of(name: str) -> Path:
-    relative = Path(*name.split(".")[1:])
-    return PACKAGE / relative / "__init__.py" if (PACKAGE / relative).is_dir() else PACKAGE / f"{relative}.py"
-
-
-def _is_module(name: str) -> bool:
-    relative = Path(*name.split(".")[1:])
-    return (PACKAGE / relative).is_dir() or (PACKAGE / f"{relative}.py").is_file()
+    """(importing module, imported name) for every import of this package's names, read as the dvc.yaml code deps
+    read them (`from a import b` imports a and a.b; imports inside functions count)."""
+    return [(name, target) for path, name in _modules() for target in sorted(imported_names(path))
+            if target != "tokenbridge"]
 
 
 def test_every_part_of_the_package_has_a_layer():
@@ -93,9 +66,8 @@ def test_no_module_imports_a_stage_module_but_the_flows():
 
 
 def test_no_module_imports_another_modules_private_names():
-    offenders = [f"{name} imports {module}.{item}" for path, name in _modules()
-                 for module, names in _imports(path) if module.startswith("tokenbridge")
-                 for item in names if item.startswith("_") and not item.startswith("__")]
+    offenders = [f"{name} imports {target}" for name, target in _package_imports()
+                 if target.rsplit(".", 1)[-1].startswith("_") and not target.rsplit(".", 1)[-1].startswith("__")]
     assert not offenders, "make the name public where it is shared: " + "; ".join(offenders)
 
 

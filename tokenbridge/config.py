@@ -6,6 +6,7 @@ declares its own options model in its module, and the `distill` section is assem
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -165,6 +166,9 @@ class TrackingParams(Strict):
     @property
     def higher_is_better(self) -> bool:
         return EvalMetrics.better(self.primary_metric) == "higher"
+
+
+DEFAULT_PARAMS = Path("params.yaml")  # every command's --params default, relative to the project root
 
 
 class ParamsError(ValueError):

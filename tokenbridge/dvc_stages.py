@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from tokenbridge.params import DEFAULT_PARAMS
+from tokenbridge.config import DEFAULT_PARAMS
 from tokenbridge.paths import (
     CHECKPOINT_DIR,
     DISTILL_HISTORY,

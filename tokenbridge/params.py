@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from tokenbridge.config import (
+    DEFAULT_PARAMS,
     EnsembleParams,
     EvaluateParams,
     ModelsParams,
@@ -34,8 +35,6 @@ from tokenbridge.config import (
 )
 from tokenbridge.losses.alm import AlmParams
 from tokenbridge.losses.registry import LOSSES, params_sections
-
-DEFAULT_PARAMS = Path("params.yaml")
 
 
 class DistillCommonParams(Strict):
