@@ -25,7 +25,8 @@ from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.ensemble import EnsembleForCausalLM
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.ensemble import build_ensemble
-from tokenbridge.stages.transfer import fvt_path, fvt_rows, run_transfer, train_transfer
+from tokenbridge.models.vocabulary import fvt_rows
+from tokenbridge.stages.transfer import init_path, run_transfer, train_transfer
 from tokenbridge.token_bytes import special_ids, vocab_bytes
 
 FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny models in exact fp32
@@ -81,13 +82,13 @@ def test_transfer_onto_an_identical_tokenizer_reproduces_the_models_log_probs_ex
                  _params(tiny_params, embedding_steps=0, steps=0), FP32)
     ids = torch.randint(0, len(load_tokenizer(source)), (2, 12))
     original = _logprobs(source, ids)
-    assert torch.equal(_logprobs(fvt_path(out), ids), original)
+    assert torch.equal(_logprobs(init_path(out, "fvt"), ids), original)
     assert torch.equal(_logprobs(out, ids), original)
     assert load_tokenizer(out)("12 + 7 = 19")["input_ids"] == load_tokenizer(source)("12 + 7 = 19")["input_ids"]
 
     # Self-distillation onto the same tokenizer starts at the ALM optimum: no gradient to follow.
     summary = train_transfer([json.loads(line) for line in (prepared_texts / "train.jsonl").read_text().splitlines()],
-                             source, fvt_path(out), tmp_path / "trained", tmp_path / "trained.csv",
+                             source, init_path(out, "fvt"), tmp_path / "trained", tmp_path / "trained.csv",
                              _params(tiny_params, embedding_steps=0, steps=1, train="full"), FP32)
     history = (tmp_path / "trained.csv").read_text().splitlines()
     grad_norm = float(history[1].split(",")[history[0].split(",").index("grad_norm")])
@@ -110,7 +111,7 @@ def test_a_tiny_model_moved_to_bytes_trains_with_the_hidden_state_loss_and_gener
     rows = [dict(zip(columns, line.split(","))) for line in history[1:]]
     assert [row["phase"] for row in rows] == ["embeddings", "full", "full"]
     assert all(float(row["hidden_state_loss"]) > 0 and float(row["alm_loss"]) > 0 for row in rows)
-    fvt, trained = load_model(fvt_path(out)), load_model(out)
+    fvt, trained = load_model(init_path(out, "fvt")), load_model(out)
     assert not torch.equal(fvt.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
 
     prompt = tokenizer("Question: 2 + 2", return_tensors="pt")
@@ -244,7 +245,7 @@ def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tin
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         assert not [name for name in handle.keys() if "lora" in name], "adapters are merged, not saved beside"
-    fvt, trained = load_model(fvt_path(out)), load_model(out)
+    fvt, trained = load_model(init_path(out, "fvt")), load_model(out)
     assert not torch.equal(fvt.model.layers[0].self_attn.q_proj.weight, trained.model.layers[0].self_attn.q_proj.weight)
     assert not torch.equal(fvt.get_input_embeddings().weight, trained.get_input_embeddings().weight)
     assert torch.equal(fvt.model.norm.weight, trained.model.norm.weight), "outside LoRA and embeddings nothing moves"

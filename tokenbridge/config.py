@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenbridge.contracts import EvalMetrics
+
+TokenizerKind = Literal["bpe", "unigram"]  # what the hypernet stage trains its tokenizer pool as
 
 
 class Strict(BaseModel):
@@ -158,9 +160,27 @@ class RuntimeParams(Strict):
                        "and NODE_RANK set (docs/distributed.md)")
 
 
+class EvaluateHypernetParams(Strict):
+    """Stage `evaluate_hypernet` (docs/hypernet.md#measured-against-fvt): the base model moved onto each tokenizer
+    by FVT and by the hypernetwork, each alone and (with `alm`) after the transfer stage's ALM run."""
+
+    tokenizers: dict[str, str] = Field(description="name -> tokenizer: 'teacher', 'student', 'heldout' (the hypernet "
+                                                   "stage's held-out one) or a local HF tokenizer directory")
+    alm: bool = Field(False, description="also run the transfer stage's ALM (transfer.* steps) from each start")
+
+    @field_validator("tokenizers")
+    @classmethod
+    def _names(cls, value: dict) -> dict:
+        bad = [name for name in value if not name.isidentifier()]
+        if bad or not value:
+            raise ValueError(f"tokenizers: names must be plain identifiers such as 'qwen' (got {bad or 'none'})")
+        return value
+
+
 class TrackingParams(Strict):
     experiment: str = "tokenbridge"
     registered_model: str = "tokenbridge-student"
+    registered_hypernet: str = "tokenbridge-hypernet"
     primary_metric: Literal["gsm_exact_match", "bits_per_byte"] = "gsm_exact_match"
 
     @property

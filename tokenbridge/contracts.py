@@ -94,7 +94,8 @@ class ModelCard(Contract):
     WRITTEN_BY: ClassVar[str] = "models"
     # Which stage writes a model directory, by its path under the project (models/teacher, models/student: models).
     WRITERS: ClassVar[dict[str, str]] = {"models/distilled": "distill", "models/ensemble": "ensemble",
-                                         "models/transferred": "transfer", "models/sources": "transfer"}
+                                         "models/transferred": "transfer", "models/sources": "transfer",
+                                         "models/hypernet_eval": "evaluate_hypernet"}
 
     format: Literal["tokenbridge.model_card/v1"] = "tokenbridge.model_card/v1"
     name: str
@@ -107,6 +108,7 @@ class ModelCard(Contract):
     loss: list[str] | None = None
     transferred_from: str | None = None  # transfer: the source's name, FVT's counts, whether it is byte-level
     fvt: dict[str, int] | None = None
+    hypernet: dict[str, int] | None = None  # transfer from a hypernetwork's rows: its counts (special, predicted, ...)
     byte_level: bool | None = None
     fingerprint: str | None = None  # transfer: the configuration a finished training belongs to
     training: TransferTraining | None = None
@@ -216,6 +218,37 @@ class TeacherLogitsSkipped(Contract):
     skipped: str
 
 
+# ---------------------------------------------------------------------------------------------- hypernetwork
+
+class HypernetTraining(Record):
+    """The hypernet stage's two phases (also in metrics/hypernet.json)."""
+
+    identity_steps: int
+    identity_error: float | None = Field(None, json_schema_extra={"better": "lower"})  # last warm-up step's
+    steps: int
+    first_loss: float | None = None
+    final_loss: float | None = Field(None, json_schema_extra={"better": "lower"})
+    median_seconds_per_step: float | None = Field(None, json_schema_extra={"better": "lower"})
+
+
+class HypernetCard(Contract):
+    """`hypernet.json` beside a trained hypernetwork's weights: the base model it serves, its shape, and what it
+    was trained on."""
+
+    WRITTEN_BY: ClassVar[str] = "hypernet"
+    format: Literal["tokenbridge.hypernet/v1"] = "tokenbridge.hypernet/v1"
+    base: ModelRef
+    width: int  # the rows it reads and writes: the hidden size, twice that when the head is untied
+    tied: bool
+    layers: int
+    heads: int
+    max_pieces: int
+    pool: list[str]  # the tokenizers it trained on (kind-vocabulary size), sub-sampled each step
+    heldout: str  # the trained tokenizer it never saw (heldout_tokenizer/)
+    fingerprint: str
+    training: HypernetTraining
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 def _direction(model: type[BaseModel], metric: str) -> Better | None:
@@ -275,10 +308,25 @@ class DistillMetrics(Contract):
 
 
 class SourceTransfer(TransferTraining):
-    fvt: dict[str, int]  # target tokens by how FVT initialised them
+    fvt: dict[str, int] | None = None  # target tokens by how FVT initialised them (init: fvt)
+    hypernet: dict[str, int] | None = None  # or the hypernetwork (init: hypernet)
 
 
 class TransferMetrics(FileContract, RootModel[dict[str, SourceTransfer]]):
     """metrics/transfer.json (DVC metrics): each transfer source's FVT counts and ALM self-distillation."""
 
     WRITTEN_BY: ClassVar[str] = "transfer"
+
+
+class HypernetMetrics(HypernetTraining, Contract):
+    """metrics/hypernet.json (DVC metrics): the hypernet stage's training summary."""
+
+    WRITTEN_BY: ClassVar[str] = "hypernet"
+
+
+class HypernetScores(FileContract, RootModel[dict[str, EvalMetrics]]):
+    """metrics/eval/hypernet.json (DVC metrics): the base model on its own tokenizer (`base`), and on each compared
+    tokenizer after `<name>.fvt` / `<name>.hypernet` alone and, when the ALM run is on, `<name>.fvt_alm` /
+    `<name>.hypernet_alm`."""
+
+    WRITTEN_BY: ClassVar[str] = "evaluate_hypernet"

@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from tokenbridge.config import (
     DEFAULT_PARAMS,
     EnsembleParams,
+    EvaluateHypernetParams,
     EvaluateParams,
     ModelsParams,
     ModelSpec,
@@ -31,6 +32,7 @@ from tokenbridge.config import (
     Strict,
     TeacherLogitsParams,
     TeacherTruncation,
+    TokenizerKind,
     TrackingParams,
 )
 from tokenbridge.losses.alm import AlmParams
@@ -123,6 +125,8 @@ class TransferParams(Strict):
 
     tokenizer: str = Field(description="target tokenizer: 'student' or 'teacher' (that role's), a local HF "
                                        "directory holding one, or 'byte' (every byte one token, specials kept)")
+    init: Literal["fvt", "hypernet"] = Field("fvt", description="starting rows: FVT, or the hypernet stage's "
+                                                                 "predictions (only for the model it was trained for)")
     sources: dict[str, ModelSpec] = Field(description="name -> model moved onto the tokenizer (names: letters, "
                                                       "digits, '_')")
     embedding_steps: int = Field(ge=0, description="phase 1: only the new embeddings (and untied head) train")
@@ -150,6 +154,36 @@ class TransferParams(Strict):
         return value
 
 
+class HypernetParams(Strict):
+    """Stage `hypernet` (docs/algorithms/hypernetwork.md): an embedding hypernetwork for the `base` role's model,
+    trained with ALM against that model on its own tokenizer."""
+
+    base: Literal["student", "teacher"] = Field("student", description="the role whose model it serves")
+    layers: int = Field(1, ge=1, description="transformer layers (ZeTT: 3)")
+    heads: int = Field(4, ge=1, description="attention heads; must divide the embedding width")
+    max_pieces: int = Field(8, ge=1, description="a new token reads at most this many base tokens of its spelling")
+    pool_kinds: list[TokenizerKind] = Field(["bpe", "unigram"], min_length=1)
+    pool_vocab_sizes: list[int] = Field([1000, 2000, 4000], min_length=1,
+                                        description="one pool tokenizer per kind and size, trained on the train split")
+    sub_vocabulary_min: float = Field(0.5, gt=0, le=1, description="each step keeps a random share in "
+                                                                    "[this, 1] of the sampled tokenizer's tokens")
+    heldout_vocab_size: int = Field(1500, ge=300, description="the held-out tokenizer (BPE on the test split's "
+                                                              "texts), never trained on")
+    identity_steps: int = Field(20, ge=0, description="warm-up: reproduce the base rows from the base's own spellings")
+    identity_batch: int = Field(2048, ge=1, description="base tokens per warm-up step")
+    identity_learning_rate: float = Field(3e-4, gt=0)
+    steps: int = Field(8, ge=0, description="ALM steps, each on a tokenizer sampled from the pool")
+    batch_size: int = Field(2, ge=1)
+    learning_rate: float = Field(3e-4, gt=0, description="peak; linear warm-up then decay")
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=32, description="examples longer than this (base tokens) are skipped")
+    loss: list[Literal["alm", "sft"]] = Field(["alm"], min_length=1,
+                                              description="alm, optionally with next-token CE (sft), equal weights")
+    alm: AlmParams = AlmParams(mask_prompt=False)
+    seed: int = 1234
+
+
 class PipelineParams(Strict):
     """Everything one pipeline execution needs, after the selected profile is applied."""
 
@@ -163,6 +197,8 @@ class PipelineParams(Strict):
     evaluate: EvaluateParams
     transfer: TransferParams
     ensemble: EnsembleParams
+    hypernet: HypernetParams
+    evaluate_hypernet: EvaluateHypernetParams
 
     @field_validator("profile")
     @classmethod

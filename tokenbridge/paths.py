@@ -14,6 +14,7 @@ EVAL_DIR = Path("data/eval")  # data/eval/<model>/: generated lm-eval task, per-
 EVAL_METRICS_DIR = Path("metrics/eval")  # metrics/eval/<model>.json
 # The models the evaluate stage compares, in report order: name -> directory.
 EVAL_MODELS = {"teacher": TEACHER_DIR, "student_before": STUDENT_DIR, "student_after": DISTILLED_DIR}
+ROLE_DIRS = {"student": STUDENT_DIR, "teacher": TEACHER_DIR}  # a params role name -> its model directory
 REPORT_DIR = Path("reports")
 SOURCES_DIR = Path("models/sources")  # models/sources/<name>: each transfer source as materialised
 TRANSFERRED_DIR = Path("models/transferred")  # <name>/ (FVT then ALM) and <name>-fvt/ (FVT alone)
@@ -21,3 +22,9 @@ TRANSFER_HISTORY_DIR = Path("metrics/transfer")  # <name>.csv: per-step transfer
 TRANSFER_METRICS = Path("metrics/transfer.json")
 ENSEMBLE_DIR = Path("models/ensemble")
 TRANSFER_EVAL_METRICS = Path("metrics/eval/transfer.json")  # every transfer/ensemble model's scores
+HYPERNET_DIR = Path("models/hypernet")  # hypernet.pt, hypernet.json, pool/<name>/, heldout_tokenizer/
+HYPERNET_HELDOUT = HYPERNET_DIR / "heldout_tokenizer"  # the trained tokenizer it never trained on
+HYPERNET_HISTORY = Path("metrics/hypernet.csv")
+HYPERNET_METRICS = Path("metrics/hypernet.json")
+HYPERNET_EVAL_DIR = Path("models/hypernet_eval")  # <name>-fvt, <name>-hypernet (and -alm): the base moved, compared
+HYPERNET_EVAL_METRICS = Path("metrics/eval/hypernet.json")

@@ -18,11 +18,14 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import psutil
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    import torch
 
 PARENT_RUN_ENV = "TOKENBRIDGE_PARENT_RUN_ID"
 PIPELINE_ID_ENV = "TOKENBRIDGE_PIPELINE_ID"
@@ -147,3 +150,20 @@ def register_candidate(model_dir: Path, name: str, metric: str, value: float, hi
         "champion_version": int(version) if beats or champion is None else int(champion.version),
         "reason": f"{'beats' if beats else 'does not beat'} the champion: {comparison}",
     }
+
+
+def register_hypernet(hypernet: torch.nn.Module, directory: Path, name: str, tags: dict[str, str]) -> int:
+    """Log the hypernetwork (the module, with its card beside it) and register it as a new version of `name`,
+    tagged with what it was trained for (base model, tokenizer pool); its whole directory (the pool and held-out
+    tokenizers) is logged with the run. Returns the version."""
+    import mlflow.pytorch
+
+    log_artifact(directory, "hypernet_dir")
+    info = mlflow.pytorch.log_model(hypernet, name="hypernet", registered_model_name=name,
+                                    serialization_format="pickle", extra_files=[str(Path(directory) / "hypernet.json")],
+                                    pip_requirements=["torch==2.13.0"])
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return int(version)

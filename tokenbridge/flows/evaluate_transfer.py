@@ -1,7 +1,7 @@
 """Stage `evaluate_transfer`: the transfer and ensemble models on the evaluate stage's terms (`evaluate.*`,
-`runtime.*`): each source as it was (`<name>.original`), after FVT alone (`<name>.fvt`) and after FVT then ALM
-(`<name>.transferred`), and the ensemble. Members that are the student or the teacher take the evaluate
-stage's scores. The report stage puts them side by side.
+`runtime.*`): each source as it was (`<name>.original`), after its initialisation alone (`<name>.fvt` or
+`<name>.hypernet`: `transfer.init`) and after that then ALM (`<name>.transferred`), and the ensemble. Members
+that are the student or the teacher take the evaluate stage's scores. The report stage puts them side by side.
 
 Evaluation plan (docs/evaluation.md): every model here gets held-out bits-per-byte, which is cheap (one
 forward pass over the answers) and tells the variants apart; GSM generation, the pipeline's dominant cost,
@@ -32,7 +32,7 @@ from tokenbridge.paths import (
 )
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.evaluate import collect_metrics, run_evaluate
-from tokenbridge.stages.transfer import fvt_path
+from tokenbridge.stages.transfer import init_path
 
 EVALUATED_ROLES = {"student": "student_before", "teacher": "teacher"}  # members the evaluate stage scored
 
@@ -43,7 +43,9 @@ def evaluate_transfer(params_file: str = "params.yaml") -> TransferScores:
         runtime = Runtime.resolve(params.runtime)
         models = {}
         for name in params.transfer.sources:
-            for variant, directory in (("original", SOURCES_DIR / name), ("fvt", fvt_path(TRANSFERRED_DIR / name)),
+            init = params.transfer.init
+            start = init_path(TRANSFERRED_DIR / name, init)
+            for variant, directory in (("original", SOURCES_DIR / name), (init, start),
                                        ("transferred", TRANSFERRED_DIR / name)):
                 models[f"{name}.{variant}"] = directory
         models["ensemble"] = ENSEMBLE_DIR

@@ -3,9 +3,10 @@ tokenizer-transfer and ensemble report, and the Model Registry: the distilled st
 alias `candidate`; alias `champion` moves to it only when it beats the current champion on
 `tracking.primary_metric`.
 
-Inputs: metrics/eval/*.json, metrics/distill_history.csv, models/distilled, metrics/transfer.json,
-models/ensemble/tokenbridge.json; params `tracking.*`. Outputs: reports/ (report.md, report.html,
-transfer.md, transfer.html, plots/, registry.json); MLflow artifacts and a model version.
+Inputs: metrics/eval/*.json (hypernet.json among them), metrics/distill_history.csv, models/distilled,
+metrics/transfer.json, metrics/hypernet.json, models/ensemble/tokenbridge.json; params `tracking.*`. Outputs:
+reports/ (report.md, report.html, transfer.md, transfer.html, plots/, registry.json); MLflow artifacts and a
+model version.
 Run alone: tokenbridge report   (or: dvc repro report)
 """
 
@@ -15,7 +16,7 @@ import psutil
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import ModelCard, TransferMetrics, TransferScores
+from tokenbridge.contracts import HypernetMetrics, HypernetScores, ModelCard, TransferMetrics, TransferScores
 from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.io import write_json
 from tokenbridge.paths import (
@@ -24,6 +25,8 @@ from tokenbridge.paths import (
     ENSEMBLE_DIR,
     EVAL_METRICS_DIR,
     EVAL_MODELS,
+    HYPERNET_EVAL_METRICS,
+    HYPERNET_METRICS,
     REPORT_DIR,
     TEACHER_DIR,
     TRANSFER_EVAL_METRICS,
@@ -57,7 +60,10 @@ def report(params_file: str = "params.yaml") -> dict:
         transfer = render_transfer({label: scores.scores() for label, scores in transfer_scores.items()},
                                    TransferMetrics.read(TRANSFER_METRICS).model_dump(),
                                    list(params.transfer.sources), params.ensemble.members,
-                                   ModelCard.of(ENSEMBLE_DIR).model_dump(exclude_none=True), REPORT_DIR)
+                                   ModelCard.of(ENSEMBLE_DIR).model_dump(exclude_none=True), REPORT_DIR,
+                                   {label: scores.scores() for label, scores in
+                                    HypernetScores.read(HYPERNET_EVAL_METRICS).root.items()},
+                                   HypernetMetrics.read(HYPERNET_METRICS).model_dump(exclude_none=True))
         tracking.log_artifact(REPORT_DIR, "report")
         tracking.log_metrics({f"student_after.{primary}": value})
         files |= {f"transfer_{name}": path for name, path in transfer.items()}

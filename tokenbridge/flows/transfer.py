@@ -18,10 +18,10 @@ from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.models import materialize
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.paths import (
+    HYPERNET_DIR,
     PREPARED_DIR,
+    ROLE_DIRS,
     SOURCES_DIR,
-    STUDENT_DIR,
-    TEACHER_DIR,
     TRANSFER_HISTORY_DIR,
     TRANSFER_METRICS,
     TRANSFERRED_DIR,
@@ -33,7 +33,7 @@ from tokenbridge.stages.transfer import run_transfer, target_directory
 @flow(name="transfer", log_prints=True)
 def transfer(params_file: str = "params.yaml") -> TransferMetrics:
     with tracked_stage("transfer", params_file, ("transfer", "runtime")) as params:
-        target = target_directory(params.transfer.tokenizer, {"student": STUDENT_DIR, "teacher": TEACHER_DIR})
+        target = target_directory(params.transfer.tokenizer, ROLE_DIRS)
         summaries = {}
         for name, spec in params.transfer.sources.items():
             source_dir = SOURCES_DIR / name
@@ -41,7 +41,7 @@ def transfer(params_file: str = "params.yaml") -> TransferMetrics:
             print(f"transfer: {card.name} -> {params.transfer.tokenizer} tokenizer")
             history = TRANSFER_HISTORY_DIR / f"{name}.csv"
             summaries[name] = run_transfer(PREPARED_DIR, source_dir, target, TRANSFERRED_DIR / name, history,
-                                           params.transfer, Runtime.resolve(params.runtime))
+                                           params.transfer, Runtime.resolve(params.runtime), HYPERNET_DIR)
             tracking.log_metrics({f"{name}.{key}": value for key, value in summaries[name].model_dump().items()
                                   if isinstance(value, (int, float))})
             tracking.log_artifact(history, "transfer")

@@ -67,11 +67,15 @@ def render_report(eval_metrics: dict, history_csv: Path, context: dict, out_dir:
 
 def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[str, Mapping[str, Any]],
                     sources: Sequence[str], members: Sequence[str], ensemble: Mapping[str, Any], out_dir: Path,
+                    hypernet: Mapping[str, Mapping[str, Any]], hypernet_training: Mapping[str, Any],
                     stem: str = "transfer") -> dict[str, Path]:
-    """Tokenizer transfer and ensembling side by side: out_dir/<stem>.md, .html and plots/<stem>.png.
+    """Tokenizer transfer, the hypernetwork against FVT, and ensembling: out_dir/<stem>.md, .html and
+    plots/<stem>.png.
 
-    `scores` maps `<source>.original|fvt|transferred`, `ensemble` and role members (`student`, `teacher`) to
-    the evaluate stage's scores; `training` is the transfer stage's summary per source.
+    `scores` maps `<source>.original|fvt|hypernet|transferred`, `ensemble` and role members (`student`,
+    `teacher`) to the evaluate stage's scores; `training` is the transfer stage's summary per source;
+    `hypernet` the evaluate_hypernet stage's scores (`base`, `<tokenizer>.<fvt|hypernet>[_alm]`) and
+    `hypernet_training` the hypernet stage's summary.
     """
     out_dir = Path(out_dir)
     metrics = [name for name in COMPARED if any(name in values for values in scores.values())]
@@ -82,19 +86,23 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
         return [label, *(format_value(values.get(metric)) for metric in metrics), format_value(values.get("gsm_n"))]
 
     blocks: list[Block] = [Paragraph(
-        "Each source model moved onto the target tokenizer: as it was (original, its own tokenizer), after FVT "
-        "initialisation alone, and after FVT then ALM self-distillation; then the ensemble next to each of its "
+        "Each source model moved onto the target tokenizer: as it was (original, its own tokenizer), after its "
+        "initialisation alone (FVT or the hypernetwork), and after that then ALM self-distillation; the "
+        "hypernetwork against FVT on tokenizers it never trained on; then the ensemble next to each of its "
         "members. All on the same held-out questions and answers.")]
     for source in sources:
         summary = training.get(source, {})
+        init = "hypernet" if summary.get("hypernet") else "fvt"
         blocks += [Heading(f"Transfer: {source}"),
-                   Table(header, [row(f"{source}.{variant}") for variant in ("original", "fvt", "transferred")],
+                   Table(header, [row(f"{source}.{variant}") for variant in ("original", init, "transferred")],
                          numbers=True),
-                   Paragraph(f"FVT initialised {_counts(summary.get('fvt', {}))} target tokens; ALM "
+                   Paragraph(f"{'The hypernetwork' if init == 'hypernet' else 'FVT'} initialised "
+                             f"{_counts(summary.get(init, {}))} target tokens; ALM "
                              f"self-distillation ran {format_value(summary.get('steps'))} steps on "
                              f"{format_value(summary.get('examples'))} examples (loss "
                              f"{format_value(summary.get('first_loss'))} -> {format_value(summary.get('final_loss'))}, "
                              f"{format_value(summary.get('median_seconds_per_step'))} s a step).")]
+    blocks += _hypernet_blocks(hypernet, hypernet_training)
     labels = [member if member in scores else f"{member}.transferred" for member in members]
     blocks += [Heading("Ensemble"), Table(header, [row("ensemble"), *(row(label) for label in labels)], numbers=True),
                Paragraph(f"{ensemble.get('name', 'ensemble')}: next-token probabilities averaged with weights "
@@ -107,6 +115,30 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
     plot_metrics({label: dict(values) for label, values in scores.items()}, metrics, None, plot)
     paths = write_document(out_dir, stem, "tokenbridge: tokenizer transfer and ensembling", blocks, {stem: plot})
     return {**paths, "plot": plot}
+
+
+HYPERNET_COLUMNS = {"fvt": "FVT", "hypernet": "hypernetwork", "fvt_alm": "FVT + ALM",
+                    "hypernet_alm": "hypernetwork + ALM"}
+
+
+def _hypernet_blocks(scores: Mapping[str, Mapping[str, Any]], training: Mapping[str, Any]) -> list[Block]:
+    """Held-out bits-per-byte of the base model moved onto each compared tokenizer, by start and training."""
+    names = list(dict.fromkeys(label.split(".")[0] for label in scores if label != "base"))
+    columns = [column for column in HYPERNET_COLUMNS if any(f"{name}.{column}" in scores for name in names)]
+    rows = [[name, *(format_value(scores.get(f"{name}.{column}", {}).get("bits_per_byte")) for column in columns)]
+            for name in names]
+    wins = [name for name in names
+            if scores[f"{name}.hypernet"]["bits_per_byte"] < scores[f"{name}.fvt"]["bits_per_byte"]]
+    base = format_value(scores.get("base", {}).get("bits_per_byte"))
+    return [Heading("Zero-shot transfer: hypernetwork against FVT"),
+            Table(["tokenizer", *(HYPERNET_COLUMNS[column] for column in columns)], rows, numbers=True),
+            Paragraph(f"Held-out bits-per-byte (lower is better) of the base model moved onto each tokenizer; on its "
+                      f"own tokenizer it scores {base}. The zero-shot hypernetwork beats zero-shot FVT on "
+                      f"{len(wins)} of {len(names)} tokenizers{': ' + ', '.join(wins) if wins else ''}. It trained "
+                      f"{format_value(training.get('identity_steps'))} identity warm-up steps and "
+                      f"{format_value(training.get('steps'))} ALM steps (loss "
+                      f"{format_value(training.get('first_loss'))} -> {format_value(training.get('final_loss'))}); "
+                      "`+ ALM`: then the transfer stage's ALM run (evaluate_hypernet.alm).")]
 
 
 def _counts(values: Mapping[str, Any]) -> str:

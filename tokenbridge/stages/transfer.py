@@ -1,18 +1,20 @@
 """Stage `transfer`: move a model onto another tokenizer (docs/algorithms/tokenizer-transfer.md).
 
-1. FVT initialisation (`fvt_rows`): for each target token, the source row of the same special role (bos, eos,
-   pad, unk), else of the same bytes, else the mean of the rows of the source tokens that spell its bytes,
-   else a draw from the source rows' per-dimension mean and std. Input embeddings and (when untied) the
-   output head are initialised alike. The result is saved on its own (`<out>-fvt`), so evaluation can
-   compare FVT alone with FVT then ALM.
+1. Initialisation (`transfer.init`, tokenbridge.models.retokenize): FVT (`fvt`): for each target token, the
+   source row of the same special role (bos, eos, pad, unk), else of the same bytes, else the mean of the rows of
+   the source tokens that spell its bytes, else a draw from the source rows' per-dimension mean and std; or a
+   trained hypernetwork's predictions (`hypernet`, for the model it was trained for:
+   docs/algorithms/hypernetwork.md). Input embeddings and (when untied) the output head are initialised alike.
+   The result is saved on its own (`<out>-fvt` or `<out>-hypernet`), so evaluation can compare the
+   initialisation alone with it followed by ALM.
 2. ALM self-distillation (`train_transfer`): the original model with its own tokenizer is the frozen teacher;
-   the FVT model with the new tokenizer is the student, on the same texts, aligned on common bytes. An
+   the initialised model with the new tokenizer is the student, on the same texts, aligned on common bytes. An
    embeddings-only phase (`embedding_steps`), then LoRA adapters (peft) or every parameter (`steps`), with
    the embeddings still training. A byte-level target adds the hidden-state loss at chunk ends.
 
 Inputs: the prepared train split's texts (`data/prepared/train.jsonl`), each source model (materialised
 like the `models` stage's), the target tokenizer. Outputs per source: `models/transferred/<name>/` and
-`models/transferred/<name>-fvt/` (HF directories with the target tokenizer and a model card),
+`models/transferred/<name>-<init>/` (HF directories with the target tokenizer and a model card),
 `metrics/transfer/<name>.csv` (per-step history).
 """
 
@@ -23,14 +25,13 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenbridge.config import TeacherTruncation
 from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.data.chat import Encoded, encode_example
-from tokenbridge.io import atomic_path, fingerprint, read_jsonl, sha256_file, write_text
+from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.alm import AlmLoss
 from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
 from tokenbridge.losses.latents import hidden_state_loss
@@ -40,12 +41,12 @@ from tokenbridge.models import (
     load_model,
     load_tokenizer,
     output_embeddings,
-    save_tokenizer,
 )
 from tokenbridge.models.gguf import default_cache_dir
+from tokenbridge.models.retokenize import Init, retokenized_model
 from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
-from tokenbridge.token_bytes import boundary_mask, gpt2_unicode_to_byte, special_ids, vocab_bytes
+from tokenbridge.token_bytes import boundary_mask, vocab_bytes
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
@@ -56,90 +57,7 @@ from tokenbridge.training.teachers import LiveTeacher, Teacher
 from tokenbridge.training.views import student_view
 
 BYTE = "byte"
-SPECIAL_ROLES = ("pad_token", "unk_token", "eos_token", "bos_token")  # later roles win a shared target token
 CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
-
-
-def byte_tokenizer(source: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
-    """Every byte is one token (ids 0-255, GPT-2's printable byte alphabet), then the source's special tokens,
-    with its bos/eos/pad and chat template (special tokens are kept:
-    docs/algorithms/tokenizer-transfer.md#byte-level-targets)."""
-    by_byte = {byte: char for char, byte in gpt2_unicode_to_byte().items()}
-    backend = Tokenizer(models.BPE(vocab={by_byte[byte]: byte for byte in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    added = source.backend_tokenizer.get_added_tokens_decoder()
-    backend.add_special_tokens([added[index].content for index in sorted(special_ids(source))])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=source.bos_token, eos_token=source.eos_token, pad_token=source.pad_token,
-        unk_token=None, clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"])
-    tokenizer.chat_template = source.chat_template
-    return tokenizer
-
-
-def fvt_rows(source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, matrix: torch.Tensor,
-             seed: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
-    """Rows for the target vocabulary from the source rows `matrix` ([>= len(source), d]); returns them and how
-    many tokens each rule initialised (docs/algorithms/tokenizer-transfer.md#fvt-initialisation)."""
-    source_table, target_table = vocab_bytes(source), vocab_bytes(target)
-    source_specials, target_specials = special_ids(source), special_ids(target)
-    by_bytes: dict[bytes, int] = {}
-    for index, piece in enumerate(source_table):
-        if index not in source_specials and piece:
-            by_bytes.setdefault(piece, index)
-    rows = matrix[: len(source)].float()
-    generator = torch.Generator().manual_seed(seed)
-    out = rows.mean(0) + rows.std(0) * torch.randn(len(target), rows.shape[1], generator=generator)
-    counts = {"special": 0, "exact": 0, "fvt": 0, "random": 0}
-
-    mapped: dict[int, int] = {}
-    for role in SPECIAL_ROLES:
-        target_id, source_id = getattr(target, f"{role}_id", None), getattr(source, f"{role}_id", None)
-        if target_id is not None and source_id is not None:
-            mapped[target_id] = source_id
-    source_pieces = source.get_vocab()
-    decompose: list[int] = []
-    for index, (name, piece) in enumerate(zip(target.convert_ids_to_tokens(list(range(len(target)))), target_table)):
-        same_piece = source_pieces.get(name)
-        if index in mapped:
-            out[index] = rows[mapped[index]]
-            counts["special"] += 1
-        elif same_piece is not None and same_piece < len(source_table) and source_table[same_piece] == piece:
-            out[index] = rows[same_piece]  # the same token (an identical tokenizer maps every id to itself)
-            counts["exact"] += 1
-        elif index not in target_specials and piece in by_bytes:
-            out[index] = rows[by_bytes[piece]]
-            counts["exact"] += 1
-        elif piece:
-            decompose.append(index)
-        else:
-            counts["random"] += 1
-    spellings = _spellings(source, source_table, by_bytes, [target_table[i] for i in decompose])
-    for index, parts in zip(decompose, spellings):
-        if parts:
-            out[index] = rows[parts].mean(0)
-            counts["fvt"] += 1
-        else:
-            counts["random"] += 1
-    return out.to(matrix.dtype), counts
-
-
-def _spellings(source: PreTrainedTokenizerBase, table: list[bytes], by_bytes: dict[bytes, int],
-               pieces: list[bytes]) -> list[list[int]]:
-    """Source token ids spelling each byte string: the source tokenizer's own segmentation when the bytes are
-    text it reproduces, else one source token per byte (byte-level and byte-fallback vocabularies have all);
-    an empty list when neither works."""
-    texts = [piece.decode("utf-8", errors="replace") for piece in pieces]
-    encoded = source(texts, add_special_tokens=False)["input_ids"] if texts else []
-    out = []
-    for piece, ids in zip(pieces, encoded):
-        if ids and b"".join(table[i] for i in ids) == piece:
-            out.append(ids)
-        elif all(bytes([byte]) in by_bytes for byte in piece):
-            out.append([by_bytes[bytes([byte])] for byte in piece])
-        else:
-            out.append([])
-    return out
 
 
 def target_directory(spec: str, roles: dict[str, Path]) -> Path | None:
@@ -153,38 +71,9 @@ def target_directory(spec: str, roles: dict[str, Path]) -> Path | None:
     return directory
 
 
-def fvt_model(source_dir: Path, target_dir: Path | None, out_dir: Path, seed: int) -> dict:
-    """Save the source model with FVT-initialised embeddings (and head) for the tokenizer in `target_dir`
-    (copied verbatim, so models moved onto it share its exact files) or, for None, bytes."""
-    source = load_tokenizer(source_dir)
-    tokenizer = byte_tokenizer(source) if target_dir is None else load_tokenizer(target_dir)
-    model = load_model(source_dir, torch.float32)
-    tied = output_embeddings(model).data_ptr() == input_embeddings(model).data_ptr()
-    inputs, counts = fvt_rows(source, tokenizer, input_embeddings(model).detach(), seed)
-    head = None if tied else fvt_rows(source, tokenizer, output_embeddings(model).detach(), seed)[0]
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    input_embeddings(model).data.copy_(inputs)
-    if head is not None:
-        output_embeddings(model).data.copy_(head)
-    for config in (model.config, model.generation_config):
-        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
-    card = ModelCard.of(source_dir)
-    with atomic_path(out_dir) as temporary:
-        model.save_pretrained(temporary)
-        if target_dir is None:
-            save_tokenizer(tokenizer, temporary)
-        else:
-            copy_tokenizer_files(target_dir, temporary)
-        ModelCard(name=f"{card.name}-fvt", transferred_from=card.name, fvt=counts,
-                  tokenizer_sha256=sha256_file(temporary / "tokenizer.json"), tokenizer_size=len(tokenizer),
-                  parameters=model.num_parameters(), eos_token=tokenizer.eos_token,
-                  byte_level=target_dir is None).write(temporary / MODEL_CARD)
-    return counts
-
-
-def fvt_path(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + "-fvt")
+def init_path(out_dir: Path, init: Init) -> Path:
+    """Where the untrained starting model of `out_dir` is kept (`<name>-fvt`, `<name>-hypernet`)."""
+    return out_dir.with_name(f"{out_dir.name}-{init}")
 
 
 def _encoded_pairs(records: list[dict], teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
@@ -235,12 +124,13 @@ def transfer_forward(student: PreTrainedModel, vocab_size: int, boundary: torch.
     return forward
 
 
-def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir: Path, history_path: Path,
+def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_dir: Path, history_path: Path,
                    params: TransferParams, runtime: Runtime) -> TransferTraining:
-    """ALM self-distillation from the original model (teacher, own tokenizer) into the FVT model; saves the
+    """ALM self-distillation from the original model (teacher, own tokenizer) into the moved model in `start_dir`
+    (FVT or hypernetwork rows); saves the
     result (LoRA merged) at `out_dir`. A finished output of the same configuration is kept as it is."""
-    fvt_card = ModelCard.of(fvt_dir)
-    key = fingerprint({"params": params.model_dump(), "fvt": fvt_card.model_dump(mode="json", exclude_none=True),
+    start_card = ModelCard.of(start_dir)
+    key = fingerprint({"params": params.model_dump(), "start": start_card.model_dump(mode="json", exclude_none=True),
                        "source": ModelCard.of(source_dir).model_dump(mode="json", exclude_none=True),
                        "records": fingerprint(records)})
     try:
@@ -251,15 +141,15 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
         print(f"transfer: {out_dir} is up to date")
         return finished.training
     torch.manual_seed(params.seed)
-    teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(fvt_dir)
+    teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(start_dir)
     teachers, students = _encoded_pairs(records, teacher_tokenizer, student_tokenizer, params.max_length)
     teacher = LiveTeacher(Teacher.load(source_dir, runtime.inference_dtype, runtime.device), teachers,
                           TeacherTruncation(), 1.0, CHUNK_SIZE)
-    student = runtime.prepare_student(load_model(fvt_dir, torch.float32).train())
-    byte_level = fvt_card.byte_level
+    student = runtime.prepare_student(load_model(start_dir, torch.float32).train())
+    byte_level = start_card.byte_level
     boundaries = {"teacher": boundary_mask(teacher_tokenizer, output_embeddings(teacher.teacher.model).shape[0]),
                   "student": boundary_mask(student_tokenizer, output_embeddings(student).shape[0])}
-    alm = AlmLoss(params.alm, LossSetup(source_dir, fvt_dir, same_tokenizer=False, cache_dir=default_cache_dir()))
+    alm = AlmLoss(params.alm, LossSetup(source_dir, start_dir, same_tokenizer=False, cache_dir=default_cache_dir()))
     hidden_weight = params.hidden_state_weight if byte_level else 0.0
     weights = {"alm": 1.0, "hidden_state": hidden_weight}
 
@@ -304,8 +194,8 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
                                median_seconds_per_step=median([r["seconds"] for r in history]) if history else None)
     with atomic_path(out_dir) as temporary:
         student.save_pretrained(temporary)
-        copy_tokenizer_files(fvt_dir, temporary)
-        fvt_card.model_copy(update={"name": f"{fvt_card.transferred_from}-transferred", "fingerprint": key,
+        copy_tokenizer_files(start_dir, temporary)
+        start_card.model_copy(update={"name": f"{start_card.transferred_from}-transferred", "fingerprint": key,
                                     "training": summary, "transfer": params.model_dump()}).write(temporary / MODEL_CARD)
     write_text(history_path, history_csv(history, ("step", "phase", "loss", "alm_loss", "hidden_state_loss",
                                                    "learning_rate", "grad_norm", "seconds")))
@@ -313,10 +203,11 @@ def train_transfer(records: list[dict], source_dir: Path, fvt_dir: Path, out_dir
 
 
 def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
-                 params: TransferParams, runtime: Runtime) -> SourceTransfer:
-    """FVT then ALM self-distillation for one source; writes `<out_dir>-fvt` and `out_dir`."""
-    fvt_dir = fvt_path(out_dir)
-    counts = fvt_model(source_dir, target_dir, fvt_dir, params.seed)
+                 params: TransferParams, runtime: Runtime, hypernet_dir: Path | None = None) -> SourceTransfer:
+    """`params.init` (FVT or the hypernetwork) then ALM self-distillation for one source; writes
+    `<out_dir>-<init>` and `out_dir`."""
+    start_dir = init_path(out_dir, params.init)
+    counts = retokenized_model(source_dir, target_dir, start_dir, params.init, params.seed, hypernet_dir)
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
-    summary = train_transfer(records, source_dir, fvt_dir, out_dir, history_path, params, runtime)
-    return SourceTransfer(fvt=counts, **summary.model_dump())
+    summary = train_transfer(records, source_dir, start_dir, out_dir, history_path, params, runtime)
+    return SourceTransfer(**{params.init: counts}, **summary.model_dump())
