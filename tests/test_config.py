@@ -98,3 +98,26 @@ def test_every_registered_loss_can_be_named_in_params(tmp_path, name):
     """The shipped teacher is untruncated, so with it live every loss's needs are met."""
     path = _write(tmp_path, lambda raw: raw["distill"].update(loss=name, teacher_mode="online"))
     assert load_params(path).distill.losses == [name]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: raw["transfer"].update(init="hypernet"),
+     r"transfer.init hypernet: the hypernetwork serves models.student only.*\['gemma', 'qwen'\].*use init: fvt"),
+    (lambda raw: raw["hypernet"].update(loss=["alm", "kl"]), r"hypernet\.loss\.1: .*'alm' or 'sft'"),
+    (lambda raw: raw["hypernet"].update(pool_kinds=["wordpiece"]), r"hypernet\.pool_kinds\.0: .*'bpe' or 'unigram'"),
+    (lambda raw: raw["evaluate_hypernet"].update(tokenizers={"qwen-2": "teacher"}),
+     r"evaluate_hypernet\.tokenizers: .*plain identifiers"),
+])
+def test_hypernetwork_settings_that_cannot_work_are_refused_at_load_with_the_fix(tmp_path, edit, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(_write(tmp_path, edit))
+
+
+def test_transfer_from_the_hypernetwork_is_accepted_for_its_own_base_model(tmp_path):
+    def edit(raw):  # every source (in every profile) is the student, moved onto the teacher's tokenizer
+        raw["transfer"].update(init="hypernet", tokenizer="teacher")
+        for section in (raw, raw["profiles"]["tiny"], raw["profiles"]["gpu"]):
+            student = section.get("models", raw["models"])["student"]
+            section.setdefault("transfer", {})["sources"] = {"gemma": student, "qwen": student}
+
+    assert load_params(_write(tmp_path, edit)).transfer.init == "hypernet"

@@ -16,8 +16,8 @@ import yaml
 
 ROOT = Path(__file__).parents[1]
 EVALUATED = ["teacher", "student_before", "student_after"]
-STAGES = ["models", "prepare", "teacher_logits", "distill", *(f"evaluate@{model}" for model in EVALUATED), "transfer",
-          "ensemble", "evaluate_transfer", "report"]
+STAGES = ["models", "prepare", "teacher_logits", "distill", *(f"evaluate@{model}" for model in EVALUATED), "hypernet",
+          "evaluate_hypernet", "transfer", "ensemble", "evaluate_transfer", "report"]
 OUTPUTS = [
     "models/teacher/config.json", "models/student/tokenizer.json", "data/prepared/manifest.json",
     "data/teacher_logits/manifest.json", "models/distilled/model.safetensors", "metrics/distill.json",
@@ -27,6 +27,9 @@ OUTPUTS = [
     "models/transferred/gemma/model.safetensors", "models/transferred/qwen-fvt/tokenizer.json",
     "models/sources/gemma/tokenbridge.json", "models/ensemble/config.json", "metrics/transfer/qwen.csv",
     "reports/transfer.md", "reports/transfer.html", "reports/plots/transfer.png",
+    "models/hypernet/hypernet.pt", "models/hypernet/hypernet.json", "models/hypernet/heldout_tokenizer/tokenizer.json",
+    "metrics/hypernet.json", "metrics/hypernet.csv", "metrics/eval/hypernet.json",
+    "models/hypernet_eval/heldout-hypernet/model.safetensors", "models/hypernet_eval/qwen-fvt/tokenizer.json",
 ]
 
 pytestmark = pytest.mark.integration
@@ -93,6 +96,11 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
         assert (harness["model_dtype"], run["runtime"]["inference_dtype"]) == ("torch.float32", "float32")
     report = (path / "reports/transfer.md").read_text()
     assert all(label in report for label in (*variants, "ensemble"))
+    hypernet = json.loads((path / "metrics/eval/hypernet.json").read_text())
+    compared = [f"{name}.{init}" for name in ("qwen", "heldout") for init in ("fvt", "hypernet")]
+    assert set(hypernet) == {"base", *compared}
+    assert all(scores["bits_per_byte"] > 0 for scores in hypernet.values())
+    assert "Zero-shot transfer: hypernetwork against FVT" in report
 
 
 def test_mlflow_holds_each_stage_run_grouped_under_the_pipeline(repo):
@@ -118,6 +126,8 @@ def test_mlflow_holds_each_stage_run_grouped_under_the_pipeline(repo):
     version = client.get_model_version_by_alias("tokenbridge-student", "candidate")
     assert str(version.version) == "1" and version.run_id == stages["report"].info.run_id
     assert str(client.get_model_version_by_alias("tokenbridge-student", "champion").version) == "1"
+    hypernet = client.get_model_version("tokenbridge-hypernet", "1")
+    assert hypernet.run_id == stages["hypernet"].info.run_id and hypernet.tags["base_model"].startswith("tiny-")
 
 
 def test_a_second_repro_is_a_no_op(repo):

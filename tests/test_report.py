@@ -230,3 +230,22 @@ def test_rendering_again_replaces_the_files_leaves_others_and_no_temporaries(tmp
     ([float("nan"), 50.0, 2.0], True), ([], False)])
 def test_log_scale_only_when_every_value_is_positive_and_they_span_over_ten_fold(values, expected):
     assert use_log_scale(values) is expected
+
+
+def test_the_transfer_report_tables_the_hypernetwork_against_fvt_and_counts_its_wins(tmp_path):
+    from tokenbridge.stages.report import render_transfer
+
+    scores = {"gemma.original": {"bits_per_byte": 1.0}, "gemma.fvt": {"bits_per_byte": 2.0},
+              "gemma.transferred": {"bits_per_byte": 1.5}, "ensemble": {"bits_per_byte": 0.9}}
+    hypernet = {"base": {"bits_per_byte": 0.7}, "qwen.fvt": {"bits_per_byte": 0.9},
+                "qwen.hypernet": {"bits_per_byte": 0.8}, "qwen.fvt_alm": {"bits_per_byte": 0.85},
+                "qwen.hypernet_alm": {"bits_per_byte": 0.75}, "heldout.fvt": {"bits_per_byte": 1.1},
+                "heldout.hypernet": {"bits_per_byte": 1.2}, "heldout.fvt_alm": {"bits_per_byte": 1.0},
+                "heldout.hypernet_alm": {"bits_per_byte": 1.05}}
+    paths = render_transfer(scores, {"gemma": {"fvt": {"exact": 3}, "steps": 2}}, ["gemma"], ["gemma"],
+                            {"name": "ensemble"}, tmp_path, hypernet, {"identity_steps": 20, "steps": 8})
+    assert paths["plot"].exists()
+    text = (tmp_path / "transfer.md").read_text()
+    assert "| tokenizer | FVT | hypernetwork | FVT + ALM | hypernetwork + ALM |" in text
+    assert "| qwen | 0.9000 | 0.8000 | 0.8500 | 0.7500 |" in text
+    assert "beats zero-shot FVT on 1 of 2 tokenizers: qwen" in text

@@ -23,9 +23,9 @@ from tokenbridge.io import read_json, write_jsonl
 from tokenbridge.losses.latents import hidden_state_loss
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.ensemble import EnsembleForCausalLM
+from tokenbridge.models.vocabulary import fvt_rows
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.ensemble import build_ensemble
-from tokenbridge.models.vocabulary import fvt_rows
 from tokenbridge.stages.transfer import init_path, run_transfer, train_transfer
 from tokenbridge.token_bytes import special_ids, vocab_bytes
 

@@ -225,6 +225,18 @@ class PipelineParams(Strict):
         return self
 
     @model_validator(mode="after")
+    def _hypernet_init_fits_the_sources(self) -> PipelineParams:
+        if self.transfer.init != "hypernet":
+            return self
+        base = getattr(self.models, self.hypernet.base)
+        others = [name for name, spec in self.transfer.sources.items() if spec != base]
+        if others:
+            raise ValueError(f"transfer.init hypernet: the hypernetwork serves models.{self.hypernet.base} only, and "
+                             f"transfer.sources {others} are other models; use init: fvt, or make every source "
+                             f"models.{self.hypernet.base}'s spec")
+        return self
+
+    @model_validator(mode="after")
     def _ensemble_members_exist(self) -> PipelineParams:
         known = {"student", "teacher", *self.transfer.sources}
         unknown = [name for name in self.ensemble.members if name not in known]

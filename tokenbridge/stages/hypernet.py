@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenbridge.config import TeacherTruncation
 from tokenbridge.contracts import ContractError, HypernetCard, HypernetMetrics, HypernetTraining, ModelCard, ModelRef
@@ -118,7 +118,7 @@ def identity_warmup(hypernet: Hypernet, rows: torch.Tensor, spellings_of: dict[i
     return error
 
 
-def hypernet_forward(hypernet: Hypernet, student, rows: torch.Tensor, alm: AlmLoss, tied: bool):
+def hypernet_forward(hypernet: Hypernet, student: PreTrainedModel, rows: torch.Tensor, alm: AlmLoss, tied: bool):
     """The training forward for one sampled vocabulary: predict its rows (FVT's where the hypernetwork has no
     spelling: special and missing tokens), run the frozen base model on them, and score ALM (and CE)."""
     embedding, head = on_predicted_rows(student)
