@@ -12,6 +12,7 @@ Run alone: tokenbridge evaluate_hypernet   (or: dvc repro evaluate_hypernet)
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -68,7 +69,11 @@ def evaluate_hypernet(params_file: str = "params.yaml") -> HypernetScores:
             tokenizer_dir = compared_tokenizer(spec)
             for init in INITS:
                 start = HYPERNET_EVAL_DIR / f"{name}-{init}"
+                started = time.perf_counter()
                 retokenized_model(base_dir, tokenizer_dir, start, init, params.transfer.seed, HYPERNET_DIR)
+                seconds = time.perf_counter() - started
+                print(f"evaluate_hypernet: {name}.{init} written in {seconds:.1f} s")
+                tracking.log_metrics({f"{name}.{init}.seconds": seconds})
                 scores[f"{name}.{init}"] = score(f"{name}.{init}", start)
                 if params.evaluate_hypernet.alm:
                     trained = HYPERNET_EVAL_DIR / f"{name}-{init}-alm"

@@ -72,10 +72,11 @@ def standardisation(rows: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, 
 
 def token_pieces(mapping: VocabularyMap, max_pieces: int) -> dict[int, list[int]]:
     """Target id -> the base ids the hypernetwork reads: exact tokens are their own piece, spelled ones at most
-    `max_pieces` pieces of their spelling (ZeTT truncates the same way)."""
+    `max_pieces` pieces of their spelling (ZeTT truncates the same way). Special tokens are left out: they keep
+    FVT's rows (the base row of the same role or name, else their text's spelling)."""
     pieces = {index: [source_id] for index, source_id in mapping.exact.items()}
     pieces.update({index: parts[:max_pieces] for index, parts in mapping.spelled.items()})
-    return pieces
+    return {index: parts for index, parts in pieces.items() if index not in mapping.target_specials}
 
 
 def predict_rows(hypernet: Hypernet, rows: torch.Tensor, pieces: dict[int, list[int]],

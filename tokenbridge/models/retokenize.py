@@ -64,10 +64,13 @@ def hypernet_rows(hypernet_dir: Path, source: PreTrainedTokenizerBase, target: P
     tied = is_tied(model)
     rows = base_rows(input_embeddings(model).detach(), None if tied else output_embeddings(model).detach()).float()
     table = fvt_rows(source, target, rows, seed, mapping)[0]
+    pieces = token_pieces(mapping, card.max_pieces)
     with torch.no_grad():
-        ids, predicted = predict_rows(hypernet, rows, token_pieces(mapping, card.max_pieces))
+        ids, predicted = predict_rows(hypernet, rows, pieces)
     table[ids] = predicted
-    counts = {"special": len(mapping.special), "predicted": len(ids), "random": len(mapping.missing)}
+    specials = set(mapping.special) | mapping.target_specials  # FVT's rows: the base row of their role or name
+    counts = {"special": len(specials), "predicted": len(ids),
+              "random": len([index for index in mapping.missing if index not in specials])}
     width = input_embeddings(model).shape[1]
     return table[:, :width], None if tied else table[:, width:], counts
 

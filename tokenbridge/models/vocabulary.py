@@ -29,6 +29,7 @@ class VocabularyMap:
     exact: dict[int, int]
     spelled: dict[int, list[int]]
     missing: list[int]
+    target_specials: frozenset[int]  # the target's special (added) tokens, whatever rule mapped them
 
     def counts(self) -> dict[str, int]:
         return {"special": len(self.special), "exact": len(self.exact), "fvt": len(self.spelled),
@@ -95,7 +96,7 @@ def vocabulary_map(source: PreTrainedTokenizerBase, target: PreTrainedTokenizerB
             spelled[index] = parts
         else:
             missing.append(index)
-    return VocabularyMap(special, exact, spelled, sorted(missing))
+    return VocabularyMap(special, exact, spelled, sorted(missing), frozenset(target_specials))
 
 
 def fvt_rows(source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, matrix: torch.Tensor,
