@@ -2,7 +2,10 @@
 (ZeTT; docs/algorithms/hypernetwork.md).
 
 1. A tokenizer pool: BPE and Unigram tokenizers trained on the train split's texts at each of
-   `pool_vocab_sizes`; and a held-out BPE tokenizer trained on the test split's texts, never trained on.
+   `pool_vocab_sizes`, and the base tokenizer itself (without its special tokens): the trained ones are as small
+   as the training text, while the tokenizers the hypernetwork meets (Qwen2.5's, Gemma-3's) are as large as the
+   base's and mostly share its tokens; and a held-out BPE tokenizer trained on the test split's texts, never
+   trained on.
 2. Identity warm-up (`identity_steps`): the hypernetwork learns to reproduce the base rows of sampled base tokens,
    each read as its own single piece or as the base's spelling of its bytes split in two.
 3. ALM (`steps`): each step samples a pool tokenizer and a random sub-vocabulary of it, predicts all its rows,
@@ -45,7 +48,7 @@ from tokenbridge.models.hypernet import (
     token_pieces,
 )
 from tokenbridge.models.retokenize import is_tied
-from tokenbridge.models.tokenizer_pool import sub_vocabulary, train_backend, with_chat_format
+from tokenbridge.models.tokenizer_pool import learned_tokens, sub_vocabulary, train_backend, with_chat_format
 from tokenbridge.models.vocabulary import fvt_rows, source_bytes_index, spellings, vocabulary_map
 from tokenbridge.params import HypernetParams
 from tokenbridge.paths import HYPERNET_HELDOUT
@@ -180,8 +183,9 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
     rng = random.Random(params.seed)
     base_tokenizer = load_tokenizer(base_dir)
     texts = _texts(records)
-    pool = {f"{kind}-{size}": train_backend(kind, size, texts)
-            for kind in params.pool_kinds for size in params.pool_vocab_sizes}
+    trained = {f"{kind}-{size}": train_backend(kind, size, texts)
+               for kind in params.pool_kinds for size in params.pool_vocab_sizes}
+    pool = {"base": learned_tokens(base_tokenizer), **trained}
     heldout: Tokenizer = train_backend("bpe", params.heldout_vocab_size, _texts(test_records))
 
     device = runtime.device
