@@ -7,13 +7,24 @@ declares its own options model in its module, and the `distill` section is assem
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from tokenbridge.contracts import EvalMetrics
 
 TokenizerKind = Literal["bpe", "unigram"]  # what the hypernet stage trains its tokenizer pool as
+
+
+def _plain_names(value: dict) -> dict:
+    bad = [name for name in value if not name.isidentifier()]
+    if bad or not value:
+        raise ValueError(f"names must be plain identifiers such as 'gemma' (got {bad or 'none'})")
+    return value
+
+
+V = TypeVar("V")
+Named = Annotated[dict[str, V], AfterValidator(_plain_names)]  # a non-empty map whose names are identifiers
 
 
 class Strict(BaseModel):
@@ -164,17 +175,9 @@ class EvaluateHypernetParams(Strict):
     """Stage `evaluate_hypernet` (docs/hypernet.md#measured-against-fvt): the base model moved onto each tokenizer
     by FVT and by the hypernetwork, each alone and (with `alm`) after the transfer stage's ALM run."""
 
-    tokenizers: dict[str, str] = Field(description="name -> tokenizer: 'teacher', 'student', 'heldout' (the hypernet "
-                                                   "stage's held-out one) or a local HF tokenizer directory")
+    tokenizers: Named[str] = Field(description="name -> tokenizer: 'teacher', 'student', 'heldout' (the hypernet "
+                                               "stage's held-out one) or a local HF tokenizer directory")
     alm: bool = Field(False, description="also run the transfer stage's ALM (transfer.* steps) from each start")
-
-    @field_validator("tokenizers")
-    @classmethod
-    def _names(cls, value: dict) -> dict:
-        bad = [name for name in value if not name.isidentifier()]
-        if bad or not value:
-            raise ValueError(f"tokenizers: names must be plain identifiers such as 'qwen' (got {bad or 'none'})")
-        return value
 
 
 class TrackingParams(Strict):

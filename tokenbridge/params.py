@@ -25,6 +25,7 @@ from tokenbridge.config import (
     EvaluateParams,
     ModelsParams,
     ModelSpec,
+    Named,
     OnPolicyParams,
     ParamsError,
     PrepareParams,
@@ -127,7 +128,7 @@ class TransferParams(Strict):
                                        "directory holding one, or 'byte' (every byte one token, specials kept)")
     init: Literal["fvt", "hypernet"] = Field("fvt", description="starting rows: FVT, or the hypernet stage's "
                                                                  "predictions (only for the model it was trained for)")
-    sources: dict[str, ModelSpec] = Field(description="name -> model moved onto the tokenizer (names: letters, "
+    sources: Named[ModelSpec] = Field(description="name -> model moved onto the tokenizer (names: letters, "
                                                       "digits, '_')")
     embedding_steps: int = Field(ge=0, description="phase 1: only the new embeddings (and untied head) train")
     steps: int = Field(ge=0, description="phase 2: `train` parameters and the embeddings")
@@ -144,14 +145,6 @@ class TransferParams(Strict):
     hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
-
-    @field_validator("sources")
-    @classmethod
-    def _source_names(cls, value: dict) -> dict:
-        bad = [name for name in value if not name.isidentifier()]
-        if bad or not value:
-            raise ValueError(f"sources: names must be plain identifiers such as 'gemma' (got {bad or 'none'})")
-        return value
 
 
 class HypernetParams(Strict):
