@@ -186,9 +186,13 @@ def test_only_the_hypernetwork_receives_gradients(tiny_params, tiny_dirs, prepar
     module = TrainingModule(student, torch.nn.ModuleDict({"hypernet": hypernet}),
                             lambda *args: forward(vocabulary, *args))
     engine = Engine(module, torch.optim.AdamW(hypernet.parameters(), lr=1e-3), FP32, Ranks(), 1.0)
+    untrained = forward(vocabulary, batch, teacher.view(batch), ["alm", "identity"], False)
+    assert float(untrained["identity"].parts[0].value) == 0, "an untrained hypernetwork keeps the shared rows"
+    assert untrained["identity"].parts[0].count > 0
     torch.nn.init.normal_(hypernet.out.weight, std=0.1)  # away from the stationary point at the base rows
-    result = engine.step([batch], [teacher.view(batch)], {"alm": 1.0, "sft": 1.0}, 1e-3, "test step")
-    assert result.grad_norm > 0
+    result = engine.step([batch], [teacher.view(batch)], {"alm": 1.0, "sft": 1.0, "identity": 1.0}, 1e-3,
+                         "test step")
+    assert result.grad_norm > 0 and result.values["identity"] > 0
     assert all(parameter.grad is None for parameter in student.parameters())
     assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in hypernet.parameters())
 

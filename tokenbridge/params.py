@@ -173,6 +173,8 @@ class HypernetParams(Strict):
     max_length: int = Field(512, ge=32, description="examples longer than this (base tokens) are skipped")
     loss: list[Literal["alm", "sft"]] = Field(["alm"], min_length=1,
                                               description="alm, optionally with next-token CE (sft), equal weights")
+    identity_weight: float = Field(1.0, ge=0, description="ALM steps: weight of the auxiliary loss keeping the rows "
+                                                          "of tokens the base has near the base rows (0: off)")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
 

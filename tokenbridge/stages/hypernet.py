@@ -10,7 +10,9 @@
    each read as its own single piece or as the base's spelling of its bytes split in two.
 3. ALM (`steps`): each step samples a pool tokenizer and a random sub-vocabulary of it, predicts all its rows,
    runs the frozen base model with them on a batch in that tokenizer, and trains only the hypernetwork with ALM
-   against the base model on its own tokenizer (self-distillation), plus next-token CE when `loss` has `sft`.
+   against the base model on its own tokenizer (self-distillation), plus next-token CE when `loss` has `sft`,
+   plus ZeTT's auxiliary loss (`identity_weight`): the rows predicted for tokens the base also has stay near the
+   base rows, so training on other vocabularies does not drift the rows every vocabulary shares.
 
 Inputs: data/prepared/{train,test}.jsonl (texts), the base role's model directory. Outputs: models/hypernet/
 (hypernet.pt, hypernet.json, pool/<name>/ and heldout_tokenizer/, each a HF tokenizer in the base's chat format),
@@ -33,7 +35,7 @@ from tokenbridge.contracts import ContractError, HypernetCard, HypernetMetrics, 
 from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.alm import AlmLoss
-from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
+from tokenbridge.losses.base import LossOutput, LossSetup, Mean, TeacherView
 from tokenbridge.losses.sft import sft_mean
 from tokenbridge.models import input_embeddings, load_model, load_tokenizer, output_embeddings, save_tokenizer
 from tokenbridge.models.gguf import default_cache_dir
@@ -64,7 +66,8 @@ from tokenbridge.training.teachers import LiveTeacher, Teacher
 from tokenbridge.training.views import student_view
 
 CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
-HISTORY_COLUMNS = ("step", "phase", "loss", "tokenizer", "vocab_size", "learning_rate", "grad_norm", "seconds")
+HISTORY_COLUMNS = ("step", "phase", "loss", "alm_loss", "identity_error", "tokenizer", "vocab_size", "learning_rate",
+                   "grad_norm", "seconds")
 
 
 def _texts(records: list[dict]) -> list[str]:
@@ -115,15 +118,16 @@ def identity_warmup(hypernet: Hypernet, rows: torch.Tensor, spellings_of: dict[i
         grad_norm = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), params.max_grad_norm)
         optimizer.step()
         error = loss.item()
-        history.append({"step": step + 1, "phase": "identity", "loss": error, "tokenizer": "base",
-                        "vocab_size": len(chosen), "learning_rate": rate, "grad_norm": float(grad_norm),
-                        "seconds": time.perf_counter() - started})
+        history.append({"step": step + 1, "phase": "identity", "loss": error, "identity_error": error,
+                        "tokenizer": "base", "vocab_size": len(chosen), "learning_rate": rate,
+                        "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started})
     return error
 
 
 def hypernet_forward(hypernet: Hypernet, student: PreTrainedModel, rows: torch.Tensor, alm: AlmLoss, tied: bool):
     """The training forward for one sampled vocabulary: predict its rows (FVT's where the hypernetwork has no
-    spelling: special and missing tokens), run the frozen base model on them, and score ALM (and CE)."""
+    spelling: special and missing tokens), run the frozen base model on them, and score ALM (and CE), and the
+    auxiliary loss keeping the rows of the tokens the base shares near the base rows (`identity`)."""
     embedding, head = on_predicted_rows(student)
     width = rows.shape[1] if tied else rows.shape[1] // 2
 
@@ -139,6 +143,10 @@ def hypernet_forward(hypernet: Hypernet, student: PreTrainedModel, rows: torch.T
         outputs = {"alm": alm(view, teacher, batch.alignment)}
         if "sft" in names:
             outputs["sft"] = LossOutput((sft_mean(view.token_logprobs, view.loss_mask),))
+        if "identity" in names:
+            targets, sources = vocabulary["shared"]
+            error = ((table[targets] - rows[sources]) / hypernet.std).pow(2).mean(-1)
+            outputs["identity"] = LossOutput((Mean(error.mean() if len(targets) else error.sum(), len(targets)),))
         return outputs
 
     return forward
@@ -147,9 +155,13 @@ def hypernet_forward(hypernet: Hypernet, student: PreTrainedModel, rows: torch.T
 def sampled_vocabulary(base: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase, rows: torch.Tensor,
                        params: HypernetParams) -> dict:
     """What one step's forward needs about its vocabulary: its size, each token's pieces, the rows the
-    hypernetwork does not predict (FVT's: special and missing tokens) and its word-start mask."""
+    hypernetwork does not predict (FVT's: special and missing tokens), the tokens it shares with the base (target
+    ids, base ids) and its word-start mask."""
     mapping = vocabulary_map(base, tokenizer)
+    pairs = [(index, source) for index, source in mapping.exact.items() if index not in mapping.target_specials]
+    shared = torch.tensor(pairs, dtype=torch.long, device=rows.device).reshape(-1, 2)
     return {"size": len(tokenizer), "pieces": token_pieces(mapping, params.max_pieces),
+            "shared": (shared[:, 0], shared[:, 1]),
             "fixed": fvt_rows(base, tokenizer, rows.cpu(), params.seed, mapping)[0].to(rows.device),
             "boundary": boundary_mask(tokenizer, len(tokenizer)).to(rows.device)}
 
@@ -214,7 +226,7 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
                             lambda *args: forward(vocabulary, *args))
     engine = Engine(module, torch.optim.AdamW(hypernet.parameters(), lr=params.learning_rate, weight_decay=0.0),
                     runtime, Ranks(), params.max_grad_norm)
-    weights: dict[str, float] = {name: 1.0 for name in params.loss}
+    weights: dict[str, float] = {**{name: 1.0 for name in params.loss}, "identity": params.identity_weight}
     losses = []
     for step in tqdm(range(params.steps), desc="hypernet (alm)", unit="step"):
         started = time.perf_counter()
@@ -228,7 +240,8 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
         rate = learning_rate(step, params.steps, params.learning_rate, min(params.warmup_steps, params.steps))
         result = engine.step([batch], [teacher.view(batch)], weights, rate, f"hypernet step {step}")
         losses.append(result.loss)
-        history.append({"step": step + 1, "phase": "alm", "loss": result.loss, "tokenizer": name,
+        history.append({"step": step + 1, "phase": "alm", "loss": result.loss, "alm_loss": result.values["alm"],
+                        "identity_error": result.values.get("identity"), "tokenizer": name,
                         "vocab_size": len(tokenizer), "learning_rate": rate, "grad_norm": result.grad_norm,
                         "seconds": time.perf_counter() - started})
 
