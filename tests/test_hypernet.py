@@ -225,3 +225,37 @@ def test_the_transfer_stage_starts_from_the_hypernetwork_with_init_hypernet(tiny
                            tmp_path / "history.csv", params, FP32, hypernet_dir)
     assert summary.hypernet and summary.fvt is None and summary.steps == 1
     assert ModelCard.of(init_path(tmp_path / "moved", "hypernet")).hypernet == summary.hypernet
+
+
+def test_an_untied_head_gets_its_own_predicted_rows(tiny_params, tiny_dirs, prepared, tmp_path):
+    untied_dir = tmp_path / "untied"
+    model = load_model(tiny_dirs["student"])
+    model.config.tie_word_embeddings = False
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    head.weight.data = torch.randn_like(input_embeddings(model).detach())  # unlike the input rows
+    model.lm_head = head
+    model.save_pretrained(untied_dir)
+    copy_tokenizer_files(tiny_dirs["student"], untied_dir)
+    ModelCard.of(tiny_dirs["student"]).model_copy(update={"name": "tiny-untied"}).write(untied_dir / MODEL_CARD)
+    reloaded = load_model(untied_dir)
+    assert reloaded.get_output_embeddings().weight.data_ptr() != input_embeddings(reloaded).data_ptr()
+
+    params = tiny_params.hypernet.model_copy(update={"steps": 1, "identity_steps": 2})
+    card = train_hypernet(prepared, untied_dir, tmp_path / "hypernet", tmp_path / "history.csv", params, FP32)
+    assert not card.tied and card.width == 2 * model.config.hidden_size
+    retokenized_model(untied_dir, tiny_dirs["teacher"], tmp_path / "moved", "hypernet", 0, tmp_path / "hypernet")
+    moved = load_model(tmp_path / "moved")
+    inputs, outputs = input_embeddings(moved).detach(), moved.get_output_embeddings().weight.detach()
+    mapping = vocabulary_map(load_tokenizer(untied_dir), load_tokenizer(tmp_path / "moved"))
+    for index, source in mapping.special.items():
+        assert torch.equal(inputs[index], input_embeddings(reloaded)[source])
+        assert torch.equal(outputs[index], reloaded.get_output_embeddings().weight[source])
+    spelled = list(mapping.spelled)
+    assert not torch.allclose(inputs[spelled], outputs[spelled])
+    # A short training leaves each half near FVT's mean of its own base rows: the head's predictions come from the
+    # base head's rows, not from the input rows.
+    base, target = load_tokenizer(untied_dir), load_tokenizer(tmp_path / "moved")
+    fvt_head = fvt_rows(base, target, reloaded.get_output_embeddings().weight.detach(), mapping=mapping)[0]
+    fvt_inputs = fvt_rows(base, target, input_embeddings(reloaded).detach(), mapping=mapping)[0]
+    assert (outputs[spelled] - fvt_head[spelled]).norm() < 0.5 * (outputs[spelled] - fvt_inputs[spelled]).norm()
+    assert (inputs[spelled] - fvt_inputs[spelled]).norm() < 0.5 * (inputs[spelled] - fvt_head[spelled]).norm()
