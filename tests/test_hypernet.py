@@ -174,7 +174,7 @@ def test_only_the_hypernetwork_receives_gradients(tiny_params, tiny_dirs, prepar
     hypernet = Hypernet(rows.shape[1], params.layers, params.heads, params.max_pieces,
                         *standardisation(rows, len(base)))
     tokenizer = with_chat_format(sub_vocabulary(train_backend("unigram", 500, texts), 0.7, random.Random(1)), base)
-    vocabulary = sampled_vocabulary(base, tokenizer, rows, params)
+    vocabulary = sampled_vocabulary(base, tokenizer, rows, rows.device, params)
     records = read_jsonl(prepared / "train.jsonl")[:2]
     table = vocab_bytes(base)
     teachers = [encode_example(base, r["question"], r["answer"], table) for r in records]

@@ -42,7 +42,7 @@ def hypernet(params_file: str = "params.yaml") -> HypernetMetrics:
         card = train_hypernet(PREPARED_DIR, base_dir, HYPERNET_DIR, HYPERNET_HISTORY, params.hypernet, runtime)
         metrics = hypernet_metrics(card)
         metrics.write(HYPERNET_METRICS)
-        tracking.log_metrics({key: value for key, value in metrics.model_dump(exclude_none=True).items()})
+        tracking.log_metrics(metrics.model_dump(exclude_none=True))
         tracking.log_artifact(HYPERNET_HISTORY)
         module = load_hypernet(HYPERNET_DIR, card.width, card.layers, card.heads, card.max_pieces)
         version = tracking.register_hypernet(module, HYPERNET_DIR, params.tracking.registered_hypernet,

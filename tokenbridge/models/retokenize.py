@@ -54,11 +54,12 @@ def hypernet_for(hypernet_dir: Path, source_dir: Path) -> HypernetCard:
     return card
 
 
-def hypernet_rows(hypernet_dir: Path, source: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase,
-                  model: PreTrainedModel, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, int]]:
+def hypernet_rows(hypernet_dir: Path, card: HypernetCard, source: PreTrainedTokenizerBase,
+                  target: PreTrainedTokenizerBase, model: PreTrainedModel,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, int]]:
     """(input rows, head rows or None when tied, counts) for `target`: FVT's rows, with every token the
-    hypernetwork can spell replaced by its prediction (special tokens keep their base rows)."""
-    card = HypernetCard.read(Path(hypernet_dir) / CARD)
+    hypernetwork (in `hypernet_dir`, described by `card`) can spell replaced by its prediction (special tokens
+    keep their base rows)."""
     hypernet = load_hypernet(hypernet_dir, card.width, card.layers, card.heads, card.max_pieces).eval()
     mapping = vocabulary_map(source, target)
     tied = is_tied(model)
@@ -84,11 +85,13 @@ def retokenized_model(source_dir: Path, target_dir: Path | None, out_dir: Path, 
     model = load_model(source_dir, torch.float32)
     if init == "hypernet":
         assert hypernet_dir is not None, "init: hypernet needs the hypernetwork's directory"
-        hypernet_for(hypernet_dir, source_dir)
-        inputs, head, counts = hypernet_rows(hypernet_dir, source, tokenizer, model, seed)
+        inputs, head, counts = hypernet_rows(hypernet_dir, hypernet_for(hypernet_dir, source_dir), source, tokenizer,
+                                             model, seed)
     else:
-        inputs, counts = fvt_rows(source, tokenizer, input_embeddings(model).detach(), seed)
-        head = None if is_tied(model) else fvt_rows(source, tokenizer, output_embeddings(model).detach(), seed)[0]
+        mapping = vocabulary_map(source, tokenizer)  # once for both matrices: spelling a large vocabulary costs
+        inputs, counts = fvt_rows(source, tokenizer, input_embeddings(model).detach(), seed, mapping)
+        head = None if is_tied(model) else fvt_rows(source, tokenizer, output_embeddings(model).detach(), seed,
+                                                    mapping)[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     input_embeddings(model).data.copy_(inputs)
     if head is not None:

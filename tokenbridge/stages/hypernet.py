@@ -152,18 +152,19 @@ def hypernet_forward(hypernet: Hypernet, student: PreTrainedModel, rows: torch.T
     return forward
 
 
-def sampled_vocabulary(base: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase, rows: torch.Tensor,
-                       params: HypernetParams) -> dict:
-    """What one step's forward needs about its vocabulary: its size, each token's pieces, the rows the
+def sampled_vocabulary(base: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase, host_rows: torch.Tensor,
+                       device: torch.device, params: HypernetParams) -> dict:
+    """What one step's forward needs about its vocabulary, on `device`: its size, each token's pieces, the rows the
     hypernetwork does not predict (FVT's: special and missing tokens), the tokens it shares with the base (target
-    ids, base ids) and its word-start mask."""
+    ids, base ids) and its word-start mask. `host_rows`: the base rows on the CPU, where FVT's per-token copies
+    run (kept there once, not copied off the device every step)."""
     mapping = vocabulary_map(base, tokenizer)
     pairs = [(index, source) for index, source in mapping.exact.items() if index not in mapping.target_specials]
-    shared = torch.tensor(pairs, dtype=torch.long, device=rows.device).reshape(-1, 2)
+    shared = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
     return {"size": len(tokenizer), "pieces": token_pieces(mapping, params.max_pieces),
             "shared": (shared[:, 0], shared[:, 1]),
-            "fixed": fvt_rows(base, tokenizer, rows.cpu(), params.seed, mapping)[0].to(rows.device),
-            "boundary": boundary_mask(tokenizer, len(tokenizer)).to(rows.device)}
+            "fixed": fvt_rows(base, tokenizer, host_rows, params.seed, mapping)[0].to(device),
+            "boundary": boundary_mask(tokenizer, len(tokenizer)).to(device)}
 
 
 def sampled_batch(tokenizer: PreTrainedTokenizerBase, records: list[dict], teachers: list[Encoded],
@@ -227,13 +228,14 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
     engine = Engine(module, torch.optim.AdamW(hypernet.parameters(), lr=params.learning_rate, weight_decay=0.0),
                     runtime, Ranks(), params.max_grad_norm)
     weights: dict[str, float] = {**{name: 1.0 for name in params.loss}, "identity": params.identity_weight}
+    host_rows = rows.cpu()
     losses = []
     for step in tqdm(range(params.steps), desc="hypernet (alm)", unit="step"):
         started = time.perf_counter()
         name = rng.choice(sorted(pool))
         tokenizer = with_chat_format(sub_vocabulary(pool[name], rng.uniform(params.sub_vocabulary_min, 1.0), rng),
                                      base_tokenizer)
-        vocabulary.update(sampled_vocabulary(base_tokenizer, tokenizer, rows, params))
+        vocabulary.update(sampled_vocabulary(base_tokenizer, tokenizer, host_rows, device, params))
         indices = [usable[i] for i in batch_indices(step, params.batch_size, len(usable), len(usable), params.seed)]
         batch = sampled_batch(tokenizer, [records[i] for i in indices], teacher.examples(indices)[0],
                               teacher.teacher.boundary, vocabulary["boundary"]).to(device)
