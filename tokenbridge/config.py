@@ -7,9 +7,10 @@ declares its own options model in its module, and the `distill` section is assem
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tokenbridge.contracts import EvalMetrics
 
@@ -17,9 +18,12 @@ TokenizerKind = Literal["bpe", "unigram"]  # what the hypernet stage trains its 
 
 
 def _plain_names(value: dict) -> dict:
+    if not value:
+        raise ValueError("is empty: give at least one name: value entry (in a profile, an empty mapping replaces the "
+                         "top-level one rather than merging into it)")
     bad = [name for name in value if not name.isidentifier()]
-    if bad or not value:
-        raise ValueError(f"names must be plain identifiers such as 'gemma' (got {bad or 'none'})")
+    if bad:
+        raise ValueError(f"names must be plain identifiers such as 'gemma' (got {bad})")
     return value
 
 
@@ -27,10 +31,47 @@ V = TypeVar("V")
 Named = Annotated[dict[str, V], AfterValidator(_plain_names)]  # a non-empty map whose names are identifiers
 
 
-class Strict(BaseModel):
-    """Base model: unknown keys are errors, values are checked on assignment too."""
+def _bool_for_a_number(value: Any, annotation: Any) -> bool:
+    """Whether `value` holds a bool where `annotation` wants an int or float. Pydantic's lax mode reads YAML's
+    `true` as 1 there (`steps: true` would train one step), and strict mode would also refuse the strings PyYAML
+    makes of `1e-4`, so bools alone are refused."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _bool_for_a_number(value, args[0])
+    if isinstance(value, bool):
+        kinds = args if origin in (Union, UnionType) else (annotation,)
+        return bool not in kinds and (int in kinds or float in kinds)
+    if isinstance(value, list) and origin is list:
+        return any(_bool_for_a_number(item, args[0]) for item in value)
+    if isinstance(value, dict) and origin is dict:
+        return any(_bool_for_a_number(item, args[1]) for item in value.values())
+    return False
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors, values are checked on assignment too, and a number is a finite number
+    (no YAML bool, no .inf or .nan), since any of those would train on silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        """A model-level check: a field-level `before` validator is not allowed on a discriminator (`source`)."""
+        for key, value in data.items() if isinstance(data, dict) else ():
+            field = cls.model_fields.get(key)
+            if field is not None and _bool_for_a_number(value, field.annotation):
+                raise ValueError(f"{key}: true/false is not a number (YAML would read it as 1 or 0): write the number")
+        return data
+
+
+def existing_tokenizer(spec: str, names: tuple[str, ...]) -> str:
+    """`spec` when it is one of `names` or a directory holding a tokenizer.json (relative to the project root, where
+    every command runs): a mistyped path stops the run at load, not when its stage starts."""
+    if spec in names or (Path(spec).expanduser() / "tokenizer.json").is_file():
+        return spec
+    raise ValueError(f"{spec!r} is neither {', '.join(map(repr, names))} nor a directory holding a tokenizer.json "
+                     "(paths are relative to the project root): fix the path, or name one of those")
 
 
 class GgufModelSpec(Strict):
@@ -80,6 +121,13 @@ class PrepareParams(Strict):
     test_template_fraction: float = Field(0.2, gt=0, lt=1, description="share of gsm_symbolic templates held out")
     max_length: int = Field(ge=32, description="examples longer than this (tokens, either model) are dropped")
     seed: int = 1234
+
+    @field_validator("train_jsonl", "test_jsonl")
+    @classmethod
+    def _jsonl_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and info.data.get("source") == "jsonl" and not Path(value).is_file():
+            raise ValueError(f"{value!r} is not a file (paths are relative to the project root): fix the path")
+        return value
 
     @model_validator(mode="after")
     def _jsonl_paths_given(self) -> PrepareParams:
@@ -179,12 +227,29 @@ class EvaluateHypernetParams(Strict):
                                                "stage's held-out one) or a local HF tokenizer directory")
     alm: bool = Field(False, description="also run the transfer stage's ALM (transfer.* steps) from each start")
 
+    @field_validator("tokenizers")
+    @classmethod
+    def _tokenizers_exist(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, spec in value.items():
+            try:
+                existing_tokenizer(spec, ("teacher", "student", "heldout"))
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+        return value
+
 
 class TrackingParams(Strict):
     experiment: str = "tokenbridge"
     registered_model: str = "tokenbridge-student"
     registered_hypernet: str = "tokenbridge-hypernet"
     primary_metric: Literal["gsm_exact_match", "bits_per_byte"] = "gsm_exact_match"
+
+    @field_validator("experiment", "registered_model", "registered_hypernet")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty: MLflow needs a name here, such as 'tokenbridge'")
+        return value
 
     @property
     def higher_is_better(self) -> bool:

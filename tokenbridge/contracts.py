@@ -140,6 +140,7 @@ class PerRole(Record, Generic[T]):
 class SplitSummary(Record):
     examples: int
     dropped_too_long: int
+    dropped_unalignable: int  # a model's chat template or tokenizer cannot keep the content byte for byte
     tokens: PerRole[int]
     sha256: PerRole[str]  # of `<split>.<role>.jsonl`: what downstream stages key their saved progress on
 

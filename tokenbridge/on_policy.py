@@ -11,7 +11,8 @@ training example becomes prompt + sample. For the teacher:
 
 A sample is text only as far as its bytes decode: the teacher reads the longest prefix of the sample made
 of non-special tokens that is valid UTF-8 (a byte-level student can stop inside a character), followed by
-its end-of-turn token only when the sample ended there. Student tokens past that prefix align with nothing.
+its end-of-turn token only when the sample ended there. Student tokens past that prefix align with nothing, and
+so does the whole sample when the teacher's vocabulary cannot spell it (SmolLM2 has no token for some bytes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tokenbridge.config import OnPolicyParams
-from tokenbridge.data.chat import Encoded, encode_continuation, encode_prompt
+from tokenbridge.data.chat import Encoded, UnalignableExample, encode_continuation, encode_prompt
 from tokenbridge.data.padding import left_pad
 from tokenbridge.sampling import completions, decode, sample_next
 from tokenbridge.token_bytes import special_ids, vocab_bytes
@@ -101,6 +102,9 @@ class OnPolicySampler:
             else:
                 answer = valid_text(text)
                 complete = ended and len(answer.encode("utf-8")) == len(text)
-                teachers.append(encode_continuation(self.teacher_tokenizer, question, answer, complete,
-                                                    self.teacher_table))
+                try:
+                    teachers.append(encode_continuation(self.teacher_tokenizer, question, answer, complete,
+                                                        self.teacher_table))
+                except UnalignableExample:  # the teacher's vocabulary cannot spell the sample: it aligns with nothing
+                    teachers.append(encode_prompt(self.teacher_tokenizer, question, self.teacher_table))
         return students, teachers

@@ -12,11 +12,13 @@ loss classes (`tokenbridge/losses/`), so a new loss needs no edit here.
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from tokenbridge.config import (
     DEFAULT_PARAMS,
@@ -35,9 +37,28 @@ from tokenbridge.config import (
     TeacherTruncation,
     TokenizerKind,
     TrackingParams,
+    existing_tokenizer,
 )
 from tokenbridge.losses.alm import AlmParams
 from tokenbridge.losses.registry import LOSSES, params_sections
+
+
+def _warmup_fits(warmup: int, info: ValidationInfo, phases: tuple[str, ...]) -> int:
+    """`warmup_steps`, refused when longer than a (non-empty) phase it warms up: it would outlast the phase."""
+    for phase in phases:
+        steps = info.data.get(phase)
+        if steps and warmup > steps:
+            raise ValueError(f"{warmup} is more than {phase} ({steps}): a warm-up cannot outlast the steps it ramps; "
+                             f"set warmup_steps to at most {steps}")
+    return warmup
+
+
+def _listed_once(names: list[str], fix: str) -> list[str]:
+    """`names`, refused when one is listed twice: the losses are keyed by name, so it would silently count once."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{twice} listed more than once: {fix}")
+    return names
 
 
 class DistillCommonParams(Strict):
@@ -72,6 +93,27 @@ class DistillCommonParams(Strict):
     @property
     def losses(self) -> list[str]:
         return [self.loss] if isinstance(self.loss, str) else list(self.loss)
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_the_steps(cls, value: int, info: ValidationInfo) -> int:
+        return _warmup_fits(value, info, ("steps",))
+
+    @field_validator("loss")
+    @classmethod
+    def _each_loss_once(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            _listed_once(value, "list each loss once (loss_weights sets how much one counts)")
+        return value
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _weights_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        """The engine leaves out terms weighted 0 or less, so such a weight would drop its loss silently."""
+        bad = {name: weight for name, weight in value.items() if weight <= 0}
+        if bad:
+            raise ValueError(f"{bad}: a weight must be > 0; to leave a loss out, remove it from loss instead")
+        return value
 
     @model_validator(mode="after")
     def _losses_are_usable(self) -> DistillCommonParams:
@@ -138,13 +180,23 @@ class TransferParams(Strict):
     batch_size: int = Field(2, ge=1)
     learning_rate: float = Field(1e-4, gt=0, description="phase 2 peak; linear warm-up then decay")
     embedding_learning_rate: float = Field(1e-3, gt=0, description="phase 1 peak")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up of each phase (at most its steps)")
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=32,
                             description="training examples longer than this (tokens, either side) are skipped")
     hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, value: str) -> str:
+        return existing_tokenizer(value, ("student", "teacher", "byte"))
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_each_phase(cls, value: int, info: ValidationInfo) -> int:
+        return _warmup_fits(value, info, ("embedding_steps", "steps"))
 
 
 class HypernetParams(Strict):
@@ -177,6 +229,16 @@ class HypernetParams(Strict):
                                                           "of tokens the base has near the base rows (0: off)")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_the_steps(cls, value: int, info: ValidationInfo) -> int:
+        return _warmup_fits(value, info, ("steps",))
+
+    @field_validator("loss")
+    @classmethod
+    def _each_loss_once(cls, value: list[str]) -> list[str]:
+        return _listed_once(value, "list each loss once")
 
 
 class PipelineParams(Strict):
@@ -242,34 +304,63 @@ class PipelineParams(Strict):
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base` key by key. A mapping that is empty or names a `source` (a model) replaces the base one
+    whole: a profile can swap a model, or clear a mapping (`loss_weights: {}`) that merging could never empty."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and "source" not in value:
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict) and "source" not in value:
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
 
 
+_KEYED = re.compile(r"([A-Za-z_][\w.]*): (.*)", re.DOTALL)  # a section's check naming its key: "loss: ..."
+
+
 def _format_errors(error: ValidationError, prefix: str) -> str:
     lines = []
     for item in error.errors():
-        path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        loc, value = [prefix, *item["loc"]], item.get("input")
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (remove it or check its spelling; see docs/parameters.md)")
+            message = "unknown key (remove it or check its spelling; see docs/parameters.md)"
         else:
+            message = str(item["ctx"]["error"]) if item["type"] == "value_error" else item["msg"]
             allowed = item.get("ctx", {}).get("expected")
-            hint = f" (allowed: {allowed})" if allowed and str(allowed) not in item["msg"] else ""
-            lines.append(f"  {path}: {item['msg']}{hint}; got {item.get('input')!r}")
+            hint = f" (allowed: {allowed})" if allowed and str(allowed) not in message else ""
+            keyed = _KEYED.fullmatch(message) if isinstance(value, dict) else None
+            if keyed:
+                loc.append(keyed[1])
+                message = keyed[2]
+            message += hint + ("" if isinstance(value, dict) else f"; got {value!r}")
+        path = ".".join(str(part) for part in loc if part != "")
+        lines.append(f"  {path}: {message}" if path else f"  {message}")
     return "\n".join(lines)
+
+
+def _profiles(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `profiles` section, checked to map each name to a mapping of overrides: anything else fails in the merge."""
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ParamsError("profiles: expected a mapping of name -> overrides, such as `tiny: {distill: {steps: 4}}`; "
+                          f"got a {type(profiles).__name__}")
+    for name, overrides in profiles.items():
+        if not isinstance(overrides, dict):
+            raise ParamsError(f"profiles.{name}: expected a mapping of the sections it overrides, such as "
+                              f"`distill: {{steps: 4}}`; got {overrides!r} (remove the profile, or give its overrides)")
+        for section, value in overrides.items():
+            if value == {}:  # would replace the whole section (`_deep_merge`), not leave it as it is
+                raise ParamsError(f"profiles.{name}.{section}: an empty section overrides nothing: remove it, or give "
+                                  "the keys it overrides")
+    return profiles
 
 
 def resolve(raw: dict[str, Any], profile: str | None = None) -> PipelineParams:
     """Apply `profiles[profile]` over the top-level values and validate the result."""
-    raw = copy.deepcopy(raw)
-    profiles = raw.pop("profiles", {}) or {}
+    profiles = _profiles(raw)
+    raw = {key: value for key, value in raw.items() if key != "profiles"}
     name = profile or raw.get("profile", "default")
-    if name != "default" and name not in profiles:
+    if not isinstance(name, str) or (name != "default" and name not in profiles):
         raise ParamsError(f"profile: unknown profile {name!r}; allowed: default, {', '.join(profiles)}")
     merged = _deep_merge(raw, profiles.get(name, {}))
     merged["profile"] = name
@@ -281,13 +372,41 @@ def resolve(raw: dict[str, Any], profile: str | None = None) -> PipelineParams:
         raise ParamsError(f"invalid {where}:\n{_format_errors(error, prefix)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        first_line: dict[Hashable, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            mark = key_node.start_mark
+            if isinstance(key, Hashable) and key in first_line:
+                raise ParamsError(f"{mark.name}:{mark.line + 1}:{mark.column + 1}: key {key!r} is given twice in one "
+                                  f"mapping (first on line {first_line[key]}): keep one (YAML would use the last)")
+            first_line[key] = mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: Path = DEFAULT_PARAMS, profile: str | None = None) -> PipelineParams:
     """Load and validate params.yaml. Every profile is checked, then the selected one is returned."""
     if not Path(path).exists():
         raise ParamsError(f"{path} not found: run from the project root, or pass --params PATH")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    with open(path, "rb") as handle:
+        try:
+            raw = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = ", ".join(part for part in (error.context, error.problem) if part)
+            raise ParamsError(f"{where}: not valid YAML ({problem}): fix it there (indentation, a ':' after each key, "
+                              "closed quotes and brackets)") from None
+        except yaml.reader.ReaderError as error:  # bytes that are not text
+            raise ParamsError(f"{path}: not readable as YAML ({error.reason} at position {error.position}): save it "
+                              "as UTF-8 text") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    for other in ["default", *(raw.get("profiles") or {})]:
+    for other in ["default", *_profiles(raw)]:
         resolve(raw, other)
     return resolve(raw, profile)

@@ -54,6 +54,9 @@ def write_shard(path: Path, examples: list[dict[str, np.ndarray]]) -> int:
 
 def read_shard(path: Path, expected_sha256: str | None = None) -> list[dict[str, torch.Tensor]]:
     """Verify (when a checksum is given), decompress and split a shard into examples."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: rerun 'dvc repro teacher_logits': it re-extracts the shards the "
+                                "manifest lists but the folder lacks")
     if expected_sha256 is not None and (actual := sha256_file(path)) != expected_sha256:
         raise ValueError(f"{path} is corrupted: its sha256 is {actual}, the manifest says {expected_sha256}. "
                          "Rerun 'dvc repro teacher_logits': it re-extracts shards whose checksum does not match")

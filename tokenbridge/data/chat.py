@@ -7,8 +7,16 @@ Teacher and student see the same content bytes but different template text. Ever
     [P, P+R)      the answer's UTF-8 bytes
     [P+R, P+R+1)  one placeholder byte for the model's end-of-turn token (so both models' EOS align)
 
-Tokens that cover template text (or straddle template and content) get no span; they are masked out of
-cross-tokenizer losses rather than force-aligned (docs/algorithms/design.md#bytes-not-characters).
+Where the content sits comes from the template's structure, never from a text search: the template renders
+private-use sentinels in place of the question and the answer, and the text between them is the template's own
+(`chat_layout`). The real rendering must be exactly that layout with the content put back; a template that
+rewrites content (trims it, for example) makes the example unalignable for that model (`UnalignableExample`),
+and `prepare` skips and counts it.
+
+Each piece is tokenized on its own, as torchtune does: template text with its special tokens, and the question
+and the answer as plain text, so a special-token string inside them (`<|im_end|>` typed by a user) is text,
+never a control token, and no token straddles template and content. On the real models' templates this gives
+the same ids as tokenizing the whole rendered text (docs/stages.md#prepare).
 """
 
 from __future__ import annotations
@@ -18,6 +26,15 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from tokenbridge.token_bytes import byte_offsets
+
+# Private-use characters: no template writes them, and whitespace trimming leaves them alone.
+QUESTION_SENTINEL = "\ue000question\ue001"
+ANSWER_SENTINEL = "\ue000answer\ue001"
+
+
+class UnalignableExample(ValueError):
+    """This model cannot read this example's content byte for byte: its template rewrites the text, or its
+    tokenizer normalises it. Such an example is skipped (and counted), not force-aligned."""
 
 
 @dataclass(frozen=True)
@@ -38,39 +55,60 @@ class Encoded:
                    [bool(m) for m in record["loss_mask"]])
 
 
-def chat_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
+@dataclass(frozen=True)
+class ChatLayout:
+    """A rendered chat as template text around the content: `before + question + between + answer + after`
+    (with a generation prompt: `before + question + between`, which ends where the model's answer starts)."""
+
+    before: str
+    between: str
+    after: str
+
+
+def _messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
     messages = [{"role": "user", "content": question}]
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
 
 
-def _byte_index(text: str, char_index: int) -> int:
-    return len(text[:char_index].encode("utf-8"))
-
-
-def _chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-               add_generation_prompt: bool = False) -> str:
-    """The messages rendered by the chat template, as text."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _chat_text(tokenizer: PreTrainedTokenizerBase, question: str, answer: str | None) -> str:
+    """The messages rendered by the chat template, as text; without an answer, up to the generation prompt."""
+    text = tokenizer.apply_chat_template(_messages(question, answer), tokenize=False,
+                                         add_generation_prompt=answer is None)
     assert isinstance(text, str)  # tokenize=False renders text; transformers types every return form
     return text
+
+
+def chat_layout(tokenizer: PreTrainedTokenizerBase, with_answer: bool) -> ChatLayout:
+    """The template's text around the question and the answer, found by rendering sentinels in their place."""
+    text = _chat_text(tokenizer, QUESTION_SENTINEL, ANSWER_SENTINEL if with_answer else None)
+    sentinels = [QUESTION_SENTINEL, ANSWER_SENTINEL] if with_answer else [QUESTION_SENTINEL]
+    counts = [text.count(sentinel) for sentinel in sentinels]
+    if counts != [1] * len(sentinels) or (with_answer and text.index(QUESTION_SENTINEL) > text.index(ANSWER_SENTINEL)):
+        raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not render the user's and the "
+                         f"assistant's content once each, in order (rendered {counts} times); tokenbridge needs a "
+                         "template that writes each message's content verbatim")
+    before, rest = text.split(QUESTION_SENTINEL)
+    between, after = rest.split(ANSWER_SENTINEL) if with_answer else (rest, "")
+    return ChatLayout(before, between, after)
+
+
+def _layout_for(tokenizer: PreTrainedTokenizerBase, question: str, answer: str | None) -> ChatLayout:
+    """The layout, checked against the real rendering: the template must keep the content verbatim."""
+    layout = chat_layout(tokenizer, answer is not None)
+    expected = layout.before + question + layout.between + (answer or "") + layout.after
+    if _chat_text(tokenizer, question, answer) != expected:
+        raise UnalignableExample(f"the chat template of {tokenizer.name_or_path!r} rewrites this example's question "
+                                 "or answer (for example, trims its whitespace), so its bytes cannot be aligned")
+    return layout
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str,
                    table: list[bytes] | None = None) -> Encoded:
     """Tokenize the chat-formatted example and map each token onto the common byte stream."""
-    text = _chat_text(tokenizer, chat_messages(question, answer))
-    q_char = text.find(question)
-    a_char = text.find(answer, q_char + len(question))
-    if q_char < 0 or a_char < 0:
-        raise ValueError("the chat template changed the question or answer text; byte alignment needs it verbatim")
-    return _encode_text(tokenizer, text, q_char, question, a_char, answer, table)
-
-
-def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
-    """The question rendered with the chat template up to where the model's answer starts."""
-    return _chat_text(tokenizer, chat_messages(question), add_generation_prompt=True)
+    layout = _layout_for(tokenizer, question, answer)
+    return _encode_pieces(tokenizer, question, answer, [layout.before, layout.between, layout.after], table)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str, table: list[bytes] | None = None) -> Encoded:
@@ -80,41 +118,42 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str, table: list
 
 def encode_continuation(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, ended: bool,
                         table: list[bytes] | None = None) -> Encoded:
-    """The generation prompt followed verbatim by `answer`, then the end-of-turn token when `ended`, tokenized
-    as one text: how a model reads an answer another model sampled. Unlike `encode_example`, the chat template
-    never sees the answer (some templates trim it, which would move its bytes)."""
-    prompt = generation_prompt(tokenizer, question)
-    q_char = prompt.find(question)
-    if q_char < 0:
-        raise ValueError("the chat template changed the question text; byte alignment needs it verbatim")
-    text = prompt + answer + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
-    return _encode_text(tokenizer, text, q_char, question, len(prompt), answer, table)
+    """The generation prompt followed verbatim by `answer`, then the end-of-turn token when `ended`: how a model
+    reads an answer another model sampled. Unlike `encode_example`, the chat template never sees the answer
+    (some templates trim it, which would move its bytes)."""
+    layout = _layout_for(tokenizer, question, None)
+    end = tokenizer.eos_token if ended and tokenizer.eos_token else ""
+    return _encode_pieces(tokenizer, question, answer, [layout.before, layout.between, end], table)
 
 
-def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, q_char: int, question: str, a_char: int, answer: str,
-                 table: list[bytes] | None) -> Encoded:
-    """Tokenize `text`, in which the question starts at character `q_char` and the answer at `a_char`, and
-    place each token on the common byte stream; the end-of-turn token right after the answer is a target."""
-    q0, q1 = _byte_index(text, q_char), _byte_index(text, q_char + len(question))
-    a0, a1 = _byte_index(text, a_char), _byte_index(text, a_char + len(answer))
-    eos = tokenizer.eos_token or ""
-    eot = (a1, a1 + len(eos.encode("utf-8"))) if eos and text[a_char + len(answer):].startswith(eos) else None
-    prompt_len, answer_len = q1 - q0, a1 - a0
-
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def _encode_pieces(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, template: list[str],
+                   table: list[bytes] | None) -> Encoded:
+    """Tokenize `template[0] + question + template[1] + answer + template[2]` piece by piece and place each token
+    on the common byte stream; the end-of-turn token that opens `template[2]` is a target."""
+    question_bytes, answer_bytes = len(question.encode("utf-8")), len(answer.encode("utf-8"))
+    turn_end = question_bytes + answer_bytes
+    eos = (tokenizer.eos_token or "").encode("utf-8")
+    # (text, where its bytes start on the common stream or None for template text, whether its tokens are targets)
+    pieces = [(template[0], None, False), (question, 0, False), (template[1], None, False),
+              (answer, question_bytes, True), (template[2], None, False)]
+    ids: list[int] = []
     spans: list[tuple[int, int] | None] = []
     loss_mask: list[bool] = []
-    for start, end in byte_offsets(tokenizer, ids, text, table):
-        span: tuple[int, int] | None = None
-        target = False
-        if start == end:
-            pass
-        elif q0 <= start and end <= q1:
-            span = (start - q0, end - q0)
-        elif a0 <= start and end <= a1:
-            span, target = (prompt_len + start - a0, prompt_len + end - a0), True
-        elif eot and (start, end) == eot:
-            span, target = (prompt_len + answer_len, prompt_len + answer_len + 1), True
-        spans.append(span)
-        loss_mask.append(target)
+    for index, (text, base, target) in enumerate(pieces):
+        piece_ids = tokenizer(text, add_special_tokens=False, split_special_tokens=base is not None)["input_ids"]
+        try:
+            offsets = byte_offsets(tokenizer, piece_ids, text, table)
+        except ValueError as error:
+            raise UnalignableExample(str(error)) from None
+        opens_with_eos = index == len(pieces) - 1 and bool(eos) and text.encode("utf-8").startswith(eos)
+        for position, (token, (start, end)) in enumerate(zip(piece_ids, offsets)):
+            span: tuple[int, int] | None = None
+            is_target = False
+            if base is not None and end > start:
+                span, is_target = (base + start, base + end), target
+            elif opens_with_eos and position == 0 and (start, end) == (0, len(eos)):
+                span, is_target = (turn_end, turn_end + 1), True
+            ids.append(token)
+            spans.append(span)
+            loss_mask.append(is_target)
     return Encoded(ids, spans, loss_mask)

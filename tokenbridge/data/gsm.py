@@ -51,13 +51,26 @@ def generate_gsm_symbolic(n_train: int, n_test: int, test_template_fraction: flo
 
 
 def read_gsm_jsonl(path: Path, limit: int) -> list[dict]:
-    """Read a GSM8K-format JSONL file; every line needs `question` and an `answer` ending in `#### N`."""
+    """Read a GSM8K-format JSONL file; every line needs `question` and an `answer` ending in `#### N`. A byte-order
+    mark is skipped (editors on Windows write one); any other bad line stops the read naming `path:line`."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:  # bytes, decoded line by line, so a decoding error has its line
+        for line_number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 ({error.reason} at byte {error.start + 1} of the "
+                                 "line): save the file as UTF-8") from error
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.pos + 1}): write "
+                                 "each record as one JSON object on one line") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: not a JSON object ({line.strip()[:40]}): write each record "
+                                 "as one object such as {\"question\": ..., \"answer\": ...}")
             if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
                 raise ValueError(f"{path}:{line_number}: needs string fields 'question' and 'answer'")
             if final_answer(record["answer"]) is None:

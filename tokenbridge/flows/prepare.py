@@ -21,6 +21,7 @@ def prepare(params_file: str = "params.yaml") -> PreparedManifest:
         manifest = run_prepare({"teacher": TEACHER_DIR, "student": STUDENT_DIR}, PREPARED_DIR, params.prepare)
         for split, info in (("train", manifest.splits.train), ("test", manifest.splits.test)):
             tracking.log_metrics({f"{split}_examples": info.examples, f"{split}_dropped": info.dropped_too_long,
+                                  f"{split}_unalignable": info.dropped_unalignable,
                                   **{f"{split}_tokens_{role}": n for role, n in info.tokens.model_dump().items()}})
         tracking.log_artifact(PREPARED_DIR / MANIFEST)
         return manifest

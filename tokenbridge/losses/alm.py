@@ -49,7 +49,7 @@ class AlmParams(Strict):
         "unconstrained", description="unconstrained: minimal byte-exact chunks; space: merged into whole words")
     merge_by_space_prob: bool = Field(True, description="merge chunks until the teacher's boundary prob > gamma")
     append_space: bool = Field(True, description="debias: multiply each chunk's likelihood by P(a boundary follows)")
-    boundary_threshold: float = Field(0.1, description="gamma of merge_by_space_prob")
+    boundary_threshold: float = Field(0.1, ge=0, le=1, description="gamma of merge_by_space_prob: a probability")
     mask_prompt: bool = Field(True, description="only answer chunks count; false: prompt chunks count too")
 
 

@@ -3,7 +3,9 @@
 Inputs: `params.prepare`, the `models` stage's directories. Outputs (`data/prepared/`):
 `train.jsonl`, `test.jsonl` (GSM8K format: question, answer ending `#### N`), `<split>.<role>.jsonl`
 (per example: input_ids, common byte spans, loss mask; see `tokenbridge.data.chat`) and `manifest.json`.
-Examples longer than `max_length` tokens for either model are dropped from every file alike.
+Examples longer than `max_length` tokens for either model are dropped from every file alike, and so are examples
+one of the models cannot read byte for byte (its chat template rewrites the content, or its tokenizer normalises
+it: `tokenbridge.data.chat.UnalignableExample`); the manifest counts both.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from tokenbridge.config import PrepareParams
 from tokenbridge.contracts import MANIFEST, ModelCard, ModelRef, PerRole, PreparedManifest, Splits, SplitSummary
-from tokenbridge.data.chat import encode_example
+from tokenbridge.data.chat import Encoded, UnalignableExample, encode_example
 from tokenbridge.data.gsm import generate_gsm_symbolic, read_gsm_jsonl
 from tokenbridge.io import sha256_file, write_jsonl
 from tokenbridge.models import load_tokenizer
@@ -35,19 +37,35 @@ def run_prepare(model_dirs: dict[str, Path], out_dir: Path, params: PrepareParam
     splits = dict(zip(("train", "test"), load_records(params)))
     summaries = {}
     for split, records in splits.items():
-        encoded = {role: [encode_example(tokenizers[role], r["question"], r["answer"], tables[role]) for r in records]
-                   for role in ROLES}
-        keep = [i for i in range(len(records))
-                if all(len(encoded[role][i].input_ids) <= params.max_length for role in ROLES)]
-        if not keep:
-            raise ValueError(f"prepare: every {split} example is longer than max_length={params.max_length}; raise it")
-        write_jsonl(out_dir / f"{split}.jsonl", (records[i] for i in keep))
+        kept: list[dict] = []
+        encoded: dict[str, list[Encoded]] = {role: [] for role in ROLES}
+        unalignable: list[str] = []
+        for record in records:
+            try:
+                pair = {role: encode_example(tokenizers[role], record["question"], record["answer"], tables[role])
+                        for role in ROLES}
+            except UnalignableExample as error:
+                unalignable.append(str(error))
+                continue
+            if all(len(pair[role].input_ids) <= params.max_length for role in ROLES):
+                kept.append(record)
+                for role in ROLES:
+                    encoded[role].append(pair[role])
+        if unalignable:
+            print(f"prepare: skipped {len(unalignable)} {split} example(s) a model cannot read byte for byte; the "
+                  f"first: {unalignable[0]}")
+        if not kept:
+            raise ValueError(f"prepare: no {split} example is left ({len(unalignable)} cannot be aligned, the rest are "
+                             f"longer than max_length={params.max_length}): raise max_length, or use models whose chat "
+                             "templates keep the content verbatim")
+        write_jsonl(out_dir / f"{split}.jsonl", kept)
         for role in ROLES:
             write_jsonl(out_dir / f"{split}.{role}.jsonl",
-                        ({"index": n, **encoded[role][i].to_json()} for n, i in enumerate(keep)))
+                        ({"index": n, **example.to_json()} for n, example in enumerate(encoded[role])))
         summaries[split] = SplitSummary(
-            examples=len(keep), dropped_too_long=len(records) - len(keep),
-            tokens=PerRole[int](**{role: sum(len(encoded[role][i].input_ids) for i in keep) for role in ROLES}),
+            examples=len(kept), dropped_too_long=len(records) - len(kept) - len(unalignable),
+            dropped_unalignable=len(unalignable),
+            tokens=PerRole[int](**{role: sum(len(example.input_ids) for example in encoded[role]) for role in ROLES}),
             sha256=PerRole[str](**{role: sha256_file(out_dir / f"{split}.{role}.jsonl") for role in ROLES}))
     cards = {role: ModelCard.of(model_dirs[role]) for role in ROLES}
     manifest = PreparedManifest(source=params.source, splits=Splits(**summaries), models=PerRole[ModelRef](
