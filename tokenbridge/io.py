@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -17,10 +18,15 @@ from typing import Any
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
 
-    Works for files and directories, so an interrupted stage never leaves a half-written output.
+    Works for files and directories, so an interrupted stage never leaves a half-written output. A write killed
+    before its cleanup (kill -9) leaves its temporary behind: the next write of the same path removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")  # tempfile.mkdtemp's names for this prefix
+    for leftover in path.parent.iterdir():
+        if stale.fullmatch(leftover.name) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
         yield temporary

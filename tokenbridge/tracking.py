@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ import mlflow
 import psutil
 from mlflow.tracking import MlflowClient
 
+from tokenbridge.stopping import Stopped
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,6 +34,7 @@ PARENT_RUN_ENV = "TOKENBRIDGE_PARENT_RUN_ID"
 PIPELINE_ID_ENV = "TOKENBRIDGE_PIPELINE_ID"
 PIPELINE_TAG = "tokenbridge.pipeline_id"
 CANDIDATE, CHAMPION = "candidate", "champion"
+HOST_TAG, PROCESS_TAG = "tokenbridge.host", "tokenbridge.process"  # who owns a run: `<pid>-<process start time>`
 
 
 def configure(experiment: str) -> None:
@@ -89,9 +93,61 @@ def stage_run(stage: str, experiment: str, profile: str, params: dict[str, Any])
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
+    with _run(experiment, stage, tags) as run:
         mlflow.log_params(_flatten(params))
         yield run
+
+
+@contextlib.contextmanager
+def _run(experiment: str, name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """A run owned by this process, ended FINISHED, KILLED (stopped by a signal) or FAILED; runs a crash left
+    RUNNING are marked FAILED first."""
+    fail_abandoned_runs(experiment)
+    run = mlflow.start_run(run_name=name, tags={**tags, **_process_tags()}, nested=mlflow.active_run() is not None)
+    try:
+        yield run
+    except Stopped:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process owns a run, so a later one can tell a crashed run from one still going."""
+    process = psutil.Process()
+    return {HOST_TAG: socket.gethostname(), PROCESS_TAG: f"{process.pid}-{process.create_time():.0f}"}
+
+
+def fail_abandoned_runs(experiment: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of `experiment` whose process on this machine is gone (kill -9, out of
+    memory): MLflow would show them running forever. Runs of other machines are left alone. Returns their ids."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    client = MlflowClient()
+    host, abandoned = socket.gethostname(), []
+    for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(PROCESS_TAG)
+        if run.data.tags.get(HOST_TAG) != host or owner is None or _alive(owner):
+            continue
+        client.set_terminated(run.info.run_id, "FAILED")
+        client.set_tag(run.info.run_id, "tokenbridge.failure", "its process ended without finishing the run")
+        abandoned.append(run.info.run_id)
+    if abandoned:
+        print(f"tracking: marked {len(abandoned)} run(s) FAILED whose process ended while they ran: {abandoned}")
+    return abandoned
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process `<pid>-<start time>` still runs (a reused pid has another start time)."""
+    pid, started = owner.split("-")
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.0f}" == started
+    except psutil.Error:
+        return False
 
 
 @contextlib.contextmanager
@@ -100,7 +156,7 @@ def pipeline_run(experiment: str, profile: str) -> Iterator[mlflow.ActiveRun]:
     configure(experiment)
     group = f"pipeline-{uuid.uuid4().hex[:12]}"
     tags = {PIPELINE_TAG: group, "tokenbridge.stage": "pipeline", "tokenbridge.profile": profile, **revision_tags()}
-    with mlflow.start_run(run_name="pipeline", tags=tags) as run:
+    with _run(experiment, "pipeline", tags) as run:
         os.environ[PARENT_RUN_ENV], os.environ[PIPELINE_ID_ENV] = run.info.run_id, group
         try:
             yield run

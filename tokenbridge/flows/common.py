@@ -9,9 +9,10 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tokenbridge import tracking
+from tokenbridge import stopping, tracking
 from tokenbridge.config import ParamsError, RuntimeParams
 from tokenbridge.params import PipelineParams, load_params
+from tokenbridge.stopping import Stopped
 
 
 @contextlib.contextmanager
@@ -24,7 +25,8 @@ def tracked_stage(name: str, params_file: str, sections: tuple[str, ...]) -> Ite
 
 
 def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **options: dict) -> None:
-    """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: validate params before any work, then run the flow.
+    """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: validate params before any work, then run the flow;
+    SIGTERM or SIGINT stops it (`tokenbridge.stopping`) with the shell's exit code for that signal.
 
     Each keyword names an extra flow argument and gives its `argparse.add_argument` settings.
     """
@@ -39,7 +41,12 @@ def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **o
     except ParamsError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
-    flow(params_file=args.params, **{name: getattr(args, name) for name in options})
+    stopping.install()
+    try:
+        flow(params_file=args.params, **{name: getattr(args, name) for name in options})
+    except Stopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
 
 
 def torchrun_command(runtime: RuntimeParams, stage: str, argv: list[str], environ: dict[str, str]) -> list[str] | None:

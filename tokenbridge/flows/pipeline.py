@@ -14,17 +14,20 @@ Extra arguments after `--` go to `dvc repro` (e.g. `-- --force distill`).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from prefect import Flow, flow
 
-from tokenbridge import tracking
+from tokenbridge import stopping, tracking
 from tokenbridge.config import ParamsError
 from tokenbridge.params import load_params
 from tokenbridge.paths import EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR
 from tokenbridge.stages.evaluate import collect_metrics
+from tokenbridge.stopping import Stopped
 
 
 @flow(name="tokenbridge-pipeline", log_prints=True)
@@ -33,13 +36,27 @@ def pipeline(params_file: str = "params.yaml", repro_args: list[str] | None = No
     with tracking.pipeline_run(params.tracking.experiment, params.profile):
         command = ["dvc", "repro", *(repro_args or [])]
         print("running:", " ".join(command))
-        subprocess.run(command, check=True)
+        _run_dvc(command)
         evaluated = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
         models = {name: metrics.scores() for name, metrics in evaluated.items()}
         for name, scores in models.items():
             tracking.log_metrics({f"{name}.{key}": value for key, value in scores.items()})
         tracking.log_artifact(REPORT_DIR / "report.html")
         return models
+
+
+def _run_dvc(command: list[str]) -> None:
+    """Run dvc in its own process group: a stop of the pipeline (SIGTERM, SIGINT) is passed to dvc and the stage it
+    runs, and the stage stops at its next safe point (`tokenbridge.stopping`) before the pipeline ends."""
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        code = process.wait()
+    except Stopped:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 def main(argv: list[str]) -> None:
@@ -74,5 +91,10 @@ def main(argv: list[str]) -> None:
         except ValueError as error:  # Prefect's "Could not find work pool ..."
             sys.exit(f"{error}\nCreate it with: prefect work-pool create {args.pool} --type process")
     else:
-        pipeline(params_file=args.params, repro_args=repro_args)
+        stopping.install()
+        try:
+            pipeline(params_file=args.params, repro_args=repro_args)
+        except Stopped as stopped:
+            print(stopped, file=sys.stderr)
+            sys.exit(stopped.exit_code)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -67,9 +68,13 @@ def _train_tokenizer(spec: TinyModelSpec, specials: list[str], text: str) -> Tok
     draft = Tokenizer(models.BPE())
     draft.normalizer = normalizers.Replace(" ", "▁")
     draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    # The 100 most frequent characters, ties broken by the character: the trainer's own limit breaks ties in hash
+    # order, which differs between processes, so the same spec would give different ids from run to run.
+    counts = Counter(text.replace(" ", "▁"))
+    alphabet = sorted(counts, key=lambda char: (-counts[char], char))[:100]
     trainer = trainers.BpeTrainer(
         vocab_size=max(spec.vocab_size - len(byte_pieces), 64), special_tokens=specials, show_progress=False,
-        limit_alphabet=100,
+        initial_alphabet=alphabet, limit_alphabet=len(alphabet),
     )
     draft.train_from_iterator([text], trainer)
     merged = {piece: index for index, piece in enumerate(specials + byte_pieces)}

@@ -4,7 +4,9 @@ cross-entropy, across tokenizers (or within one).
 Inputs: `data/prepared/` (both models' tokenizations of the training set), the teacher either as stored
 logits (`data/teacher_logits/`, offline) or as a model run at every step (online), the student directory.
 Outputs: the distilled student as a HF directory, a per-step history CSV, and checkpoints that let an
-interrupted run resume at its last checkpoint.
+interrupted run resume at its last checkpoint (the final state is one too, so a run that fails after training, in
+a tracking call say, is rewritten from it without training again). SIGTERM or SIGINT stops the run after its
+current step, with a checkpoint (`tokenbridge.stopping`).
 
 On a share `distill.on_policy.fraction` of the steps (GKD's lambda; online teacher) the batch is not the
 dataset's answers but responses the student samples (`tokenbridge.on_policy`); generation and update times
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from tokenbridge.config import TeacherLogitsParams
 from tokenbridge.contracts import MANIFEST, MODEL_CARD, DistillMetrics, ModelCard, PreparedManifest
 from tokenbridge.data.chat import Encoded
-from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
+from tokenbridge.io import atomic_path, fingerprint, read_jsonl, sha256_file, write_text
 from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
 from tokenbridge.losses.registry import build_losses, teacher_fields
 from tokenbridge.models import load_model, load_tokenizer
@@ -37,6 +39,7 @@ from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.on_policy import OnPolicySampler, is_on_policy_step
 from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
+from tokenbridge.stopping import safe_points
 from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
@@ -111,9 +114,12 @@ def train(
     engine = Engine(model, optimizer, runtime, ranks, params.max_grad_norm, params.combine,
                     [student.get_output_embeddings().weight])
 
+    logits_manifest = (sha256_file(teacher_logits_dir / MANIFEST)
+                       if params.teacher_mode == "offline" and teacher_logits_dir else None)
     key = fingerprint({"params": params.model_dump(), "prepared": prepared.sha256.model_dump(),
                        "student": student_card.model_dump(mode="json", exclude_none=True),
-                       "teacher_temperature": teacher.temperature})
+                       "teacher": teacher_card.model_dump(mode="json", exclude_none=True),
+                       "stored_logits": logits_manifest, "teacher_temperature": teacher.temperature})
     checkpoint = Checkpoint(checkpoint_dir, key, model, optimizer, ranks)
     start_step, history = checkpoint.resume()
     if start_step and ranks.main:
@@ -123,47 +129,49 @@ def train(
 
     bar = tqdm(range(start_step, params.steps), desc=f"distill ({'+'.join(params.losses)})", unit="step",
                initial=start_step, total=params.steps, disable=not ranks.main)
-    for step in bar:
-        started = time.perf_counter()
-        indices = ranks.share(batch_indices(step, params.batch_size, len(students), teacher_params.examples_per_shard,
-                                            params.seed))
-        on_policy = is_on_policy_step(step, params.on_policy.fraction, params.seed)
-        generation_seconds, completion_tokens = 0.0, 0.0
-        if on_policy:  # the student answers the batch's questions; the teacher scores its samples
-            # Each rank seeds its draws with its own key, so ranks never share a random stream.
-            sample_key = step if ranks.size == 1 else step * ranks.size + ranks.rank
-            with gathered(model), runtime.autocast():
-                sampled = sampler(student, [questions[i] for i in indices], sample_key)
-            generation_seconds = time.perf_counter() - started
-            (sampled_tokens,) = ranks.sum_floats([sum(e.loss_mask.count(True) for e in sampled[0])])
-            completion_tokens = sampled_tokens / params.batch_size
-            parts = split(list(range(len(indices))), runtime.micro_batch_size)
-            micro_batches = [make_batch([sampled[0][i] for i in part], [sampled[1][i] for i in part], word_starts)
-                             for part in parts]
-        else:
-            micro_batches = []
-            for part in split(indices, runtime.micro_batch_size):
-                teacher_side, stored = teacher.examples(part)
-                micro_batches.append(make_batch([students[i] for i in part], teacher_side, word_starts, stored))
-        micro_batches = [batch.to(runtime.device) for batch in micro_batches]
-        views = [teacher.view(batch) for batch in micro_batches]
-        rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
-        result = engine.step(micro_batches, views, term_weights(params, step, on_policy), rate, f"distill step {step}")
+    with safe_points():  # SIGTERM / SIGINT: finish the step, checkpoint, stop
+        for step in bar:
+            started = time.perf_counter()
+            indices = ranks.share(batch_indices(step, params.batch_size, len(students),
+                                                teacher_params.examples_per_shard, params.seed))
+            on_policy = is_on_policy_step(step, params.on_policy.fraction, params.seed)
+            generation_seconds, completion_tokens = 0.0, 0.0
+            if on_policy:  # the student answers the batch's questions; the teacher scores its samples
+                # Each rank seeds its draws with its own key, so ranks never share a random stream.
+                sample_key = step if ranks.size == 1 else step * ranks.size + ranks.rank
+                with gathered(model), runtime.autocast():
+                    sampled = sampler(student, [questions[i] for i in indices], sample_key)
+                generation_seconds = time.perf_counter() - started
+                (sampled_tokens,) = ranks.sum_floats([sum(e.loss_mask.count(True) for e in sampled[0])])
+                completion_tokens = sampled_tokens / params.batch_size
+                parts = split(list(range(len(indices))), runtime.micro_batch_size)
+                micro_batches = [make_batch([sampled[0][i] for i in part], [sampled[1][i] for i in part], word_starts)
+                                 for part in parts]
+            else:
+                micro_batches = []
+                for part in split(indices, runtime.micro_batch_size):
+                    teacher_side, stored = teacher.examples(part)
+                    micro_batches.append(make_batch([students[i] for i in part], teacher_side, word_starts, stored))
+            micro_batches = [batch.to(runtime.device) for batch in micro_batches]
+            views = [teacher.view(batch) for batch in micro_batches]
+            rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
+            result = engine.step(micro_batches, views, term_weights(params, step, on_policy), rate,
+                                 f"distill step {step}")
 
-        seconds = time.perf_counter() - started
-        metrics = {**result.metrics, **{f"{name}_loss": value for name, value in result.values.items()},
-                   **{f"weight.{name}": value for name, value in result.weights.items()},
-                   "grad_norm": result.grad_norm, "loss": result.loss,
-                   "alpha": 1.0 if on_policy else alpha_at(step, params), "learning_rate": rate,
-                   "on_policy": int(on_policy), "completion_tokens": completion_tokens,
-                   "generation_seconds": generation_seconds, "update_seconds": seconds - generation_seconds,
-                   "seconds": seconds}
-        history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
-        if ranks.main:
-            log_metrics(metrics, step + 1)
-            bar.set_postfix(loss=f"{result.loss:.4f}")
-        if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
-            checkpoint.save(step + 1, history)
+            seconds = time.perf_counter() - started
+            metrics = {**result.metrics, **{f"{name}_loss": value for name, value in result.values.items()},
+                       **{f"weight.{name}": value for name, value in result.weights.items()},
+                       "grad_norm": result.grad_norm, "loss": result.loss,
+                       "alpha": 1.0 if on_policy else alpha_at(step, params), "learning_rate": rate,
+                       "on_policy": int(on_policy), "completion_tokens": completion_tokens,
+                       "generation_seconds": generation_seconds, "update_seconds": seconds - generation_seconds,
+                       "seconds": seconds}
+            history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
+            if ranks.main:
+                log_metrics(metrics, step + 1)
+                bar.set_postfix(loss=f"{result.loss:.4f}")
+            last = step + 1 == params.steps  # the final state too: a rerun after a failure past here trains nothing
+            checkpoint.at_step_end(step + 1, history, due=last or (step + 1) % params.checkpoint_every == 0)
 
     weights = student_weights(model)  # a collective: every rank gathers its shards
     if ranks.main:
@@ -174,7 +182,7 @@ def train(
                          "loss": params.losses}
             student_card.model_copy(update=distilled).write(temporary / MODEL_CARD)
         write_text(history_path, history_csv(history, history_fields))
-    timed = history[start_step:]
+    timed = history[start_step:] or history  # resumed from the final checkpoint: the original run's times
     on_policy_rows = [row for row in timed if row["on_policy"]]
     return DistillMetrics(
         loss="+".join(params.losses), steps=params.steps, resumed_from_step=start_step,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tokenbridge.io import atomic_path
+from tokenbridge.stopping import Stopped, requested
 from tokenbridge.training.parallel import full_state, load_full_state
 from tokenbridge.training.ranks import Ranks
 
@@ -49,3 +50,13 @@ class Checkpoint:
             with atomic_path(self.path) as temporary:
                 torch.save({"format": FORMAT, "fingerprint": self.fingerprint, "step": step, "history": history,
                             **state}, temporary)
+
+    def at_step_end(self, step: int, history: list[dict], due: bool) -> None:
+        """After a step: save when `due`; when a signal asked this run to stop (on any rank), save and raise
+        `Stopped`, so a rerun resumes here."""
+        asked = requested()
+        stop = asked is not None if self.ranks.size == 1 else self.ranks.sum_floats([float(asked is not None)])[0] > 0
+        if due or stop:
+            self.save(step, history)
+        if stop:
+            raise Stopped(asked or "a signal to another rank", f"checkpoint saved after step {step}; rerun to resume")
