@@ -28,6 +28,10 @@ ENVIRONMENT_DEFAULTS = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # A tracking server that stops answering mid-run fails the call in about a minute, not after MLflow's default
+    # seven retries of two minutes each (servers down at the start are caught in seconds: flows/common.py).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 
 

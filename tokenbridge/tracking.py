@@ -16,6 +16,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,29 @@ PARENT_RUN_ENV = "TOKENBRIDGE_PARENT_RUN_ID"
 PIPELINE_ID_ENV = "TOKENBRIDGE_PIPELINE_ID"
 PIPELINE_TAG = "tokenbridge.pipeline_id"
 CANDIDATE, CHAMPION = "candidate", "champion"
+HEALTH_TIMEOUT_SECONDS = 5
 HOST_TAG, PROCESS_TAG = "tokenbridge.host", "tokenbridge.process"  # who owns a run: `<pid>-<process start time>`
+
+
+def unreachable_servers() -> list[str]:
+    """One line per configured server (MLflow's MLFLOW_TRACKING_URI, Prefect's PREFECT_API_URL) that does not answer
+    its health check within seconds: checked before a stage starts, so a server that is down stops it at once
+    rather than after minutes of client retries."""
+    servers = {"MLflow": ("MLFLOW_TRACKING_URI", "health"), "Prefect": ("PREFECT_API_URL", "health")}
+    problems = []
+    for name, (variable, path) in servers.items():
+        url = os.environ.get(variable, "")
+        if not url.startswith(("http://", "https://")):
+            continue
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/{path}", timeout=HEALTH_TIMEOUT_SECONDS):
+                pass
+        except (OSError, ValueError) as error:
+            fallback = "the local sqlite store" if name == "MLflow" else "the temporary local Prefect API"
+            problems.append(f"the {name} server at {url} ({variable}) does not answer "
+                            f"({getattr(error, 'reason', error)}): start it (`make services && source .services/env`,"
+                            f" docs/servers.md), or unset {variable} to use {fallback}")
+    return problems
 
 
 def configure(experiment: str) -> None:
@@ -106,13 +129,19 @@ def _run(experiment: str, name: str, tags: dict[str, str]) -> Iterator[mlflow.Ac
     run = mlflow.start_run(run_name=name, tags={**tags, **_process_tags()}, nested=mlflow.active_run() is not None)
     try:
         yield run
-    except Stopped:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as error:
+        _end_run_after(error)
         raise
     mlflow.end_run("FINISHED")
+
+
+def _end_run_after(error: BaseException) -> None:
+    """End the active run KILLED (a stop) or FAILED. If the store cannot take it (an interrupted write can leave
+    sqlite locked), the run is left RUNNING for the next run's `fail_abandoned_runs`, and `error` goes on up."""
+    try:
+        mlflow.end_run("KILLED" if isinstance(error, Stopped) else "FAILED")
+    except Exception as failure:  # the stage's own error matters more than its run's status
+        print(f"tracking: could not mark the run ended ({type(failure).__name__}); the next run marks it FAILED")
 
 
 def _process_tags() -> dict[str, str]:

@@ -19,14 +19,15 @@ from tokenbridge.stopping import Stopped
 def tracked_stage(name: str, params_file: str, sections: tuple[str, ...]) -> Iterator[PipelineParams]:
     """Load params and open the stage's MLflow run, logging the params sections the stage reads."""
     params = load_params(Path(params_file))
+    stopping.install()  # again: Prefect's flow engine puts in its own SIGTERM handler, which stops at any point
     logged = {section: getattr(params, section).model_dump() for section in sections}
     with tracking.stage_run(name, params.tracking.experiment, params.profile, logged):
         yield params
 
 
 def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **options: dict) -> None:
-    """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: validate params before any work, then run the flow;
-    SIGTERM or SIGINT stops it (`tokenbridge.stopping`) with the shell's exit code for that signal.
+    """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: check params and servers before any work, then run the
+    flow, stoppable by SIGTERM or SIGINT.
 
     Each keyword names an extra flow argument and gives its `argparse.add_argument` settings.
     """
@@ -36,14 +37,28 @@ def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **o
     for name, settings in options.items():
         parser.add_argument(f"--{name}", **settings)
     args = parser.parse_args(argv)
+    check_before_work(args.params)
+    run_stoppable(lambda: flow(params_file=args.params, **{name: getattr(args, name) for name in options}))
+
+
+def check_before_work(params_file: str) -> None:
+    """Exit 2, naming the fix, unless params are valid and the configured servers answer: before any work."""
     try:
-        load_params(Path(args.params))
+        load_params(Path(params_file))
     except ParamsError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
+    unreachable = tracking.unreachable_servers()
+    if unreachable:
+        print("\n".join(unreachable), file=sys.stderr)
+        sys.exit(2)
+
+
+def run_stoppable(work: Callable[[], object]) -> None:
+    """Run `work`; SIGTERM or SIGINT stops it (`tokenbridge.stopping`) with the shell's exit code for that signal."""
     stopping.install()
     try:
-        flow(params_file=args.params, **{name: getattr(args, name) for name in options})
+        work()
     except Stopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)

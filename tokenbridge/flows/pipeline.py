@@ -22,8 +22,8 @@ from pathlib import Path
 
 from prefect import Flow, flow
 
-from tokenbridge import stopping, tracking
-from tokenbridge.config import ParamsError
+from tokenbridge import tracking
+from tokenbridge.flows.common import check_before_work, run_stoppable
 from tokenbridge.params import load_params
 from tokenbridge.paths import EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR
 from tokenbridge.stages.evaluate import collect_metrics
@@ -74,11 +74,7 @@ def main(argv: list[str]) -> None:
         parser.error("--cron needs --serve or --pool")
     if args.serve and args.pool:
         parser.error("--serve runs the deployment in this process, --pool on a worker: choose one")
-    try:
-        load_params(Path(args.params))
-    except ParamsError as error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
+    check_before_work(args.params)
     parameters = {"params_file": args.params, "repro_args": repro_args}
     if args.serve:
         pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
@@ -91,10 +87,5 @@ def main(argv: list[str]) -> None:
         except ValueError as error:  # Prefect's "Could not find work pool ..."
             sys.exit(f"{error}\nCreate it with: prefect work-pool create {args.pool} --type process")
     else:
-        stopping.install()
-        try:
-            pipeline(params_file=args.params, repro_args=repro_args)
-        except Stopped as stopped:
-            print(stopped, file=sys.stderr)
-            sys.exit(stopped.exit_code)
+        run_stoppable(lambda: pipeline(params_file=args.params, repro_args=repro_args))
 

@@ -4,7 +4,8 @@ Each stage runs in its own process. A run is killed with SIGKILL at random momen
 write, mid-save) and rerun each time, or stopped with SIGTERM / SIGINT, which it obeys after its current step with
 a checkpoint; the finished output is compared byte for byte with an uninterrupted run of the same params and
 seed. No temporary file of an interrupted write survives the finished run. A stopped stage's MLflow run is KILLED,
-and a run whose process died is marked FAILED by the next one."""
+a run whose process died is marked FAILED by the next one, and a stage whose tracking or orchestration server is
+down stops before any work, naming the server and the fix."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,8 @@ from safetensors.torch import load_file
 from tokenbridge import tracking
 from tokenbridge.io import write_text
 from tokenbridge.stopping import Stopped
+
+ROOT = Path(__file__).parents[1]
 
 RUNNER = r"""
 import json, sys
@@ -202,3 +206,18 @@ def test_a_stopped_stage_run_is_killed_and_a_run_whose_process_died_is_failed_by
         assert client.get_run(dead_run).info.status == "FAILED"
         assert tracking.fail_abandoned_runs("faults") == [], "a run whose process is alive is left alone"
     assert client.get_run(alive.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("variable", ["MLFLOW_TRACKING_URI", "PREFECT_API_URL"])
+def test_a_stage_whose_server_is_down_stops_at_once_naming_it_and_the_fix(tmp_path, variable):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}" + ("/api" if variable == "PREFECT_API_URL" else "")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "tokenbridge", "prepare"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, variable: url})
+    assert time.perf_counter() - started < 60
+    assert result.returncode == 2
+    assert f"at {url} ({variable}) does not answer" in result.stderr and f"unset {variable}" in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlruns.db").exists(), "no work before the check"
