@@ -48,7 +48,8 @@ if args["stage"] == "distill":
 else:
     from tokenbridge.stages.transfer import run_transfer
     print("ready", flush=True)
-    run_transfer(*(Path(p) for p in args["paths"]), TransferParams(**args["params"]), runtime)
+    run_transfer(*(Path(p) for p in args["paths"]), TransferParams(**args["params"]), runtime,
+                 Path(args["checkpoints"]))
 """
 
 
@@ -123,23 +124,45 @@ def test_distill_killed_anywhere_and_rerun_ends_bit_identical(cross_tokenizer_pa
     assert not _leftover_temporaries(tmp_path / "killed"), moments
 
 
+def _transfer_args(root: Path, tiny_params, tiny_dirs, out: Path, **overrides) -> dict:
+    params = tiny_params.transfer.model_copy(update={"embedding_steps": 3, "steps": 4, "checkpoint_every": 1,
+                                                     **overrides})
+    return {"stage": "transfer", "runtime": tiny_params.runtime.model_dump(), "params": params.model_dump(),
+            "paths": [root / "prepared", tiny_dirs["teacher"], tiny_dirs["student"], out / "models" / "teacher",
+                      out / "history.csv"], "checkpoints": out / "checkpoints"}
+
+
+def _assert_same_transfer(reference: Path, resumed: Path) -> None:
+    for model in ("teacher", "teacher-fvt"):
+        _assert_bit_identical(reference / "models" / model / "model.safetensors",
+                              resumed / "models" / model / "model.safetensors")
+    assert _losses(resumed / "history.csv") == _losses(reference / "history.csv")
+
+
 def test_transfer_killed_anywhere_and_rerun_ends_bit_identical(cross_tokenizer_pair, tiny_params, tiny_dirs, tmp_path):
     root, _ = cross_tokenizer_pair
-    params = tiny_params.transfer.model_copy(update={"embedding_steps": 2, "steps": 3})
-
-    def args(name: str) -> dict:
-        out = tmp_path / name
-        return {"stage": "transfer", "runtime": tiny_params.runtime.model_dump(), "params": params.model_dump(),
-                "paths": [root / "prepared", tiny_dirs["teacher"], tiny_dirs["student"], out / "models" / "teacher",
-                          out / "history.csv"]}
-
-    seconds = _run_to_the_end(args("uninterrupted"))
-    moments = _killed_at_random_moments(args("killed"), seconds, kills=3, seed=18)
-    for model in ("teacher", "teacher-fvt"):
-        _assert_bit_identical(tmp_path / "uninterrupted" / "models" / model / "model.safetensors",
-                              tmp_path / "killed" / "models" / model / "model.safetensors")
-    assert _losses(tmp_path / "killed" / "history.csv") == _losses(tmp_path / "uninterrupted" / "history.csv"), moments
+    seconds = _run_to_the_end(_transfer_args(root, tiny_params, tiny_dirs, tmp_path / "uninterrupted"))
+    moments = _killed_at_random_moments(_transfer_args(root, tiny_params, tiny_dirs, tmp_path / "killed"), seconds,
+                                        kills=3, seed=18)
+    _assert_same_transfer(tmp_path / "uninterrupted", tmp_path / "killed")
     assert not _leftover_temporaries(tmp_path / "killed"), moments
+
+
+def test_sigterm_stops_transfer_in_its_lora_phase_with_a_checkpoint_and_a_rerun_resumes_it(
+        cross_tokenizer_pair, tiny_params, tiny_dirs, tmp_path):
+    root, _ = cross_tokenizer_pair
+    uninterrupted, stopped = (_transfer_args(root, tiny_params, tiny_dirs, tmp_path / name, embedding_steps=2,
+                                             steps=150, checkpoint_every=1000) for name in ("uninterrupted", "stopped"))
+    _run_to_the_end(uninterrupted)
+    process = _start(stopped)
+    while not (tmp_path / "stopped" / "checkpoints" / "lora").exists():  # past the embeddings phase
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode != 0 and "stopped by SIGTERM: checkpoint saved after step" in errors, errors
+    _run_to_the_end(stopped)
+    _assert_same_transfer(tmp_path / "uninterrupted", tmp_path / "stopped")
 
 
 def test_a_write_killed_before_its_cleanup_leaves_nothing_after_the_next_write(tmp_path):

@@ -222,7 +222,7 @@ def test_the_transfer_stage_starts_from_the_hypernetwork_with_init_hypernet(tiny
                                                                            hypernet_dir, tmp_path):
     params = tiny_params.transfer.model_copy(update={"init": "hypernet", "embedding_steps": 0, "steps": 1})
     summary = run_transfer(prepared, tiny_dirs["student"], tiny_dirs["teacher"], tmp_path / "moved",
-                           tmp_path / "history.csv", params, FP32, hypernet_dir)
+                           tmp_path / "history.csv", params, FP32, tmp_path / "checkpoints", hypernet_dir)
     assert summary.hypernet and summary.fvt is None and summary.steps == 1
     assert ModelCard.of(init_path(tmp_path / "moved", "hypernet")).hypernet == summary.hypernet
 

@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,36 @@ def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
     assert str(client.get_model_version_by_alias("tokenbridge-student", "candidate").version) == "2"
     champion = str(client.get_model_version_by_alias("tokenbridge-student", "champion").version)
     assert champion == ("2" if registry["champion_moved"] else "1")
+
+
+def test_dvc_repro_killed_mid_distill_then_rerun_gives_the_same_student_and_a_clean_status(repo):
+    """kill -9 of the whole `dvc repro` (dvc and the stage) right after distill's first checkpoint: the next
+    `dvc repro` resumes it and ends with the very weights of the uninterrupted run, `dvc status` is clean, and the
+    killed stage's MLflow run is marked FAILED."""
+    path, env, _ = repo
+    model = path / "models/distilled/model.safetensors"
+    reference = model.read_bytes()
+    shutil.rmtree(path / "checkpoints/distill")  # else its final checkpoint would leave nothing to train
+    process = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "distill"], cwd=path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = path / "checkpoints/distill/state.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "killed before distill's first checkpoint"
+    output = _run(["dvc", "repro"], path, env)
+    assert "distill" in _stages_run(output), output
+    assert model.read_bytes() == reference
+    assert "Data and pipelines are up to date." in _run(["dvc", "status"], path, env)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("tokenbridge").experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'"), "the killed run was not ended"
+    killed = client.search_runs([experiment], "attributes.status = 'FAILED'")
+    assert [run.data.tags["tokenbridge.stage"] for run in killed] == ["distill"]
 
 
 def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_side(repo):

@@ -79,7 +79,7 @@ def test_transfer_onto_an_identical_tokenizer_reproduces_the_models_log_probs_ex
     source = tiny_dirs["teacher"]
     out = tmp_path / "same"
     run_transfer(prepared_texts, source, source, out, tmp_path / "history.csv",
-                 _params(tiny_params, embedding_steps=0, steps=0), FP32)
+                 _params(tiny_params, embedding_steps=0, steps=0), FP32, tmp_path / "checkpoints")
     ids = torch.randint(0, len(load_tokenizer(source)), (2, 12))
     original = _logprobs(source, ids)
     assert torch.equal(_logprobs(init_path(out, "fvt"), ids), original)
@@ -89,7 +89,8 @@ def test_transfer_onto_an_identical_tokenizer_reproduces_the_models_log_probs_ex
     # Self-distillation onto the same tokenizer starts at the ALM optimum: no gradient to follow.
     summary = train_transfer([json.loads(line) for line in (prepared_texts / "train.jsonl").read_text().splitlines()],
                              source, init_path(out, "fvt"), tmp_path / "trained", tmp_path / "trained.csv",
-                             _params(tiny_params, embedding_steps=0, steps=1, train="full"), FP32)
+                             _params(tiny_params, embedding_steps=0, steps=1, train="full"), FP32,
+                             tmp_path / "trained-checkpoints")
     history = (tmp_path / "trained.csv").read_text().splitlines()
     grad_norm = float(history[1].split(",")[history[0].split(",").index("grad_norm")])
     assert summary.steps == 1 and grad_norm < 1e-5
@@ -99,7 +100,7 @@ def test_a_tiny_model_moved_to_bytes_trains_with_the_hidden_state_loss_and_gener
                                                                                     prepared_texts, tmp_path):
     out = tmp_path / "bytes"
     run_transfer(prepared_texts, tiny_dirs["teacher"], None, out, tmp_path / "history.csv",
-                 _params(tiny_params, embedding_steps=1, steps=2, train="full"), FP32)
+                 _params(tiny_params, embedding_steps=1, steps=2, train="full"), FP32, tmp_path / "checkpoints")
     tokenizer = load_tokenizer(out)
     specials = special_ids(tokenizer)
     assert all(len(piece) == 1 for index, piece in enumerate(vocab_bytes(tokenizer)) if index not in specials)
@@ -238,7 +239,8 @@ def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tin
                                                                              tmp_path):
     out = tmp_path / "lora"
     run_transfer(prepared_texts, tiny_dirs["teacher"], tiny_dirs["student"], out, tmp_path / "history.csv",
-                 _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4), FP32)
+                 _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4), FP32,
+                 tmp_path / "checkpoints")
     phases = [line.split(",")[1] for line in (tmp_path / "history.csv").read_text().splitlines()[1:]]
     assert phases == ["embeddings", "lora", "lora"]
     from safetensors import safe_open

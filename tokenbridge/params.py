@@ -185,6 +185,8 @@ class TransferParams(Strict):
     max_length: int = Field(512, ge=32,
                             description="training examples longer than this (tokens, either side) are skipped")
     hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (each phase also keeps its "
+                                                         "last); a rerun resumes from the last one")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
 

@@ -25,6 +25,7 @@ from tokenbridge.models.retokenize import Init, retokenized_model
 from tokenbridge.paths import (
     EVAL_DIR,
     HYPERNET_DIR,
+    HYPERNET_EVAL_CHECKPOINT_DIR,
     HYPERNET_EVAL_DIR,
     HYPERNET_EVAL_METRICS,
     HYPERNET_HELDOUT,
@@ -78,7 +79,7 @@ def evaluate_hypernet(params_file: str = "params.yaml") -> HypernetScores:
                 if params.evaluate_hypernet.alm:
                     trained = HYPERNET_EVAL_DIR / f"{name}-{init}-alm"
                     train_transfer(records, base_dir, start, trained, HYPERNET_EVAL_DIR / f"{name}-{init}-alm.csv",
-                                   params.transfer, runtime)
+                                   params.transfer, runtime, HYPERNET_EVAL_CHECKPOINT_DIR / f"{name}-{init}")
                     scores[f"{name}.{init}_alm"] = score(f"{name}.{init}_alm", trained)
         result = HypernetScores(scores)
         result.write(HYPERNET_EVAL_METRICS)

@@ -22,6 +22,7 @@ from tokenbridge.paths import (
     PREPARED_DIR,
     ROLE_DIRS,
     SOURCES_DIR,
+    TRANSFER_CHECKPOINT_DIR,
     TRANSFER_HISTORY_DIR,
     TRANSFER_METRICS,
     TRANSFERRED_DIR,
@@ -41,7 +42,8 @@ def transfer(params_file: str = "params.yaml") -> TransferMetrics:
             print(f"transfer: {card.name} -> {params.transfer.tokenizer} tokenizer")
             history = TRANSFER_HISTORY_DIR / f"{name}.csv"
             summaries[name] = run_transfer(PREPARED_DIR, source_dir, target, TRANSFERRED_DIR / name, history,
-                                           params.transfer, Runtime.resolve(params.runtime), HYPERNET_DIR)
+                                           params.transfer, Runtime.resolve(params.runtime),
+                                           TRANSFER_CHECKPOINT_DIR / name, HYPERNET_DIR)
             tracking.log_metrics({f"{name}.{key}": value for key, value in summaries[name].model_dump().items()
                                   if isinstance(value, (int, float))})
             tracking.log_artifact(history, "transfer")

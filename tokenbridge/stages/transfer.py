@@ -46,8 +46,10 @@ from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.models.retokenize import Init, retokenized_model
 from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
+from tokenbridge.stopping import safe_points
 from tokenbridge.token_bytes import boundary_mask, vocab_bytes
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
+from tokenbridge.training.checkpoint import Checkpoint
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
 from tokenbridge.training.parallel import TrainingModule
@@ -125,10 +127,12 @@ def transfer_forward(student: PreTrainedModel, vocab_size: int, boundary: torch.
 
 
 def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_dir: Path, history_path: Path,
-                   params: TransferParams, runtime: Runtime) -> TransferTraining:
+                   params: TransferParams, runtime: Runtime, checkpoint_dir: Path) -> TransferTraining:
     """ALM self-distillation from the original model (teacher, own tokenizer) into the moved model in `start_dir`
-    (FVT or hypernetwork rows); saves the
-    result (LoRA merged) at `out_dir`. A finished output of the same configuration is kept as it is."""
+    (FVT or hypernetwork rows); saves the result (LoRA merged) at `out_dir`. A finished output of the same
+    configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every
+    `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
+    stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
     key = fingerprint({"params": params.model_dump(), "start": start_card.model_dump(mode="json", exclude_none=True),
                        "source": ModelCard.of(source_dir).model_dump(mode="json", exclude_none=True),
@@ -156,11 +160,11 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     history: list[dict] = []
     phases = [("embeddings", params.embedding_steps, params.embedding_learning_rate),
               (params.train, params.steps, params.learning_rate)]
-    step = 0
     for phase, steps, peak in phases:
         if steps == 0:
             continue
         if phase == "lora":
+            torch.manual_seed(params.seed + 1)  # the adapters' init, whether phase 1 ran here or was resumed
             student = _with_lora(student, params)
         student.requires_grad_(phase == "full")
         if phase == "lora":
@@ -171,25 +175,35 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
         trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
         module = TrainingModule(student, torch.nn.ModuleDict(), transfer_forward(
             student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm))
-        engine = Engine(module, torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0), runtime, Ranks(),
-                        params.max_grad_norm)
-        for phase_step in tqdm(range(steps), desc=f"transfer ({phase})", unit="step"):
-            started = time.perf_counter()
-            indices = batch_indices(step, params.batch_size, len(students), len(students), params.seed)
-            micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries)
-                             .to(runtime.device) for part in split(indices, runtime.micro_batch_size)]
-            rate = learning_rate(phase_step, steps, peak, min(params.warmup_steps, steps))
-            result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
-                                 f"transfer step {step}")
-            step += 1
-            history.append({"step": step, "phase": phase, "loss": result.loss, "alm_loss": result.values["alm"],
-                            "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
-                            "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
+        optimizer = torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0)
+        engine = Engine(module, optimizer, runtime, Ranks(), params.max_grad_norm)
+        checkpoint = Checkpoint(checkpoint_dir / phase, key, module, optimizer, Ranks())
+        done, saved = checkpoint.resume()
+        if done:
+            print(f"transfer: resuming {phase} from its checkpoint at step {done} of {steps}")
+            history = saved
+        with safe_points():  # SIGTERM / SIGINT: finish the step, checkpoint, stop
+            for phase_step in tqdm(range(done, steps), desc=f"transfer ({phase})", unit="step", initial=done,
+                                   total=steps):
+                started, step = time.perf_counter(), len(history)
+                indices = batch_indices(step, params.batch_size, len(students), len(students), params.seed)
+                micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries)
+                                 .to(runtime.device) for part in split(indices, runtime.micro_batch_size)]
+                rate = learning_rate(phase_step, steps, peak, params.warmup_steps)
+                result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
+                                     f"transfer step {step}")
+                history.append({"step": step + 1, "phase": phase, "loss": result.loss,
+                                "alm_loss": result.values["alm"],
+                                "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
+                                "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
+                done = phase_step + 1
+                # A phase's final state is kept too, so a later phase can resume after it.
+                checkpoint.at_step_end(done, history, due=done == steps or done % params.checkpoint_every == 0)
 
     merge_lora = getattr(student, "merge_and_unload", None)  # present after a LoRA phase
     if merge_lora is not None:
         student = merge_lora()
-    summary = TransferTraining(steps=step, final_loss=history[-1]["loss"] if history else None,
+    summary = TransferTraining(steps=len(history), final_loss=history[-1]["loss"] if history else None,
                                first_loss=history[0]["loss"] if history else None, examples=len(students),
                                median_seconds_per_step=median([r["seconds"] for r in history]) if history else None)
     with atomic_path(out_dir) as temporary:
@@ -203,11 +217,12 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
 
 
 def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
-                 params: TransferParams, runtime: Runtime, hypernet_dir: Path | None = None) -> SourceTransfer:
+                 params: TransferParams, runtime: Runtime, checkpoint_dir: Path,
+                 hypernet_dir: Path | None = None) -> SourceTransfer:
     """`params.init` (FVT or the hypernetwork) then ALM self-distillation for one source; writes
-    `<out_dir>-<init>` and `out_dir`."""
+    `<out_dir>-<init>` and `out_dir`, checkpointing under `checkpoint_dir`."""
     start_dir = init_path(out_dir, params.init)
     counts = retokenized_model(source_dir, target_dir, start_dir, params.init, params.seed, hypernet_dir)
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
-    summary = train_transfer(records, source_dir, start_dir, out_dir, history_path, params, runtime)
+    summary = train_transfer(records, source_dir, start_dir, out_dir, history_path, params, runtime, checkpoint_dir)
     return SourceTransfer(**{params.init: counts}, **summary.model_dump())
