@@ -62,11 +62,11 @@ def _subset(prepared: Path, out: Path, examples: int) -> list[list[int]]:
     write_jsonl(out / "train.teacher.jsonl", records)
     sequences = [record["input_ids"] for record in records]
     # Only the teacher's side of the train split is real: extraction reads nothing else.
-    train = SplitSummary(examples=len(records), dropped_too_long=0,
+    train = SplitSummary(examples=len(records), dropped_too_long=0, dropped_unalignable=0,
                          tokens=PerRole[int](teacher=sum(map(len, sequences)), student=0),
                          sha256=PerRole[str](teacher=sha256_file(out / "train.teacher.jsonl"), student=""))
-    nothing = SplitSummary(examples=0, dropped_too_long=0, tokens=PerRole[int](teacher=0, student=0),
-                           sha256=PerRole[str](teacher="", student=""))
+    nothing = SplitSummary(examples=0, dropped_too_long=0, dropped_unalignable=0,
+                           tokens=PerRole[int](teacher=0, student=0), sha256=PerRole[str](teacher="", student=""))
     unnamed = ModelRef(name="bench", tokenizer_sha256="")
     PreparedManifest(source="bench", splits=Splits(train=train, test=nothing),
                      models=PerRole[ModelRef](teacher=unnamed, student=unnamed)).write(out / MANIFEST)

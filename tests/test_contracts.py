@@ -30,7 +30,7 @@ from tokenbridge.contracts import (
     TransferTraining,
 )
 
-SPLIT = SplitSummary(examples=3, dropped_too_long=1, tokens=PerRole[int](teacher=30, student=40),
+SPLIT = SplitSummary(examples=3, dropped_too_long=1, dropped_unalignable=0, tokens=PerRole[int](teacher=30, student=40),
                      sha256=PerRole[str](teacher="a" * 64, student="b" * 64))
 CARD = ModelCard(name="tiny-bytelevel-400", spec={"source": "tiny"}, tokenizer_sha256="c" * 64, tokenizer_size=400,
                  parameters=1234, eos_token="<eot>")

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tokenbridge import stopping
 from tokenbridge.config import RuntimeParams, TeacherLogitsParams
 from tokenbridge.io import read_jsonl
 from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.distill import train
+from tokenbridge.stopping import Stopped
 from tokenbridge.training.batching import batch_indices
 from tokenbridge.training.ranks import Ranks, process_group
 
@@ -33,12 +36,27 @@ STEPS = 3
 BATCH = 3  # two ranks: shares of one and two examples
 
 
-def _train(run: dict) -> dict:
+def _train(run: dict) -> None:
+    """One distill run; with `stop_after`, rank 0 sends itself SIGTERM at that step, so every rank stops there with
+    a checkpoint (what a stopped run leaves behind for a resume)."""
     out = Path(run["out"])
-    return train(Path(run["prepared"]), Path(run["student"]), out / "model", out / "checkpoints", out / "history.csv",
-                 DistillParams.model_validate(run["params"]), TeacherLogitsParams.model_validate(run["teacher_params"]),
-                 Path(run["teacher"]), Path(run["logits"]),
-                 runtime=Runtime.resolve(RuntimeParams.model_validate(run["runtime"])))
+
+    def stop(metrics: dict, step: int) -> None:
+        if step == run.get("stop_after"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    stopping.install()
+    try:
+        train(Path(run["prepared"]), Path(run["student"]), out / "model", out / "checkpoints", out / "history.csv",
+              DistillParams.model_validate(run["params"]), TeacherLogitsParams.model_validate(run["teacher_params"]),
+              Path(run["teacher"]), Path(run["logits"]), log_metrics=stop,
+              runtime=Runtime.resolve(RuntimeParams.model_validate(run["runtime"])))
+    except Stopped:
+        assert "stop_after" in run, "stopped without being asked to"
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def _history(out: Path) -> list[dict[str, float]]:
@@ -95,12 +113,16 @@ def test_two_processes_with_ddp_or_fsdp2_train_exactly_like_one_process_and_resu
 
     for name, run in runs.items():
         _train({**run, "out": str(tmp_path / "one" / name)})
+    # Runs stopped at step 2 (SIGTERM), one process and FSDP2, whose checkpoints the other layout resumes.
+    _train({**runs["alm"], "out": str(tmp_path / "one" / "alm_stopped"), "stop_after": 2})
     # Two-process runs of each layout, and runs that resume the one-process run's checkpoint at step 2 (as an
     # interrupted run moved to more processes would).
     two = [layout(run, "ddp", tmp_path / "ddp" / name) for name, run in runs.items()]
     two += [layout(runs[name], "fsdp", tmp_path / "fsdp" / name) for name in ("alm", "forward_kl")]
+    two.append({**layout(runs["alm"], "fsdp", tmp_path / "fsdp" / "alm_stopped"), "stop_after": 2})
     for strategy in ("ddp", "fsdp"):
-        shutil.copytree(tmp_path / "one" / "alm" / "checkpoints", tmp_path / strategy / "alm_resumed" / "checkpoints")
+        shutil.copytree(tmp_path / "one" / "alm_stopped" / "checkpoints",
+                        tmp_path / strategy / "alm_resumed" / "checkpoints")
         two.append(layout(runs["alm"], strategy, tmp_path / strategy / "alm_resumed"))
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(two))
@@ -108,19 +130,22 @@ def test_two_processes_with_ddp_or_fsdp2_train_exactly_like_one_process_and_resu
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
                     str(spec)], check=True, env=environment, cwd=ROOT, timeout=600)
     # And back: one process resumes FSDP2's sharded run from its (full) checkpoint.
-    shutil.copytree(tmp_path / "fsdp" / "alm" / "checkpoints", tmp_path / "one" / "alm_resumed" / "checkpoints")
+    shutil.copytree(tmp_path / "fsdp" / "alm_stopped" / "checkpoints", tmp_path / "one" / "alm_resumed" / "checkpoints")
     _train({**runs["alm"], "out": str(tmp_path / "one" / "alm_resumed")})
 
     for run in two:
         out = Path(run["out"])
-        _assert_same_training(tmp_path / "one" / out.name.removesuffix("_resumed"), out,
-                              f"{out.parent.name}/{out.name}")
+        if "stop_after" not in run:
+            _assert_same_training(tmp_path / "one" / out.name.removesuffix("_resumed"), out,
+                                  f"{out.parent.name}/{out.name}")
     _assert_same_training(tmp_path / "one" / "alm", tmp_path / "one" / "alm_resumed", "one process from FSDP2")
-    states = {strategy: torch.load(tmp_path / strategy / "alm" / "checkpoints" / "state.pt", weights_only=False)
-              for strategy in ("one", "ddp", "fsdp")}
-    assert {state["step"] for state in states.values()} == {2}
-    for strategy in ("ddp", "fsdp"):
-        torch.testing.assert_close(states[strategy]["model"], states["one"]["model"], rtol=1e-5, atol=5e-5)
+    # Every layout's checkpoints hold the same state: the stopped runs' at step 2, the finished runs' final one.
+    for name, strategies in {"alm_stopped": ("one", "fsdp"), "alm": ("one", "ddp", "fsdp")}.items():
+        states = {strategy: torch.load(tmp_path / strategy / name / "checkpoints" / "state.pt", weights_only=False)
+                  for strategy in strategies}
+        assert {state["step"] for state in states.values()} == {2 if name == "alm_stopped" else STEPS}
+        for strategy in strategies[1:]:
+            torch.testing.assert_close(states[strategy]["model"], states["one"]["model"], rtol=1e-5, atol=5e-5)
 
 
 if __name__ == "__main__":

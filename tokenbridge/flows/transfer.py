@@ -35,6 +35,7 @@ from tokenbridge.stages.transfer import run_transfer, target_directory
 def transfer(params_file: str = "params.yaml") -> TransferMetrics:
     with tracked_stage("transfer", params_file, ("transfer", "runtime")) as params:
         target = target_directory(params.transfer.tokenizer, ROLE_DIRS)
+        TRANSFER_CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even when no source trains
         summaries = {}
         for name, spec in params.transfer.sources.items():
             source_dir = SOURCES_DIR / name
