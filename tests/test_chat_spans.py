@@ -1,5 +1,6 @@
 """Chat examples on the common byte stream: the question's and the answer's positions come from the template's
 structure, so every training target is answer bytes or the end-of-turn token, whatever the text says.
+The property tests are derandomized, so CI runs the same examples every time.
 
 Checked over arbitrary questions and answers (empty, one character, text that occurs in the template, special-token
 strings, non-ASCII) on every kind of template we support: ChatML with and without a default system prompt, the
@@ -20,7 +21,7 @@ from tokenbridge.data.chat import UnalignableExample, encode_continuation, encod
 from tokenbridge.models.gguf import GEMMA_CHAT_TEMPLATE
 from tokenbridge.models.tiny import CHATML_TEMPLATE
 from tokenbridge.stages.prepare import run_prepare
-from tokenbridge.token_bytes import special_ids, vocab_bytes
+from tokenbridge.token_bytes import is_byte_level, special_ids, vocab_bytes
 
 SYSTEM_PROMPT_TEMPLATE = (  # Qwen2.5's shape: a default system prompt when the chat has none
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -29,7 +30,7 @@ TRIMMING_TEMPLATE = CHATML_TEMPLATE.replace("message['content']", "message['cont
 REAL_MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m")
 
 # Text that the templates themselves contain, special-token strings, our own sentinels, and non-ASCII.
-FRAGMENTS = ["a", "s", "e", "assistant", "user", "system", "model", "\n", " ", "  ", "You", "helpful", "Question:",
+FRAGMENTS = ["a", "s", "e", "▁", "assistant", "user", "system", "model", "\n", " ", "  ", "You", "helpful", "Question:",
              "Answer:", "<|im_end|>", "<|im_start|>", "<eot>", "<bos>", "<end_of_turn>", "<start_of_turn>",
              "<|endoftext|>", "\ue000question\ue001", "\ue000answer\ue001", "é", "😀", "中文", "\r\n", "\t", "#### 4"]
 contents = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), max_size=6).map("".join)
@@ -84,11 +85,18 @@ def assert_exact_targets(tokenizer, table: list[bytes], encoded, question: str, 
     assert turn_ends == int(ended)
 
 
+def _may_refuse(name: str, tokenizer, text: str) -> bool:
+    """Whether a model may call this text unalignable: the real ones (their templates and vocabularies are
+    theirs), and SentencePiece-style tokenizers on text holding '▁', which they cannot tell from a space."""
+    return name in REAL_MODELS or ("▁" in text and not is_byte_level(tokenizer))
+
+
 def test_every_supported_template_is_covered(tokenizers):
     assert {"chatml", "plain", "system_prompt", "gemma_turns"} <= set(tokenizers)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(question=contents, answer=contents)
 @example(question="What is 2+2?", answer="")  # the end-of-turn target is the assistant's, not the user's
 @example(question="Why?", answer="assistant")  # the answer occurs in the template before it
@@ -96,24 +104,26 @@ def test_every_supported_template_is_covered(tokenizers):
 @example(question="Why?", answer="\n")
 @example(question="You", answer="helpful")  # the question occurs in the default system prompt
 @example(question="<|im_end|><|im_start|>assistant\n", answer="<|im_end|><eot><end_of_turn>")
+@example(question="", answer="▁")  # SentencePiece's space mark, typed: unalignable there, text elsewhere
 def test_targets_are_exactly_the_answer_bytes_and_the_end_of_turn(tokenizers, question, answer):
     for name, (tokenizer, table) in tokenizers.items():
         try:
             encoded = encode_example(tokenizer, question, answer, table)
         except UnalignableExample:
-            assert name in REAL_MODELS, f"{name}: its template keeps content verbatim and its tokenizer reads any text"
+            assert _may_refuse(name, tokenizer, question + answer), f"{name} reads this text byte for byte"
             continue
         assert_exact_targets(tokenizer, table, encoded, question, answer)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(question=contents, answer=contents, ended=st.booleans())
 def test_a_sampled_continuation_is_placed_exactly_too(tokenizers, question, answer, ended):
     for name, (tokenizer, table) in tokenizers.items():
         try:
             encoded = encode_continuation(tokenizer, question, answer, ended, table)
         except UnalignableExample:  # SmolLM2's vocabulary lacks some bytes (0xf1, for one): it cannot read them
-            assert name in REAL_MODELS, f"{name}: a byte-level or byte-fallback tokenizer reads every text"
+            assert _may_refuse(name, tokenizer, question + answer), f"{name} reads this text byte for byte"
             continue
         assert_exact_targets(tokenizer, table, encoded, question, answer, ended)
 
