@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tokenbridge.config import HfModelSpec
 from tokenbridge.losses.registry import cross_tokenizer_losses
+from tokenbridge.models import materialize
+from tokenbridge.models.tiny import build_tiny_teacher_like
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.distill import train
 
@@ -121,3 +125,69 @@ def test_same_tokenizer_losses_train_a_pair_that_shares_the_tokenizer(same_token
           log_metrics=lambda m, step: logged.append(m), runtime=Runtime.resolve(tiny_params.runtime))
     assert all(math.isfinite(m[f"{loss}_loss"]) and m[f"{loss}_loss"] >= 0 for m in logged)
     assert logged[-1][f"{loss}_loss"] != logged[0][f"{loss}_loss"]
+
+
+def test_a_checkpoint_of_another_teacher_is_discarded_saying_so(inputs, tiny_params, tiny_dirs, tmp_path, capsys):
+    """The same student and data, the teacher swapped for another of the same tokenizer: the old teacher's run
+    used to be resumed."""
+    build_tiny_teacher_like(tiny_dirs["teacher"], tmp_path / "source", hidden_size=32, seed=11)
+    materialize(HfModelSpec(source="hf", path=str(tmp_path / "source")), tmp_path / "other", tmp_path / "cache")
+    params = tiny_params.distill.model_copy(update={"steps": 4, "checkpoint_every": 2, "teacher_mode": "online"})
+    runs = []
+    for teacher in (tiny_dirs["teacher"], tmp_path / "other"):
+        runs.append(train(inputs / "prepared", tiny_dirs["student"], inputs / "swap" / "model",
+                          inputs / "swap" / "checkpoints", inputs / "swap" / "history.csv", params,
+                          tiny_params.teacher_logits, teacher, None, runtime=Runtime.resolve(tiny_params.runtime)))
+    assert runs[1].resumed_from_step == 0
+    assert "what shaped it changed: teacher; training from the start" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_rewritten_from_its_final_checkpoint_without_training(inputs, tiny_params, tiny_dirs):
+    _, reference = _train(inputs, tiny_params, tiny_dirs, "final")
+    summary, again = _train(inputs, tiny_params, tiny_dirs, "final")
+    assert summary.resumed_from_step == 4 and summary.steps == 4
+    assert all(torch.equal(again[name], tensor) for name, tensor in reference.items())
+    state = torch.load(inputs / "final" / "checkpoints" / "state.pt", weights_only=True)
+    assert set(state["identity"]) == {"params", "prepared", "student", "teacher", "stored_logits",
+                                      "teacher_temperature", "code"}, "keyed on everything that shaped the run"
+
+
+def test_weights_that_stop_being_finite_are_never_checkpointed(inputs, tiny_params, tiny_dirs, monkeypatch):
+    """A step that leaves NaN weights behind a finite loss (injected into the optimizer's second step): the run
+    stops there, and the checkpoint of step 1 stays the last one."""
+    original, calls = torch.optim.AdamW.step, []
+
+    def poisoned(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(FloatingPointError, match="step 2: the weights are no longer finite, so they were not saved"):
+        _train(inputs, tiny_params, tiny_dirs, "diverged", checkpoint_every=1)
+    assert torch.load(inputs / "diverged" / "checkpoints" / "state.pt", weights_only=True)["step"] == 1
+    assert not (inputs / "diverged" / "model").exists()
+
+
+class _RunsCode:
+    """A pickle whose loading would run a command: what a crafted checkpoint on a shared remote could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(inputs, tiny_params, tiny_dirs, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    planted = inputs / "planted" / "checkpoints" / "state.pt"
+    planted.parent.mkdir(parents=True)
+    torch.save({"format": "tokenbridge.checkpoint/v3", "payload": _RunsCode(marker)}, planted)
+    summary, _ = _train(inputs, tiny_params, tiny_dirs, "planted")
+    assert not marker.exists(), "loading the checkpoint ran its code"
+    assert summary.resumed_from_step == 0
+    assert "cannot be read as plain tensors" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Run alone: tokenbridge report   (or: dvc repro report)
 """
 
 import platform
+import sys
 
 import psutil
 from prefect import flow
@@ -45,7 +46,8 @@ def report(params_file: str = "params.yaml") -> dict:
         value = models["student_after"][primary]
         registry = tracking.register_candidate(DISTILLED_DIR, params.tracking.registered_model, primary, value,
                                                params.tracking.higher_is_better)
-        print(f"registry: version {registry['version']} is '{tracking.CANDIDATE}'; {registry['reason']}")
+        print(f"registry: version {registry['version']} is '{tracking.CANDIDATE}'; {registry['reason']}",
+              file=sys.stderr)  # stderr: shown under dvc, where Prefect logs warnings only
         write_json(REPORT_DIR / "registry.json", registry)
         context = {
             "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(DISTILLED_DIR).name,

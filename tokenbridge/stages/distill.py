@@ -31,7 +31,7 @@ from tqdm import tqdm
 from tokenbridge.config import TeacherLogitsParams
 from tokenbridge.contracts import MANIFEST, MODEL_CARD, DistillMetrics, ModelCard, PreparedManifest
 from tokenbridge.data.chat import Encoded
-from tokenbridge.io import atomic_path, fingerprint, read_jsonl, sha256_file, write_text
+from tokenbridge.io import atomic_path, read_jsonl, sha256_file, write_text
 from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
 from tokenbridge.losses.registry import build_losses, teacher_fields
 from tokenbridge.models import load_model, load_tokenizer
@@ -43,7 +43,7 @@ from tokenbridge.stopping import safe_points
 from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
-from tokenbridge.training.checkpoint import Checkpoint
+from tokenbridge.training.checkpoint import Checkpoint, code_version
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
 from tokenbridge.training.parallel import TrainingModule, gathered, parallelize, student_weights
@@ -116,14 +116,13 @@ def train(
 
     logits_manifest = (sha256_file(teacher_logits_dir / MANIFEST)
                        if params.teacher_mode == "offline" and teacher_logits_dir else None)
-    key = fingerprint({"params": params.model_dump(), "prepared": prepared.sha256.model_dump(),
-                       "student": student_card.model_dump(mode="json", exclude_none=True),
-                       "teacher": teacher_card.model_dump(mode="json", exclude_none=True),
-                       "stored_logits": logits_manifest, "teacher_temperature": teacher.temperature})
-    checkpoint = Checkpoint(checkpoint_dir, key, model, optimizer, ranks)
+    identity = {"params": params.model_dump(), "prepared": prepared.sha256.model_dump(),
+                "student": student_card.model_dump(mode="json", exclude_none=True),
+                "teacher": teacher_card.model_dump(mode="json", exclude_none=True),
+                "stored_logits": logits_manifest, "teacher_temperature": teacher.temperature,
+                "code": code_version(__file__)}
+    checkpoint = Checkpoint(checkpoint_dir, identity, model, optimizer, ranks)
     start_step, history = checkpoint.resume()
-    if start_step and ranks.main:
-        print(f"distill: resuming from checkpoint at step {start_step}")
     history_fields = ("step", "loss", *(f"{name}_loss" for name in term_names), "alpha", "learning_rate", "on_policy",
                       "completion_tokens", "generation_seconds", "update_seconds", "seconds")
 

@@ -22,6 +22,7 @@ metrics/hypernet.csv (per step), metrics/hypernet.json.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -189,7 +190,7 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
     except ContractError:
         finished = None
     if finished is not None and finished.fingerprint == key:
-        print(f"hypernet: {out_dir} is up to date")
+        print(f"hypernet: {out_dir} is up to date", file=sys.stderr)
         return finished
 
     torch.manual_seed(params.seed)

@@ -20,6 +20,7 @@ like the `models` stage's), the target tokenizer. Outputs per source: `models/tr
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import cast
@@ -49,7 +50,7 @@ from tokenbridge.runtime import Runtime
 from tokenbridge.stopping import safe_points
 from tokenbridge.token_bytes import boundary_mask, vocab_bytes
 from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
-from tokenbridge.training.checkpoint import Checkpoint
+from tokenbridge.training.checkpoint import Checkpoint, code_version
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
 from tokenbridge.training.parallel import TrainingModule
@@ -134,15 +135,16 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
     stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
-    key = fingerprint({"params": params.model_dump(), "start": start_card.model_dump(mode="json", exclude_none=True),
-                       "source": ModelCard.of(source_dir).model_dump(mode="json", exclude_none=True),
-                       "records": fingerprint(records)})
+    identity = {"params": params.model_dump(), "start": start_card.model_dump(mode="json", exclude_none=True),
+                "source": ModelCard.of(source_dir).model_dump(mode="json", exclude_none=True),
+                "records": fingerprint(records), "code": code_version(__file__)}
+    key = fingerprint(identity)
     try:
         finished: ModelCard | None = ModelCard.of(out_dir)
     except ContractError:  # not trained yet, or by another version: train it (again)
         finished = None
     if finished is not None and finished.fingerprint == key and finished.training is not None:
-        print(f"transfer: {out_dir} is up to date")
+        print(f"transfer: {out_dir} is up to date", file=sys.stderr)
         return finished.training
     torch.manual_seed(params.seed)
     teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(start_dir)
@@ -177,10 +179,9 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
             student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm))
         optimizer = torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0)
         engine = Engine(module, optimizer, runtime, Ranks(), params.max_grad_norm)
-        checkpoint = Checkpoint(checkpoint_dir / phase, key, module, optimizer, Ranks())
+        checkpoint = Checkpoint(checkpoint_dir / phase, identity, module, optimizer, Ranks())
         done, saved = checkpoint.resume()
         if done:
-            print(f"transfer: resuming {phase} from its checkpoint at step {done} of {steps}")
             history = saved
         with safe_points():  # SIGTERM / SIGINT: finish the step, checkpoint, stop
             for phase_step in tqdm(range(done, steps), desc=f"transfer ({phase})", unit="step", initial=done,
