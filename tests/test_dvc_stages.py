@@ -113,8 +113,24 @@ def test_each_profile_that_overrides_a_key_a_stage_reads_is_a_param_of_that_stag
 
 
 def test_the_written_yaml_says_what_the_generator_means():
-    profiles = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]
-    assert yaml.safe_load(dvc_yaml(ROOT / "params.yaml")) == pipeline(profiles)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert yaml.safe_load(dvc_yaml(ROOT / "params.yaml")) == pipeline(raw)
+
+
+def test_data_files_params_name_are_deps_of_the_stages_that_read_them(tmp_path):
+    """A GSM8K file or a local tokenizer named in any profile: DVC must see its contents, or an edited file would
+    leave the stage 'up to date'."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in ("train.jsonl", "test.jsonl", "tokenizer/tokenizer.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    raw["profiles"]["tiny"]["prepare"].update(source="jsonl", train_jsonl=str(tmp_path / "train.jsonl"),
+                                              test_jsonl=str(tmp_path / "test.jsonl"))
+    raw["profiles"]["gpu"]["transfer"]["tokenizer"] = str(tmp_path / "tokenizer")
+    stages = pipeline(raw)["stages"]
+    assert {str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")} <= set(stages["prepare"]["deps"])
+    assert str(tmp_path / "tokenizer") in stages["transfer"]["deps"]
+    assert not {str(tmp_path / "train.jsonl"), str(tmp_path / "tokenizer")} & set(stages["distill"]["deps"])
 
 
 def test_every_param_a_stage_names_is_in_params_yaml():

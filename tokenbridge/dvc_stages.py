@@ -2,7 +2,8 @@
 
 Each stage's code deps are every tokenbridge module its command (`python -m tokenbridge <stage>`) imports, read
 from the source; its params are the keys the table names plus, for each profile in params.yaml, that profile's
-overrides of those keys (tokenbridge.config.resolve applies the same overrides to the values). Run
+overrides of those keys (tokenbridge.config.resolve applies the same overrides to the values); its data deps
+include the files params name for it in any profile (`data_files`). Run
 `python -m tokenbridge.dvc_stages` (or `make dvc.yaml`) from the project root after changing the table, the
 imports or the profiles; tests/test_dvc_stages.py fails while the committed dvc.yaml differs.
 """
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from tokenbridge.config import DEFAULT_PARAMS
+from tokenbridge.params import resolve
 from tokenbridge.paths import (
     CHECKPOINT_DIR,
     DISTILL_HISTORY,
@@ -61,7 +63,8 @@ HEADER = f"""\
 # Code: each stage depends on every tokenbridge module its command imports, lazy imports included (a directory
 # stands for its modules when the command imports all of them).
 # Params: each stage depends on the params.yaml keys it reads, the profile switch and every profile's overrides
-# of those keys.
+# of those keys; and on the data files those params name (prepare.*_jsonl, a local transfer.tokenizer,
+# evaluate_hypernet.tokenizers), so a change in their contents reruns it.
 # Every output is cached (none is `cache: false`), so `dvc push` / `dvc pull` carry the whole state: README
 # "Remote storage (DVC)".
 """
@@ -229,11 +232,27 @@ def stage_params(keys: Iterable[str], profiles: dict[str, Any]) -> list[str]:
                                 if has_key(overrides, key))]
 
 
-def stage_body(stage: Stage, profiles: dict[str, Any]) -> dict[str, Any]:
-    """What dvc.yaml says about one stage, as the plain data YAML parses it to."""
+def data_files(raw: dict[str, Any]) -> dict[str, list[str]]:
+    """stage name -> the files and directories params name for it to read, in any profile: GSM8K JSONL files
+    (`prepare.source: jsonl`), a local target tokenizer (`transfer.tokenizer`), compared tokenizers
+    (`evaluate_hypernet.tokenizers`). As dependencies, their contents decide what is stale, like any stage input."""
+    found: dict[str, set[str]] = {"prepare": set(), "transfer": set(), "evaluate_hypernet": set()}
+    for name in ["default", *(raw.get("profiles") or {})]:
+        params = resolve(raw, name)
+        if params.prepare.source == "jsonl":
+            found["prepare"] |= {str(params.prepare.train_jsonl), str(params.prepare.test_jsonl)}
+        if params.transfer.tokenizer not in ("student", "teacher", "byte"):
+            found["transfer"].add(params.transfer.tokenizer)
+        found["evaluate_hypernet"] |= {spec for spec in params.evaluate_hypernet.tokenizers.values()
+                                       if spec not in ("student", "teacher", "heldout")}
+    return {stage: sorted(paths) for stage, paths in found.items() if paths}
+
+
+def stage_body(stage: Stage, profiles: dict[str, Any], data: Iterable[str] = ()) -> dict[str, Any]:
+    """What dvc.yaml says about one stage, as the plain data YAML parses it to; `data`: files params name for it."""
     body: dict[str, Any] = {
         "cmd": f"python -m tokenbridge {stage.name} {stage.options}".strip(),
-        "deps": [*code_deps(stage_code(stage.name)), *map(str, stage.deps)],
+        "deps": [*code_deps(stage_code(stage.name)), *map(str, stage.deps), *data],
         "params": stage_params(stage.params, profiles),
         "outs": [{str(out.path): {"persist": True}} if isinstance(out, Persist) else str(out) for out in stage.outs],
     }
@@ -246,9 +265,10 @@ def stage_body(stage: Stage, profiles: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def pipeline(profiles: dict[str, Any]) -> dict[str, Any]:
-    """dvc.yaml's content as plain data."""
-    return {"stages": {stage.name: stage_body(stage, profiles) for stage in STAGES}}
+def pipeline(raw: dict[str, Any]) -> dict[str, Any]:
+    """dvc.yaml's content as plain data, for the params file's content `raw`."""
+    profiles, data = raw.get("profiles") or {}, data_files(raw)
+    return {"stages": {stage.name: stage_body(stage, profiles, data.get(stage.name, [])) for stage in STAGES}}
 
 
 def _yaml_lines(value: Any, path: tuple[str, ...], indent: str, comments: dict[tuple[str, ...], str]) -> list[str]:
@@ -275,8 +295,7 @@ def _yaml_lines(value: Any, path: tuple[str, ...], indent: str, comments: dict[t
 
 def dvc_yaml(params_file: Path = DEFAULT_PARAMS) -> str:
     """The text of dvc.yaml for the profiles in `params_file`."""
-    profiles = (yaml.safe_load(params_file.read_text()) or {}).get("profiles") or {}
-    document = pipeline(profiles)
+    document = pipeline(yaml.safe_load(params_file.read_text()) or {})
     blocks = []
     for stage in STAGES:
         inner = ("do",) if stage.foreach else ()
