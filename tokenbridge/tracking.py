@@ -43,14 +43,14 @@ def unreachable_servers() -> list[str]:
     """One line per configured server (MLflow's MLFLOW_TRACKING_URI, Prefect's PREFECT_API_URL) that does not answer
     its health check within seconds: checked before a stage starts, so a server that is down stops it at once
     rather than after minutes of client retries."""
-    servers = {"MLflow": ("MLFLOW_TRACKING_URI", "health"), "Prefect": ("PREFECT_API_URL", "health")}
+    servers = {"MLflow": "MLFLOW_TRACKING_URI", "Prefect": "PREFECT_API_URL"}  # both answer GET <url>/health
     problems = []
-    for name, (variable, path) in servers.items():
+    for name, variable in servers.items():
         url = os.environ.get(variable, "")
         if not url.startswith(("http://", "https://")):
             continue
         try:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/{path}", timeout=HEALTH_TIMEOUT_SECONDS):
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_SECONDS):
                 pass
         except (OSError, ValueError) as error:
             fallback = "the local sqlite store" if name == "MLflow" else "the temporary local Prefect API"

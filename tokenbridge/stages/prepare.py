@@ -10,6 +10,7 @@ it: `tokenbridge.data.chat.UnalignableExample`); the manifest counts both.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from tokenbridge.config import PrepareParams
@@ -53,7 +54,7 @@ def run_prepare(model_dirs: dict[str, Path], out_dir: Path, params: PrepareParam
                     encoded[role].append(pair[role])
         if unalignable:
             print(f"prepare: skipped {len(unalignable)} {split} example(s) a model cannot read byte for byte; the "
-                  f"first: {unalignable[0]}")
+                  f"first: {unalignable[0]}", file=sys.stderr)  # a skip decision: shown under dvc too
         if not kept:
             raise ValueError(f"prepare: no {split} example is left ({len(unalignable)} cannot be aligned, the rest are "
                              f"longer than max_length={params.max_length}): raise max_length, or use models whose chat "
