@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -33,7 +35,7 @@ ROOT = Path(__file__).parents[1]
 RUNNER = r"""
 import json, sys
 from pathlib import Path
-from tokenbridge.params import DistillParams, TransferParams
+from tokenbridge.params import DistillParams, HypernetParams, TransferParams
 from tokenbridge.config import RuntimeParams, TeacherLogitsParams
 from tokenbridge.runtime import Runtime
 from tokenbridge import stopping
@@ -45,11 +47,16 @@ if args["stage"] == "distill":
     print("ready", flush=True)
     train(*(Path(p) for p in args["paths"][:5]), DistillParams(**args["params"]),
           TeacherLogitsParams(**args["teacher_logits"]), *(Path(p) for p in args["paths"][5:]), runtime=runtime)
-else:
+elif args["stage"] == "transfer":
     from tokenbridge.stages.transfer import run_transfer
     print("ready", flush=True)
     run_transfer(*(Path(p) for p in args["paths"]), TransferParams(**args["params"]), runtime,
                  Path(args["checkpoints"]))
+else:
+    from tokenbridge.stages.hypernet import train_hypernet
+    print("ready", flush=True)
+    train_hypernet(*(Path(p) for p in args["paths"]), HypernetParams(**args["params"]), runtime,
+                   Path(args["checkpoints"]))
 """
 
 
@@ -165,6 +172,39 @@ def test_sigterm_stops_transfer_in_its_lora_phase_with_a_checkpoint_and_a_rerun_
     _assert_same_transfer(tmp_path / "uninterrupted", tmp_path / "stopped")
 
 
+def _hypernet_args(root: Path, tiny_params, tiny_dirs, out: Path) -> dict:
+    params = tiny_params.hypernet.model_copy(update={"identity_steps": 6, "steps": 4, "checkpoint_every": 1})
+    return {"stage": "hypernet", "runtime": tiny_params.runtime.model_dump(), "params": params.model_dump(),
+            "paths": [root / "prepared", tiny_dirs["student"], out / "hypernet", out / "history.csv"],
+            "checkpoints": out / "checkpoints"}
+
+
+def test_hypernet_stopped_by_sigterm_then_killed_anywhere_and_rerun_ends_bit_identical(
+        cross_tokenizer_pair, tiny_params, tiny_dirs, tmp_path):
+    """Both phases (identity warm-up, ALM on sampled tokenizers) resume where they stopped: each step draws its
+    tokenizer and tokens from its own generator, so a resumed run draws what an uninterrupted one would."""
+    root, _ = cross_tokenizer_pair
+    uninterrupted, interrupted = (_hypernet_args(root, tiny_params, tiny_dirs, tmp_path / name)
+                                  for name in ("uninterrupted", "interrupted"))
+    seconds = _run_to_the_end(uninterrupted)
+    # The same tokenizer pool (HF's Unigram trainer is not deterministic; the stage keeps its pool for reruns).
+    shutil.copytree(*(tmp_path / name / "checkpoints" / "pool" for name in ("uninterrupted", "interrupted")))
+    process = _start(interrupted)
+    while not (tmp_path / "interrupted" / "checkpoints" / "identity" / "state.pt").exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode != 0 and "stopped by SIGTERM: checkpoint saved after step" in errors, errors
+    moments = _killed_at_random_moments(interrupted, seconds, kills=2, seed=19)
+    expected, actual = (torch.load(tmp_path / name / "hypernet" / "hypernet.pt", weights_only=True)
+                        for name in ("uninterrupted", "interrupted"))
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert actual[name].equal(tensor), f"{name} differs from the uninterrupted run ({moments})"
+    assert _losses(tmp_path / "interrupted" / "history.csv") == _losses(tmp_path / "uninterrupted" / "history.csv")
+    assert not _leftover_temporaries(tmp_path / "interrupted"), moments
+
+
 def test_a_write_killed_before_its_cleanup_leaves_nothing_after_the_next_write(tmp_path):
     leftover = tmp_path / ".state.pt.k1ll3d_x" / "state.pt"  # what kill -9 inside atomic_path leaves
     leftover.parent.mkdir()
@@ -189,13 +229,24 @@ def test_the_tiny_metaspace_tokenizer_is_the_same_in_every_process():
     assert len(hashes) == 1, "the tokenizer's ids change from run to run"
 
 
+def _long_distill_args(root: Path, dirs: dict[str, Path], tiny_params, out: Path) -> dict:
+    return _distill_args(root, dirs, tiny_params, out, steps=200, checkpoint_every=1000)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long_distill(cross_tokenizer_pair, tiny_params, tmp_path_factory) -> Path:
+    """The reference the signal tests compare with, run once for both signals."""
+    root, dirs = cross_tokenizer_pair
+    out = tmp_path_factory.mktemp("uninterrupted_long_distill")
+    _run_to_the_end(_long_distill_args(root, dirs, tiny_params, out))
+    return out
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_distill_after_its_step_with_a_checkpoint_and_a_rerun_resumes_it(
-        cross_tokenizer_pair, tiny_params, tmp_path, stop):
+        cross_tokenizer_pair, tiny_params, uninterrupted_long_distill, tmp_path, stop):
     root, dirs = cross_tokenizer_pair
-    uninterrupted, stopped = (_distill_args(root, dirs, tiny_params, tmp_path / name, steps=200, checkpoint_every=1000)
-                              for name in ("uninterrupted", "stopped"))
-    _run_to_the_end(uninterrupted)
+    stopped = _long_distill_args(root, dirs, tiny_params, tmp_path / "stopped")
     process = _start(stopped)
     history = tmp_path / "stopped" / "checkpoints"
     while not history.exists():  # the run has started training
@@ -208,9 +259,9 @@ def test_a_signal_stops_distill_after_its_step_with_a_checkpoint_and_a_rerun_res
     assert process.returncode != 0 and f"stopped by {stop.name}: checkpoint saved after step" in errors, errors
     assert not (tmp_path / "stopped" / "model").exists()
     _run_to_the_end(stopped)
-    _assert_bit_identical(tmp_path / "uninterrupted" / "model" / "model.safetensors",
+    _assert_bit_identical(uninterrupted_long_distill / "model" / "model.safetensors",
                           tmp_path / "stopped" / "model" / "model.safetensors")
-    assert _losses(tmp_path / "stopped" / "history.csv") == _losses(tmp_path / "uninterrupted" / "history.csv")
+    assert _losses(tmp_path / "stopped" / "history.csv") == _losses(uninterrupted_long_distill / "history.csv")
 
 
 def test_a_stopped_stage_run_is_killed_and_a_run_whose_process_died_is_failed_by_the_next(tmp_path, monkeypatch):
@@ -244,3 +295,4 @@ def test_a_stage_whose_server_is_down_stops_at_once_naming_it_and_the_fix(tmp_pa
     assert result.returncode == 2
     assert f"at {url} ({variable}) does not answer" in result.stderr and f"unset {variable}" in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlruns.db").exists(), "no work before the check"
+

@@ -37,11 +37,13 @@ from tokenbridge.stages.hypernet import (
     identity_warmup,
     sampled_batch,
     sampled_vocabulary,
+    tokenizer_pool,
     train_hypernet,
 )
 from tokenbridge.stages.prepare import run_prepare
 from tokenbridge.stages.transfer import init_path, run_transfer
 from tokenbridge.token_bytes import special_ids, vocab_bytes
+from tokenbridge.training.checkpoint import Checkpoint
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.parallel import TrainingModule
 from tokenbridge.training.ranks import Ranks
@@ -61,7 +63,8 @@ def prepared(tiny_params, tiny_dirs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hypernet_dir(tiny_params, tiny_dirs, prepared) -> Path:
     out = prepared.parent / "hypernet"
-    train_hypernet(prepared, tiny_dirs["student"], out, prepared.parent / "hypernet.csv", tiny_params.hypernet, FP32)
+    train_hypernet(prepared, tiny_dirs["student"], out, prepared.parent / "hypernet.csv", tiny_params.hypernet, FP32,
+                   prepared.parent / "checkpoints")
     return out
 
 
@@ -139,10 +142,27 @@ def test_the_identity_warmup_brings_a_perturbed_hypernetwork_back_to_the_base_mo
     reference = _bpb(base_dir, prepared)
     assert abs(base_model_through_hypernet("perturbed") - reference) > 2e-3, "the perturbation must show"
     params = tiny_params.hypernet.model_copy(update={"identity_steps": 300, "identity_batch": 512,
-                                                     "identity_learning_rate": 3e-3})
-    error = identity_warmup(hypernet, rows, identity_spellings(base, 8, seed=0), params, [])
-    assert error is not None
+                                                     "identity_learning_rate": 3e-3, "checkpoint_every": 300})
+    history = identity_warmup(hypernet, rows, identity_spellings(base, 8, seed=0), params,
+                              lambda optimizer: Checkpoint(tmp_path / "checkpoint", {}, hypernet, optimizer, Ranks()))
+    assert len(history) == 300
     assert abs(base_model_through_hypernet("warmed_up") - reference) < 1e-3
+
+
+def test_the_tokenizer_pool_is_trained_once_per_text_and_pool_params_and_kept(tiny_params, prepared, tmp_path):
+    """HF's Unigram trainer is not deterministic, so a rerun (a resume, or other training params) must read the
+    pool it trained, not train another."""
+    records, test_records = (read_jsonl(prepared / f"{split}.jsonl") for split in ("train", "test"))
+    params = tiny_params.hypernet
+    first, heldout = tokenizer_pool(records, test_records, params, tmp_path / "pool", "key")
+    assert sorted(first) == sorted(f"{kind}-{size}" for kind in params.pool_kinds for size in params.pool_vocab_sizes)
+    again, heldout_again = tokenizer_pool(records, test_records, params, tmp_path / "pool", "key")
+    assert {name: backend.to_str() for name, backend in again.items()} == \
+        {name: backend.to_str() for name, backend in first.items()}
+    assert heldout_again.to_str() == heldout.to_str()
+    smaller = params.model_copy(update={"pool_kinds": ["bpe"]})
+    assert sorted(tokenizer_pool(records, test_records, smaller, tmp_path / "pool", "other key")[0]) == \
+        [f"bpe-{size}" for size in params.pool_vocab_sizes]
 
 
 def test_special_tokens_keep_their_base_rows_and_the_base_tokenizer_reproduces_the_model(tiny_dirs, prepared,
@@ -241,7 +261,8 @@ def test_an_untied_head_gets_its_own_predicted_rows(tiny_params, tiny_dirs, prep
     assert reloaded.get_output_embeddings().weight.data_ptr() != input_embeddings(reloaded).data_ptr()
 
     params = tiny_params.hypernet.model_copy(update={"steps": 1, "identity_steps": 2})
-    card = train_hypernet(prepared, untied_dir, tmp_path / "hypernet", tmp_path / "history.csv", params, FP32)
+    card = train_hypernet(prepared, untied_dir, tmp_path / "hypernet", tmp_path / "history.csv", params, FP32,
+                          tmp_path / "checkpoints")
     assert not card.tied and card.width == 2 * model.config.hidden_size
     retokenized_model(untied_dir, tiny_dirs["teacher"], tmp_path / "moved", "hypernet", 0, tmp_path / "hypernet")
     moved = load_model(tmp_path / "moved")

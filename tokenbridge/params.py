@@ -229,6 +229,8 @@ class HypernetParams(Strict):
                                               description="alm, optionally with next-token CE (sft), equal weights")
     identity_weight: float = Field(1.0, ge=0, description="ALM steps: weight of the auxiliary loss keeping the rows "
                                                           "of tokens the base has near the base rows (0: off)")
+    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (each phase also keeps its "
+                                                        "last); a rerun resumes from the last one")
     alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
 

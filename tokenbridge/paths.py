@@ -9,6 +9,7 @@ PREPARED_DIR = Path("data/prepared")
 TEACHER_LOGITS_DIR = Path("data/teacher_logits")
 CHECKPOINT_DIR = Path("checkpoints/distill")
 TRANSFER_CHECKPOINT_DIR = Path("checkpoints/transfer")  # <name>/<phase>/state.pt
+HYPERNET_CHECKPOINT_DIR = Path("checkpoints/hypernet")  # identity/, alm/: each phase's state.pt
 HYPERNET_EVAL_CHECKPOINT_DIR = Path("checkpoints/evaluate_hypernet")  # <name>-<init>/<phase>/: its ALM runs
 DISTILL_HISTORY = Path("metrics/distill_history.csv")
 DISTILL_METRICS = Path("metrics/distill.json")

@@ -3,7 +3,8 @@ that model on its own tokenizer, on tokenizers sampled from a pool trained on th
 and register it as `tracking.registered_hypernet`. docs/hypernet.md.
 
 Inputs: data/prepared (texts), models/<hypernet.base>; params `hypernet.*`, `runtime.*`. Outputs: models/hypernet/
-(hypernet.pt, hypernet.json, pool/<name>/, heldout_tokenizer/), metrics/hypernet.csv, metrics/hypernet.json.
+(hypernet.pt, hypernet.json, pool/<name>/, heldout_tokenizer/), metrics/hypernet.csv, metrics/hypernet.json,
+checkpoints/hypernet/<phase>/ (persisted: a rerun resumes).
 Run alone: tokenbridge hypernet   (or: dvc repro hypernet)
 
 Apply it (seconds; no training):
@@ -28,7 +29,14 @@ from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.models.hypernet import load_hypernet
 from tokenbridge.models.retokenize import retokenized_model
 from tokenbridge.params import load_params
-from tokenbridge.paths import HYPERNET_DIR, HYPERNET_HISTORY, HYPERNET_METRICS, PREPARED_DIR, ROLE_DIRS
+from tokenbridge.paths import (
+    HYPERNET_CHECKPOINT_DIR,
+    HYPERNET_DIR,
+    HYPERNET_HISTORY,
+    HYPERNET_METRICS,
+    PREPARED_DIR,
+    ROLE_DIRS,
+)
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.hypernet import hypernet_metrics, train_hypernet
 
@@ -39,7 +47,9 @@ def hypernet(params_file: str = "params.yaml") -> HypernetMetrics:
         base_dir = ROLE_DIRS[params.hypernet.base]
         runtime = Runtime.resolve(params.runtime)
         print(f"hypernet: for {base_dir} on {runtime.device}")
-        card = train_hypernet(PREPARED_DIR, base_dir, HYPERNET_DIR, HYPERNET_HISTORY, params.hypernet, runtime)
+        HYPERNET_CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even when no phase trains
+        card = train_hypernet(PREPARED_DIR, base_dir, HYPERNET_DIR, HYPERNET_HISTORY, params.hypernet, runtime,
+                              HYPERNET_CHECKPOINT_DIR)
         metrics = hypernet_metrics(card)
         metrics.write(HYPERNET_METRICS)
         tracking.log_metrics(metrics.model_dump(exclude_none=True))

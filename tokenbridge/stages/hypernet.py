@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,8 +57,10 @@ from tokenbridge.models.vocabulary import fvt_rows, source_bytes_index, spelling
 from tokenbridge.params import HypernetParams
 from tokenbridge.paths import HYPERNET_HELDOUT
 from tokenbridge.runtime import Runtime
+from tokenbridge.stopping import safe_points
 from tokenbridge.token_bytes import boundary_mask, special_ids, vocab_bytes
 from tokenbridge.training.batching import Batch, batch_indices, make_batch
+from tokenbridge.training.checkpoint import Checkpoint, code_version
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
 from tokenbridge.training.parallel import TrainingModule
@@ -67,6 +70,7 @@ from tokenbridge.training.teachers import LiveTeacher, Teacher
 from tokenbridge.training.views import student_view
 
 CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
+HELDOUT_BACKEND = "heldout"  # the held-out tokenizer's name beside the pool's (which are named <kind>-<size>)
 HISTORY_COLUMNS = ("step", "phase", "loss", "alm_loss", "identity_error", "tokenizer", "vocab_size", "learning_rate",
                    "grad_norm", "seconds")
 
@@ -95,34 +99,45 @@ def identity_spellings(base: PreTrainedTokenizerBase, max_pieces: int, seed: int
 
 
 def identity_warmup(hypernet: Hypernet, rows: torch.Tensor, spellings_of: dict[int, list[list[int]]],
-                    params: HypernetParams, history: list[dict]) -> float | None:
+                    params: HypernetParams, checkpoint: Callable[[torch.optim.Optimizer], Checkpoint]) -> list[dict]:
     """Train the hypernetwork to map base spellings to the base rows (mean squared error in the rows' standard
-    units); returns the last step's error."""
+    units); returns its history. Each step draws from its own generator, so a resumed run draws what an
+    uninterrupted one would."""
     if params.identity_steps == 0:
-        return None
+        return []
     optimizer = torch.optim.AdamW(hypernet.parameters(), lr=params.identity_learning_rate, weight_decay=0.0)
-    generator = random.Random(params.seed)
+    state = checkpoint(optimizer)
+    done, history = state.resume()
     ids = list(spellings_of)
-    error = None
-    for step in tqdm(range(params.identity_steps), desc="hypernet (identity)", unit="step"):
-        started = time.perf_counter()
-        chosen = generator.sample(ids, min(params.identity_batch, len(ids)))
-        pieces = {position: generator.choice(spellings_of[index]) for position, index in enumerate(chosen)}
-        rate = learning_rate(step, params.identity_steps, params.identity_learning_rate, 0)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        order, predicted = predict_rows(hypernet, rows, pieces)
-        targets = rows[torch.tensor(chosen, device=rows.device)[order]].float()
-        loss = ((predicted - targets) / hypernet.std).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), params.max_grad_norm)
-        optimizer.step()
-        error = loss.item()
-        history.append({"step": step + 1, "phase": "identity", "loss": error, "identity_error": error,
-                        "tokenizer": "base", "vocab_size": len(chosen), "learning_rate": rate,
-                        "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started})
-    return error
+    with safe_points():  # SIGTERM / SIGINT: finish the step, checkpoint, stop
+        for step in tqdm(range(done, params.identity_steps), desc="hypernet (identity)", unit="step", initial=done,
+                         total=params.identity_steps):
+            started = time.perf_counter()
+            generator = random.Random(f"{params.seed}-identity-{step}")
+            chosen = generator.sample(ids, min(params.identity_batch, len(ids)))
+            pieces = {position: generator.choice(spellings_of[index]) for position, index in enumerate(chosen)}
+            rate = learning_rate(step, params.identity_steps, params.identity_learning_rate, 0)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            order, predicted = predict_rows(hypernet, rows, pieces)
+            targets = rows[torch.tensor(chosen, device=rows.device)[order]].float()
+            loss = ((predicted - targets) / hypernet.std).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), params.max_grad_norm)
+            optimizer.step()
+            error = loss.item()
+            history.append({"step": step + 1, "phase": "identity", "loss": error, "identity_error": error,
+                            "tokenizer": "base", "vocab_size": len(chosen), "learning_rate": rate,
+                            "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started})
+            done = step + 1
+            state.at_step_end(done, history, due=_checkpoint_due(done, params.identity_steps, params))
+    return history
+
+
+def _checkpoint_due(done: int, steps: int, params: HypernetParams) -> bool:
+    """Every `checkpoint_every` steps and at a phase's end (kept, so the next phase can resume after it)."""
+    return done == steps or done % params.checkpoint_every == 0
 
 
 def hypernet_forward(hypernet: Hypernet, student: PreTrainedModel, rows: torch.Tensor, alm: AlmLoss, tied: bool):
@@ -176,15 +191,40 @@ def sampled_batch(tokenizer: PreTrainedTokenizerBase, records: list[dict], teach
     return make_batch(students, teachers, {"teacher": teacher_boundary.cpu(), "student": boundary.cpu()})
 
 
+def tokenizer_pool(records: list[dict], test_records: list[dict], params: HypernetParams, directory: Path,
+                   key: str) -> tuple[dict[str, Tokenizer], Tokenizer]:
+    """The trained pool tokenizers (name -> tokenizer) and the held-out one, trained once per `key` (the texts, the
+    pool's params and the code) and kept in `directory`: HF's Unigram trainer gives slightly different scores (and so
+    ids and splits) from run to run, so a resumed run, or one with other training params, reads the tokenizers
+    already trained instead of training them again. Always read back from `directory` (a score's JSON round trip
+    may move its last bit), so the first run trains on exactly what a rerun reads."""
+    marker = directory / "fingerprint"
+    if not (marker.exists() and marker.read_text() == key):
+        texts = _texts(records)
+        trained = {f"{kind}-{size}": train_backend(kind, size, texts)
+                   for kind in params.pool_kinds for size in params.pool_vocab_sizes}
+        trained[HELDOUT_BACKEND] = train_backend("bpe", params.heldout_vocab_size, _texts(test_records))
+        with atomic_path(directory) as temporary:
+            temporary.mkdir(parents=True)
+            for name, backend in trained.items():
+                backend.save(str(temporary / f"{name}.json"))
+            (temporary / marker.name).write_text(key)
+    saved = {path.stem: Tokenizer.from_file(str(path)) for path in sorted(directory.glob("*.json"))}
+    return {name: backend for name, backend in saved.items() if name != HELDOUT_BACKEND}, saved[HELDOUT_BACKEND]
+
+
 def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_path: Path, params: HypernetParams,
-                   runtime: Runtime) -> HypernetCard:
+                   runtime: Runtime, checkpoint_dir: Path) -> HypernetCard:
     """Train the hypernetwork for the model in `base_dir` and save it at `out_dir`; a finished output of the same
-    configuration is kept as it is."""
+    configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every `checkpoint_every`
+    steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT stop it after the
+    current step, with a checkpoint. The tokenizer pool is kept in `checkpoint_dir/pool`."""
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
     test_records = read_jsonl(Path(prepared_dir) / "test.jsonl")
     base_card = ModelCard.of(base_dir)
-    key = fingerprint({"params": params.model_dump(), "base": base_card.model_dump(mode="json", exclude_none=True),
-                       "records": fingerprint(records), "test": fingerprint(test_records)})
+    identity = {"params": params.model_dump(), "base": base_card.model_dump(mode="json", exclude_none=True),
+                "records": fingerprint(records), "test": fingerprint(test_records), "code": code_version(__file__)}
+    key = fingerprint(identity)
     try:
         finished: HypernetCard | None = HypernetCard.read(out_dir / CARD)
     except ContractError:
@@ -194,13 +234,11 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
         return finished
 
     torch.manual_seed(params.seed)
-    rng = random.Random(params.seed)
     base_tokenizer = load_tokenizer(base_dir)
-    texts = _texts(records)
-    trained = {f"{kind}-{size}": train_backend(kind, size, texts)
-               for kind in params.pool_kinds for size in params.pool_vocab_sizes}
+    pool_key = fingerprint({part: identity[part] for part in ("records", "test", "code")}
+                           | {"pool": [params.pool_kinds, params.pool_vocab_sizes, params.heldout_vocab_size]})
+    trained, heldout = tokenizer_pool(records, test_records, params, checkpoint_dir / "pool", pool_key)
     pool = {"base": learned_tokens(base_tokenizer), **trained}
-    heldout: Tokenizer = train_backend("bpe", params.heldout_vocab_size, _texts(test_records))
 
     device = runtime.device
     student = load_model(base_dir, torch.float32).to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
@@ -210,9 +248,12 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
     mean, std = standardisation(rows, len(base_tokenizer))
     hypernet = Hypernet(rows.shape[1], params.layers, params.heads, params.max_pieces, mean, std).to(device)
 
-    history: list[dict] = []
-    identity_error = identity_warmup(hypernet, rows, identity_spellings(base_tokenizer, params.max_pieces,
-                                                                        params.seed), params, history)
+    def checkpoint(phase: str) -> Callable[[torch.optim.Optimizer], Checkpoint]:
+        return lambda optimizer: Checkpoint(checkpoint_dir / phase, identity, hypernet, optimizer, Ranks())
+
+    history = identity_warmup(hypernet, rows, identity_spellings(base_tokenizer, params.max_pieces, params.seed),
+                              params, checkpoint("identity"))
+    identity_error = history[-1]["identity_error"] if history else None
 
     base_table = vocab_bytes(base_tokenizer)
     teachers = [encode_example(base_tokenizer, r["question"], r["answer"], base_table) for r in records]
@@ -226,28 +267,36 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
     vocabulary: dict = {}
     module = TrainingModule(student, torch.nn.ModuleDict({"hypernet": hypernet}),
                             lambda *args: forward(vocabulary, *args))
-    engine = Engine(module, torch.optim.AdamW(hypernet.parameters(), lr=params.learning_rate, weight_decay=0.0),
-                    runtime, Ranks(), params.max_grad_norm)
+    optimizer = torch.optim.AdamW(hypernet.parameters(), lr=params.learning_rate, weight_decay=0.0)
+    engine = Engine(module, optimizer, runtime, Ranks(), params.max_grad_norm)
+    state = checkpoint("alm")(optimizer)
+    done, saved = state.resume() if params.steps else (0, [])
+    if done:
+        history = saved
     weights: dict[str, float] = {**{name: 1.0 for name in params.loss}, "identity": params.identity_weight}
     host_rows = rows.cpu()
-    losses = []
-    for step in tqdm(range(params.steps), desc="hypernet (alm)", unit="step"):
-        started = time.perf_counter()
-        name = rng.choice(sorted(pool))
-        tokenizer = with_chat_format(sub_vocabulary(pool[name], rng.uniform(params.sub_vocabulary_min, 1.0), rng),
-                                     base_tokenizer)
-        vocabulary.update(sampled_vocabulary(base_tokenizer, tokenizer, host_rows, device, params))
-        indices = [usable[i] for i in batch_indices(step, params.batch_size, len(usable), len(usable), params.seed)]
-        batch = sampled_batch(tokenizer, [records[i] for i in indices], teacher.examples(indices)[0],
-                              teacher.teacher.boundary, vocabulary["boundary"]).to(device)
-        rate = learning_rate(step, params.steps, params.learning_rate, min(params.warmup_steps, params.steps))
-        result = engine.step([batch], [teacher.view(batch)], weights, rate, f"hypernet step {step}")
-        losses.append(result.loss)
-        history.append({"step": step + 1, "phase": "alm", "loss": result.loss, "alm_loss": result.values["alm"],
-                        "identity_error": result.values.get("identity"), "tokenizer": name,
-                        "vocab_size": len(tokenizer), "learning_rate": rate, "grad_norm": result.grad_norm,
-                        "seconds": time.perf_counter() - started})
+    with safe_points():  # SIGTERM / SIGINT: finish the step, checkpoint, stop
+        for step in tqdm(range(done, params.steps), desc="hypernet (alm)", unit="step", initial=done,
+                         total=params.steps):
+            started = time.perf_counter()
+            rng = random.Random(f"{params.seed}-alm-{step}")  # per step: a resumed run draws the same tokenizers
+            name = rng.choice(sorted(pool))
+            tokenizer = with_chat_format(sub_vocabulary(pool[name], rng.uniform(params.sub_vocabulary_min, 1.0), rng),
+                                         base_tokenizer)
+            vocabulary.update(sampled_vocabulary(base_tokenizer, tokenizer, host_rows, device, params))
+            indices = [usable[i] for i in batch_indices(step, params.batch_size, len(usable), len(usable), params.seed)]
+            batch = sampled_batch(tokenizer, [records[i] for i in indices], teacher.examples(indices)[0],
+                                  teacher.teacher.boundary, vocabulary["boundary"]).to(device)
+            rate = learning_rate(step, params.steps, params.learning_rate, min(params.warmup_steps, params.steps))
+            result = engine.step([batch], [teacher.view(batch)], weights, rate, f"hypernet step {step}")
+            history.append({"step": step + 1, "phase": "alm", "loss": result.loss, "alm_loss": result.values["alm"],
+                            "identity_error": result.values.get("identity"), "tokenizer": name,
+                            "vocab_size": len(tokenizer), "learning_rate": rate, "grad_norm": result.grad_norm,
+                            "seconds": time.perf_counter() - started})
+            done = step + 1
+            state.at_step_end(done, history, due=_checkpoint_due(done, params.steps, params))
 
+    losses = [entry["loss"] for entry in history if entry["phase"] == "alm"]
     alm_seconds = [entry["seconds"] for entry in history if entry["phase"] == "alm"]
     training = HypernetTraining(identity_steps=params.identity_steps, identity_error=identity_error,
                                 steps=params.steps, first_loss=losses[0] if losses else None,
