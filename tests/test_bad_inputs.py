@@ -7,8 +7,10 @@ import shutil
 
 import pytest
 
+from tokenbridge.config import HfModelSpec
 from tokenbridge.contracts import MANIFEST, TeacherLogitsManifest
 from tokenbridge.data.gsm import read_gsm_jsonl
+from tokenbridge.models import materialize
 from tokenbridge.stored_logits import TeacherLogitsReader
 
 RECORD = {"question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "3 + 4 = 7\n#### 7"}
@@ -46,3 +48,12 @@ def test_a_deleted_logits_shard_is_named_with_the_rerun_that_restores_it(cross_t
     reader[0]  # the shards left are read as before
     with pytest.raises(FileNotFoundError, match=rf"{victim.file} is missing: rerun 'dvc repro teacher_logits'"):
         reader[victim.first_index]
+
+
+def test_a_hf_model_directory_without_weights_is_refused_by_the_models_stage_naming_the_fix(tiny_dirs, tmp_path):
+    """It used to be linked in, and distill failed 86 s later."""
+    source = tmp_path / "no_weights"
+    shutil.copytree(tiny_dirs["student"], source, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"holds no weights .*save_pretrained"):
+        materialize(HfModelSpec(source="hf", path=str(source)), tmp_path / "student", tmp_path / "cache")
+    assert not (tmp_path / "student").exists()

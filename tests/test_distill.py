@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tokenbridge.config import HfModelSpec
 from tokenbridge.losses.registry import cross_tokenizer_losses
@@ -139,6 +140,27 @@ def test_a_checkpoint_of_another_teacher_is_discarded_saying_so(inputs, tiny_par
                           inputs / "swap" / "checkpoints", inputs / "swap" / "history.csv", params,
                           tiny_params.teacher_logits, teacher, None, runtime=Runtime.resolve(tiny_params.runtime)))
     assert runs[1].resumed_from_step == 0
+    assert "what shaped it changed: teacher; training from the start" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_a_teacher_whose_weights_changed_in_place_is_discarded(inputs, tiny_params, tiny_dirs,
+                                                                                tmp_path, capsys):
+    """Same card (name, shapes, tokenizer), other weights: the checkpoint knows the teacher by its weights' hash."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_dirs["teacher"], teacher)
+    params = tiny_params.distill.model_copy(update={"steps": 2, "checkpoint_every": 1, "teacher_mode": "online"})
+
+    def run() -> int:
+        return train(inputs / "prepared", tiny_dirs["student"], inputs / "edited" / "model",
+                     inputs / "edited" / "checkpoints", inputs / "edited" / "history.csv", params,
+                     tiny_params.teacher_logits, teacher, None, runtime=Runtime.resolve(tiny_params.runtime)
+                     ).resumed_from_step
+
+    run()
+    weights = load_file(str(teacher / "model.safetensors"))
+    save_file({name: tensor * 1.01 for name, tensor in weights.items()}, str(teacher / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert run() == 0
     assert "what shaped it changed: teacher; training from the start" in capsys.readouterr().err
 
 

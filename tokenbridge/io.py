@@ -72,6 +72,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def remembered_sha256(path: Path, records_path: Path) -> str:
+    """sha256 of a large file, remembered in `records_path` by (path, size, mtime, ctime, inode), so each version of
+    the file is hashed once. Any write to it, and restoring its mtime afterwards, change its ctime, so a changed
+    file is hashed again."""
+    records = read_json(records_path) if records_path.exists() else {}
+    stat = Path(path).stat()
+    key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
+    if key not in records:
+        records[key] = sha256_file(path)
+        write_json(records_path, records)
+    return records[key]
+
+
 def fingerprint(data: Any) -> str:
     """A stable short hash of JSON-able data: decides whether saved progress belongs to this configuration."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -24,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import psutil
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+from tokenbridge.io import sha256_file
 from tokenbridge.stopping import Stopped
 
 if TYPE_CHECKING:
@@ -36,6 +40,7 @@ PIPELINE_ID_ENV = "TOKENBRIDGE_PIPELINE_ID"
 PIPELINE_TAG = "tokenbridge.pipeline_id"
 CANDIDATE, CHAMPION = "candidate", "champion"
 HEALTH_TIMEOUT_SECONDS = 5
+WEIGHTS_TAG, DECISION_TAG = "tokenbridge.weights_sha256", "tokenbridge.champion_decision"  # on model versions
 HOST_TAG, PROCESS_TAG = "tokenbridge.host", "tokenbridge.process"  # who owns a run: `<pid>-<process start time>`
 
 
@@ -205,50 +210,83 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def _weights_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode() + b"\0" + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _registered(client: MlflowClient, name: str, weights: str) -> ModelVersion | None:
+    """The version of `name` already registered for exactly these weights: a rerun after an interruption finds it."""
+    found = [version for version in client.search_model_versions(f"name='{name}'")
+             if version.tags.get(WEIGHTS_TAG) == weights]
+    return min(found, key=lambda version: int(version.version)) if found else None
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def register_candidate(model_dir: Path, name: str, metric: str, value: float, higher_is_better: bool) -> dict[str, Any]:
-    """Log the model, register it with alias `candidate`; move `champion` to it only if it beats the champion."""
+    """Log the model, register it with alias `candidate`; move `champion` to it only if it beats the champion.
+
+    Idempotent, so the registry and the report agree after an interruption anywhere: the version is keyed on the
+    weights' sha256 and carries its champion decision (made once, against the champion of that moment). A rerun
+    finds it, finishes what was left (the aliases) and returns the same decision, never a second version."""
     import transformers
 
     from tokenbridge.models import load_model, load_tokenizer
 
-    model_info = mlflow.transformers.log_model(
-        transformers_model={"model": load_model(model_dir), "tokenizer": load_tokenizer(model_dir)},
-        name="model", task="text-generation", registered_model_name=name,
-        pip_requirements=[f"transformers=={transformers.__version__}", "torch==2.13.0", "accelerate"],
-    )
     client = MlflowClient()
-    version = str(model_info.registered_model_version)
-    client.set_model_version_tag(name, version, metric, str(value))
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    champion_value = float(champion.tags[metric]) if champion is not None and metric in champion.tags else None
-    beats = champion_value is None or (value > champion_value if higher_is_better else value < champion_value)
-    if beats:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    comparison = ("no champion yet" if champion_value is None
-                  else f"{value:.4g} vs champion {champion_value:.4g} on {metric}")
+    weights = _weights_sha256(list(Path(model_dir).glob("*.safetensors")))
+    version = _registered(client, name, weights)
+    if version is None:
+        champion = _alias(client, name, CHAMPION)
+        champion_value = float(champion.tags[metric]) if champion is not None and metric in champion.tags else None
+        beats = champion_value is None or (value > champion_value if higher_is_better else value < champion_value)
+        comparison = ("no champion yet" if champion_value is None
+                      else f"{value:.4g} vs champion {champion_value:.4g} on {metric}")
+        decision = {"beats": beats, "previous_champion": None if champion is None else int(champion.version),
+                    "reason": f"{'beats' if beats else 'does not beat'} the champion: {comparison}"}
+        model_info = mlflow.transformers.log_model(
+            transformers_model={"model": load_model(model_dir), "tokenizer": load_tokenizer(model_dir)},
+            name="model", task="text-generation",
+            pip_requirements=[f"transformers=={transformers.__version__}", "torch==2.13.0", "accelerate"],
+        )
+        version = mlflow.register_model(model_info.model_uri, name, tags={
+            WEIGHTS_TAG: weights, DECISION_TAG: json.dumps(decision), metric: str(value)})
+    else:
+        decision = json.loads(version.tags[DECISION_TAG])
+        print(f"registry: {name} version {version.version} already holds these weights; not registered again",
+              file=sys.stderr)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    current = _alias(client, name, CHAMPION)
+    if decision["beats"] and (None if current is None else int(current.version)) == decision["previous_champion"]:
+        client.set_registered_model_alias(name, CHAMPION, version.version)  # unless another run moved it since
     return {
-        "model": name, "version": int(version), "candidate": True, "champion_moved": beats,
-        "champion_version": int(version) if beats or champion is None else int(champion.version),
-        "reason": f"{'beats' if beats else 'does not beat'} the champion: {comparison}",
+        "model": name, "version": int(version.version), "candidate": True, "champion_moved": decision["beats"],
+        "champion_version": int(version.version) if decision["beats"] else decision["previous_champion"],
+        "reason": decision["reason"],
     }
 
 
 def register_hypernet(hypernet: torch.nn.Module, directory: Path, name: str, tags: dict[str, str]) -> int:
-    """Log the hypernetwork (the module, with its card beside it) and register it as a new version of `name`,
-    tagged with what it was trained for (base model, tokenizer pool); its whole directory (the pool and held-out
-    tokenizers) is logged with the run. Returns the version."""
+    """Log the hypernetwork (the module, with its card beside it) and register it as a version of `name`, tagged
+    with what it was trained for (base model, tokenizer pool); its whole directory (the pool and held-out
+    tokenizers) is logged with the run. Returns the version; a rerun after an interruption finds the version of
+    the same weights instead of registering another."""
     import mlflow.pytorch
 
+    weights = _weights_sha256([Path(directory) / "hypernet.pt"])
+    version = _registered(MlflowClient(), name, weights)
+    if version is not None:
+        return int(version.version)
     log_artifact(directory, "hypernet_dir")
-    info = mlflow.pytorch.log_model(hypernet, name="hypernet", registered_model_name=name,
-                                    serialization_format="pickle", extra_files=[str(Path(directory) / "hypernet.json")],
+    info = mlflow.pytorch.log_model(hypernet, name="hypernet", serialization_format="pickle",
+                                    extra_files=[str(Path(directory) / "hypernet.json")],
                                     pip_requirements=["torch==2.13.0"])
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    return int(version)
+    return int(mlflow.register_model(info.model_uri, name, tags={**tags, WEIGHTS_TAG: weights}).version)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +40,7 @@ def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **o
         parser.add_argument(f"--{name}", **settings)
     args = parser.parse_args(argv)
     check_before_work(args.params)
+    children_die_with_this_process()
     run_stoppable(lambda: flow(params_file=args.params, **{name: getattr(args, name) for name in options}))
 
 
@@ -48,10 +51,51 @@ def check_before_work(params_file: str) -> None:
     except ParamsError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
+    stale = _dvc_yaml_gaps(Path(params_file))
+    if stale:
+        print(f"dvc.yaml is out of date for {params_file}, so DVC would not see these inputs:\n  "
+              + "\n  ".join(stale) + "\nFix: regenerate it with `python -m tokenbridge.dvc_stages` (or "
+              "`make dvc.yaml`), then rerun", file=sys.stderr)
+        sys.exit(2)
     unreachable = tracking.unreachable_servers()
     if unreachable:
         print("\n".join(unreachable), file=sys.stderr)
         sys.exit(2)
+
+
+def _dvc_yaml_gaps(params_file: Path) -> list[str]:
+    """What the project's dvc.yaml lacks for `params_file` (nothing when there is no dvc.yaml beside it).
+    dvc_stages is imported by name: this check shapes no output, so it is no code dep of every stage."""
+    dvc_file = params_file.parent / "dvc.yaml"
+    if not dvc_file.is_file():
+        return []
+    return importlib.import_module("tokenbridge.dvc_stages").missing_entries(params_file, dvc_file)
+
+
+# Run beside a stage or pipeline process: remembers its descendants while it lives and stops them when it ends.
+_WATCHDOG = """
+import contextlib, os, sys, time, psutil
+owner, seen = psutil.Process(int(sys.argv[1])), {}
+with contextlib.suppress(psutil.Error):
+    while owner.is_running() and owner.status() != psutil.STATUS_ZOMBIE:
+        seen.update({child.pid: child for child in owner.children(recursive=True) if child.pid != os.getpid()})
+        time.sleep(0.5)
+left = [child for child in seen.values() if child.is_running()]
+for child in left:
+    with contextlib.suppress(psutil.Error):
+        child.terminate()
+for child in psutil.wait_procs(left, timeout=5)[1]:
+    with contextlib.suppress(psutil.Error):
+        child.kill()
+"""
+
+
+def children_die_with_this_process() -> None:
+    """Make the processes this one starts (Prefect's temporary API server, `dvc repro` under the pipeline) end
+    with it, kill -9 included: nothing runs in a killed process to stop them, so a small watchdog does, from
+    outside. (psutil's `is_running` also checks the start time, so a reused pid is never hit.)"""
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run_stoppable(work: Callable[[], object]) -> None:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tokenbridge.config import GgufModelSpec, HfModelSpec, ModelSpec
 from tokenbridge.contracts import MODEL_CARD, ModelCard
-from tokenbridge.io import atomic_path, read_json, sha256_file, write_json
+from tokenbridge.io import atomic_path, read_json, remembered_sha256, sha256_file, write_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -50,6 +50,16 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
+def model_identity(model_dir: Path) -> dict:
+    """What identifies a model for a checkpoint: its card and the sha256 of each weight file (remembered per file
+    version in the model cache), so weights changed in place make another model."""
+    from tokenbridge.models.gguf import VERIFIED, default_cache_dir
+
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    return {**ModelCard.of(model_dir).model_dump(mode="json", exclude_none=True),
+            "weights_sha256": {path.name: remembered_sha256(path, default_cache_dir() / VERIFIED) for path in weights}}
+
+
 def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> ModelCard:
     """Write the model named by `spec` as a HF directory at `out_dir`; returns its model card."""
     with atomic_path(out_dir) as temporary:
@@ -63,6 +73,9 @@ def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> ModelCard:
             if not (source / "config.json").exists():
                 raise FileNotFoundError(f"models: {source} is not a HF model directory (no config.json); "
                                         "fix its path in params.yaml")
+            if not any(source.glob("*.safetensors")) and not any(source.glob("pytorch_model*.bin")):
+                raise FileNotFoundError(f"models: {source} holds no weights (*.safetensors or pytorch_model*.bin): "
+                                        "save the model there with save_pretrained, or fix its path in params.yaml")
             link_tree(source, temporary)
             name = source.name
         else:

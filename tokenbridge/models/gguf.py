@@ -14,6 +14,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,14 +27,15 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedTokenizerFast
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
-from tokenbridge.io import atomic_path, read_json, sha256_file, write_json
+from tokenbridge.io import atomic_path, read_json, remembered_sha256, sha256_file, write_json
 from tokenbridge.models import save_tokenizer
 
 log = logging.getLogger(__name__)
 
 # Bump when the conversion or a tokenizer fix changes: cached directories of other versions are converted again.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: the marker records each file's sha256
 MARKER = "tokenbridge-converted.json"
+VERIFIED = "verified.json"  # in the cache: the sha256 of each file version hashed so far
 # Gemma-3 only: the SentencePiece model rebuilt from the GGUF, the reference its fast tokenizer is checked against.
 SENTENCEPIECE_REFERENCE = "sentencepiece-reference.model"
 CHECK_TEXT = "Hello world! 12+7 = 19\n  café 😀 中文 <|im_start|>user"
@@ -128,19 +130,6 @@ def _part_path(spec: GgufModel, part: str) -> Path:
     return path
 
 
-def _verified_sha256(path: Path, cache_dir: Path) -> str:
-    """sha256 of a large file, remembered by (path, size, mtime) so each version is hashed only once."""
-    record_path = cache_dir / "verified.json"
-    records = read_json(record_path) if record_path.exists() else {}
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    if key not in records:
-        log.info("hashing %s (%.0f MB; remembered until the file changes)", path, stat.st_size / 1e6)
-        records[key] = sha256_file(path)
-        write_json(record_path, records)
-    return records[key]
-
-
 def _assemble(parts: list[Path], path: Path) -> None:
     log.info("assembling %s from %d package parts", path, len(parts))
     with atomic_path(path) as temporary, open(temporary, "wb") as out:
@@ -157,10 +146,10 @@ def gguf_path(name: str, cache_dir: Path) -> Path:
     path = parts[0] if len(parts) == 1 else Path(cache_dir) / "gguf" / f"{name}.gguf"
     if len(parts) > 1 and not path.exists():
         _assemble(parts, path)
-    actual = _verified_sha256(path, Path(cache_dir))
+    actual = remembered_sha256(path, Path(cache_dir) / VERIFIED)
     if actual != spec.sha256 and len(parts) > 1:  # a stale or damaged assembly: rebuild it from the parts once
         _assemble(parts, path)
-        actual = _verified_sha256(path, Path(cache_dir))
+        actual = remembered_sha256(path, Path(cache_dir) / VERIFIED)
     if actual != spec.sha256:
         raise ValueError(
             f"{name}: {path} has sha256 {actual}, expected {spec.sha256}. The installed files are damaged or "
@@ -316,9 +305,24 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         yield
 
 
-def _is_converted(out_dir: Path) -> bool:
+def _conversion_problem(out_dir: Path, cache_dir: Path) -> str | None:
+    """Why `out_dir` is not a usable conversion (None when it is): missing, by another converter version, or a
+    file whose sha256 is not the one recorded at conversion (the cache is shared by every checkout and linked into
+    each one's models/, so damage there would reach every run)."""
     marker = out_dir / MARKER
-    return marker.exists() and read_json(marker).get("converter_version") == CONVERTER_VERSION
+    if not marker.exists():
+        return "not converted yet"
+    recorded = read_json(marker)
+    if recorded.get("converter_version") != CONVERTER_VERSION:
+        return f"converted by converter version {recorded.get('converter_version')}, this one is {CONVERTER_VERSION}"
+    for name, expected in recorded["files"].items():
+        path = out_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        actual = remembered_sha256(path, cache_dir / VERIFIED)
+        if actual != expected:
+            return f"{path} has sha256 {actual}, recorded at conversion {expected}"
+    return None
 
 
 def convert_gguf(name: str, cache_dir: Path) -> Path:
@@ -330,19 +334,24 @@ def convert_gguf(name: str, cache_dir: Path) -> Path:
     spec = _spec(name)
     cache_dir = Path(cache_dir)
     out_dir = cache_dir / f"{name}-{spec.sha256[:12]}"
-    if _is_converted(out_dir):
+    if _conversion_problem(out_dir, cache_dir) is None:
         return out_dir
     with _exclusive(cache_dir / f".{name}.lock"):
-        if _is_converted(out_dir):  # another process converted it while we waited
+        problem = _conversion_problem(out_dir, cache_dir)  # another process may have converted it while we waited
+        if problem is None:
             return out_dir
+        if out_dir.exists():
+            print(f"models: converting {name} again: {problem}", file=sys.stderr)
         path = gguf_path(name, cache_dir)
         log.info("converting %s from %s into %s (once)", name, path, out_dir)
         started = time.perf_counter()
         with atomic_path(out_dir) as temporary:
             temporary.mkdir()
             _convert(path, spec, temporary)
+            files = {file.relative_to(temporary).as_posix(): sha256_file(file)
+                     for file in sorted(temporary.rglob("*")) if file.is_file()}
             write_json(temporary / MARKER, {"name": name, "gguf_sha256": spec.sha256,
-                                            "converter_version": CONVERTER_VERSION,
+                                            "converter_version": CONVERTER_VERSION, "files": files,
                                             "seconds": round(time.perf_counter() - started, 1)})
         log.info("converted %s in %.0f s", name, time.perf_counter() - started)
     return out_dir

@@ -34,7 +34,7 @@ from tokenbridge.data.chat import Encoded
 from tokenbridge.io import atomic_path, read_jsonl, sha256_file, write_text
 from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
 from tokenbridge.losses.registry import build_losses, teacher_fields
-from tokenbridge.models import load_model, load_tokenizer
+from tokenbridge.models import load_model, load_tokenizer, model_identity
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.on_policy import OnPolicySampler, is_on_policy_step
 from tokenbridge.params import DistillParams
@@ -117,8 +117,7 @@ def train(
     logits_manifest = (sha256_file(teacher_logits_dir / MANIFEST)
                        if params.teacher_mode == "offline" and teacher_logits_dir else None)
     identity = {"params": params.model_dump(), "prepared": prepared.sha256.model_dump(),
-                "student": student_card.model_dump(mode="json", exclude_none=True),
-                "teacher": teacher_card.model_dump(mode="json", exclude_none=True),
+                "student": model_identity(student_dir), "teacher": model_identity(teacher_dir),
                 "stored_logits": logits_manifest, "teacher_temperature": teacher.temperature,
                 "code": code_version(__file__)}
     checkpoint = Checkpoint(checkpoint_dir, identity, model, optimizer, ranks)

@@ -39,7 +39,14 @@ from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.alm import AlmLoss
 from tokenbridge.losses.base import LossOutput, LossSetup, Mean, TeacherView
 from tokenbridge.losses.sft import sft_mean
-from tokenbridge.models import input_embeddings, load_model, load_tokenizer, output_embeddings, save_tokenizer
+from tokenbridge.models import (
+    input_embeddings,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    output_embeddings,
+    save_tokenizer,
+)
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.models.hypernet import (
     CARD,
@@ -222,7 +229,7 @@ def train_hypernet(prepared_dir: Path, base_dir: Path, out_dir: Path, history_pa
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
     test_records = read_jsonl(Path(prepared_dir) / "test.jsonl")
     base_card = ModelCard.of(base_dir)
-    identity = {"params": params.model_dump(), "base": base_card.model_dump(mode="json", exclude_none=True),
+    identity = {"params": params.model_dump(), "base": model_identity(base_dir),
                 "records": fingerprint(records), "test": fingerprint(test_records), "code": code_version(__file__)}
     key = fingerprint(identity)
     try:

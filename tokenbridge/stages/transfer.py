@@ -41,6 +41,7 @@ from tokenbridge.models import (
     input_embeddings,
     load_model,
     load_tokenizer,
+    model_identity,
     output_embeddings,
 )
 from tokenbridge.models.gguf import default_cache_dir
@@ -135,8 +136,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
     stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
-    identity = {"params": params.model_dump(), "start": start_card.model_dump(mode="json", exclude_none=True),
-                "source": ModelCard.of(source_dir).model_dump(mode="json", exclude_none=True),
+    identity = {"params": params.model_dump(), "start": model_identity(start_dir), "source": model_identity(source_dir),
                 "records": fingerprint(records), "code": code_version(__file__)}
     key = fingerprint(identity)
     try:
