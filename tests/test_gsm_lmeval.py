@@ -145,7 +145,8 @@ def test_a_model_answering_7_to_everything_scores_the_share_of_questions_whose_a
     assert [r["generation"] for r in records] == [answer, answer]  # stopped at eos, not at max_gen_toks
     assert [(r["target"], r["correct"], r["correct_flexible"]) for r in records] == [("7", strict_correct, True),
                                                                                     ("15", False, False)]
-    assert scores == {"gsm_exact_match": 0.5 if strict_correct else 0.0, "gsm_exact_match_flexible": 0.5, "gsm_n": 2}
+    assert scores == {"gsm_exact_match": 0.5 if strict_correct else 0.0, "gsm_exact_match_flexible": 0.5, "gsm_n": 2,
+                      "gsm_exact_match_stderr": 0.5 if strict_correct else 0.0}  # sample std / sqrt(n)
 
 
 @pytest.mark.parametrize("kind", ["model", "ensemble"])
@@ -197,7 +198,8 @@ def test_a_model_scored_without_generation_gets_bits_per_byte_alone(tiny_params,
     """The evaluation plan's cheap path (evaluate_transfer's default): no lm-eval run, no GSM scores."""
     scores = run_evaluate(prepared, tiny_dirs["teacher"], tmp_path / "eval", tmp_path / "metrics.json",
                           tiny_params.evaluate, Runtime.resolve(tiny_params.runtime), gsm_limit=0)
-    assert set(scores.scores()) == {"bits_per_byte", "bpb_bytes"} and scores.bits_per_byte > 0
+    assert set(scores.scores()) == {"bits_per_byte", "bits_per_byte_low", "bits_per_byte_high", "bpb_bytes"}
+    assert scores.bits_per_byte_low < scores.bits_per_byte < scores.bits_per_byte_high
     assert not (tmp_path / "eval" / "samples.jsonl").exists() and not (tmp_path / "eval" / "task").exists()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tokenbridge.reporting.document import MISSING, format_value
-from tokenbridge.reporting.plots import use_log_scale
+from tokenbridge.reporting.plots import axis_limits, use_log_scale
 from tokenbridge.stages.report import PRIMARY_MARK, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -174,6 +174,27 @@ def test_the_summary_calls_a_worse_student_a_regression(tmp_path, history):
     assert "the same as before distillation (0.3000)" in summary
     assert "up from 1.0000 before distillation (+0.2500, a regression)" in summary
     assert "improvement" not in summary and "teacher" not in summary
+
+
+def test_intervals_show_beside_their_values_and_a_change_inside_them_is_called_noise(tmp_path, history):
+    models = {"student_before": {"bits_per_byte": 1.00, "bits_per_byte_low": 0.95, "bits_per_byte_high": 1.06,
+                                 "gsm_exact_match": 0.1, "gsm_exact_match_stderr": 0.1, "gsm_n": 10},
+              "student_after": {"bits_per_byte": 0.98, "bits_per_byte_low": 0.93, "bits_per_byte_high": 1.04,
+                                "gsm_exact_match": 0.9, "gsm_exact_match_stderr": 0.05, "gsm_n": 10}}
+    paths = render_report({"primary_metric": "gsm_exact_match", "models": models}, history, {}, tmp_path / "r")
+    text = paths["markdown"].read_text(encoding="utf-8")
+    summary = text.split("\n\n")[1]
+    assert ("bits_per_byte is 0.9800 (lower is better, 95 % interval 0.9300 to 1.0400), down from 1.0000 before "
+            "distillation (-0.0200, inside each other's 95 % intervals: not a measurable difference)") in summary
+    assert "up from 0.1000 before distillation (+0.8000, an improvement)" in summary
+    assert "| 0.9800 [0.9300, 1.0400] |" in text and "| 0.9000 [0.8020, 0.9980] |" in text
+    assert "bits_per_byte_low" not in text and "_stderr" not in text, "intervals are not metric columns"
+
+
+def test_a_panel_of_near_numbers_does_not_start_at_zero_and_fractions_share_one_axis():
+    low, high = axis_limits("bits_per_byte", [0.5712, 0.5707, 0.55, 0.59])
+    assert 0.5 < low < 0.55 and 0.59 < high < 0.61
+    assert axis_limits("gsm_exact_match", [0.0, 0.1, 0.3]) == (0.0, 1.1)
 
 
 def test_a_one_row_history_still_renders(tmp_path):

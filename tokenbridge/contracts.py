@@ -10,6 +10,7 @@ and each score declares its direction, which the report and the Model Registry r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar, cast
 
@@ -263,8 +264,11 @@ class EvalMetrics(Contract):
 
     WRITTEN_BY: ClassVar[str] = "evaluate"
     bits_per_byte: float = Field(json_schema_extra={"better": "lower"})
+    bits_per_byte_low: float | None = None  # its 95 % bootstrap interval over the test answers
+    bits_per_byte_high: float | None = None
     bpb_bytes: int
     gsm_exact_match: float | None = Field(None, json_schema_extra={"better": "higher"})
+    gsm_exact_match_stderr: float | None = None  # lm-eval's standard error of the mean over questions
     gsm_exact_match_flexible: float | None = Field(None, json_schema_extra={"better": "higher"})
     gsm_n: int | None = None
 
@@ -284,6 +288,20 @@ class EvalMetrics(Contract):
     def scores(self) -> dict[str, float | int]:
         """The measured values, as the file holds them."""
         return self.model_dump(exclude_none=True)
+
+
+UNCERTAINTY_SUFFIXES = ("_low", "_high", "_stderr")  # a score's interval or standard error, beside it in a file
+
+
+def interval(scores: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
+    """A score's 95 % interval from the fields beside it: `<metric>_low`/`_high`, or `<metric>` +- 1.96
+    `<metric>_stderr` (a normal approximation); None when the file holds neither."""
+    if scores.get(f"{metric}_low") is not None and scores.get(f"{metric}_high") is not None:
+        return float(scores[f"{metric}_low"]), float(scores[f"{metric}_high"])
+    if scores.get(f"{metric}_stderr") is not None and scores.get(metric) is not None:
+        half = 1.96 * float(scores[f"{metric}_stderr"])
+        return float(scores[metric]) - half, float(scores[metric]) + half
+    return None
 
 
 class TransferScores(FileContract, RootModel[dict[str, EvalMetrics]]):

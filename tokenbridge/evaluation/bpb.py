@@ -37,14 +37,31 @@ def _row_logprobs(model: PreTrainedModel, ids: torch.Tensor, attention: torch.Te
     return stats.token_logprobs
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(nats: list[float], n_bytes: list[int], resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """The 95 % percentile bootstrap interval of bits-per-byte over examples: whole examples resampled with
+    replacement, each resample's summed bits over its summed bytes (the metric is a ratio of sums, so examples
+    are the unit). Seeded, so the same scores give the same interval."""
+    picks = torch.randint(len(nats), (resamples, len(nats)), generator=torch.Generator().manual_seed(seed))
+    bits = torch.tensor(nats, dtype=torch.float64)[picks].sum(1) / math.log(2)
+    values = bits / torch.tensor(n_bytes, dtype=torch.float64)[picks].sum(1).clamp(min=1)
+    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
 @torch.no_grad()
 def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device: torch.device,
                   batch_size: int = 4) -> dict[str, float]:
+    """Bits-per-byte over the first `n_examples` test answers, with its 95 % bootstrap interval over them
+    (`bits_per_byte_low`, `bits_per_byte_high`)."""
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, torch.float32).eval().to(device)
     examples = [Encoded.from_json(record) for record in read_jsonl(encoded_jsonl)[:n_examples]]
-    nats = 0.0
-    n_bytes = 0
+    nats = [0.0] * len(examples)
+    n_bytes = [0] * len(examples)
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         ids, attention = pad_batch([example.input_ids for example in batch])
@@ -54,6 +71,8 @@ def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device:
             for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):
                 if target and position > 0:
                     assert span is not None, "a target token always covers bytes of the stream"
-                    nats -= token_logprobs[row, position].item()
-                    n_bytes += span[1] - span[0]
-    return {"bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "bpb_bytes": n_bytes}
+                    nats[start + row] -= token_logprobs[row, position].item()
+                    n_bytes[start + row] += span[1] - span[0]
+    low, high = bootstrap_interval(nats, n_bytes)
+    return {"bits_per_byte": math.fsum(nats) / math.log(2) / max(sum(n_bytes), 1), "bpb_bytes": sum(n_bytes),
+            "bits_per_byte_low": low, "bits_per_byte_high": high}

@@ -92,8 +92,10 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
             record[f"extracted{suffix}"] = sample["filtered_resps"][0]
             record[f"correct{suffix}"] = bool(sample["exact_match"])
         write_jsonl(samples_path, [by_question[doc_id] for doc_id in sorted(by_question)])
+    stderr = scores.get("exact_match_stderr,strict-match")  # of the mean over questions; "N/A" for one question
     return {
         "gsm_exact_match": float(scores["exact_match,strict-match"]),
+        **({"gsm_exact_match_stderr": float(stderr)} if isinstance(stderr, (int, float)) else {}),
         "gsm_exact_match_flexible": float(scores["exact_match,flexible-extract"]),
         "gsm_n": len({sample["doc_id"] for sample in samples}),
     }

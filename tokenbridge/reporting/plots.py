@@ -13,9 +13,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from tokenbridge.contracts import EvalMetrics
+from tokenbridge.contracts import EvalMetrics, interval
 from tokenbridge.io import atomic_path
-from tokenbridge.reporting.document import format_value, is_finite, is_number
+from tokenbridge.reporting.document import format_value, is_finite
 
 DPI = 110
 # Metric names containing one of these are fractions, plotted on a fixed [0, 1] axis so panels compare.
@@ -74,29 +74,42 @@ def plot_losses(steps: Sequence[float], series: Mapping[str, Sequence[float]], t
     _save_png(figure, path)
 
 
+def axis_limits(metric: str, values: Sequence[float]) -> tuple[float, float]:
+    """A metric panel's y range: [0, 1.1] for fractions (so panels compare), else the values and their intervals
+    with a margin, so near numbers stay apart instead of sitting on top of a bar from zero."""
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    if any(marker in metric for marker in FRACTIONS) and 0 <= low and high <= 1:
+        return 0.0, 1.1
+    pad = (high - low) * 0.2 or abs(high) * 0.05 or 1.0
+    return low - pad, high + pad
+
+
 def plot_metrics(models: Mapping[str, Mapping], scores: Sequence[str], primary: str | None, path: Path) -> None:
-    """One bar panel per metric (their scales differ), one bar per model, each titled with its direction."""
+    """One panel per metric (their scales differ), one point per model with its 95 % interval where the scores
+    hold one, each titled with its direction. Fractions share a [0, 1] axis; other metrics zoom to their values,
+    so near numbers stay apart (points, not bars, since the axis does not start at zero)."""
     names = list(models)
     scores = scores if names else []
     colors = [colormaps["tab10"](index % 10) for index in range(len(names))]
     columns = min(len(scores), 3) or 1
     rows = math.ceil(len(scores) / columns) or 1
     figure = Figure(figsize=(0.6 + columns * max(3.2, 1.0 + 0.8 * len(names)), 1.2 + rows * 3.0), layout="constrained")
-    figure.suptitle("Evaluation metrics by model")
+    figure.suptitle("Evaluation metrics by model (bars: 95 % intervals)")
     for index, metric in enumerate(scores):
         axes = figure.add_subplot(rows, columns, index + 1)
-        values = [models[name].get(metric) for name in names]
-        heights = [value if is_finite(value) else 0.0 for value in values]
-        bars = axes.bar(range(len(names)), heights, color=colors)
-        for bar, value in zip(bars, values):
-            axes.annotate(format_value(value if is_number(value) else None),
-                          (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                          xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
-        low, high = min([0.0, *heights]), max([0.0, *heights])
-        if any(marker in metric for marker in FRACTIONS) and 0 <= low and high <= 1:
-            axes.set_ylim(0, 1.1)
-        else:
-            axes.set_ylim(low * 1.15, (high or 1.0) * 1.15)
+        spans: list[float] = []
+        for position, (name, color) in enumerate(zip(names, colors)):
+            value = models[name].get(metric)
+            if not is_finite(value):
+                continue
+            bounds = interval(models[name], metric) or (value, value)
+            spans += bounds
+            axes.errorbar([position], [value], yerr=[[value - bounds[0]], [bounds[1] - value]], fmt="o", color=color,
+                          capsize=4, markersize=6)
+            axes.annotate(format_value(value), (position, bounds[1]), xytext=(0, 3), textcoords="offset points",
+                          ha="center", va="bottom", fontsize=8)
+        axes.set_ylim(*axis_limits(metric, spans))
+        axes.set_xlim(-0.5, len(names) - 0.5)
         axes.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
         axes.set_title(f"{metric}{' (primary)' if metric == primary else ''}\n{EvalMetrics.better(metric)} is better",
                        fontsize=9)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.contracts import EvalMetrics
+from tokenbridge.contracts import UNCERTAINTY_SUFFIXES, EvalMetrics, interval
 from tokenbridge.reporting.comparison import COMPARED
 from tokenbridge.reporting.document import (
     MISSING,
@@ -154,11 +154,28 @@ def _is_score(models: Mapping[str, Mapping], metric: str) -> bool:
 
 
 def _metric_names(models: Mapping[str, Mapping], primary: str | None) -> list[str]:
-    """Every metric any model has, in first-seen order; the primary metric shows even if no model has it."""
+    """Every metric any model has, in first-seen order, less the intervals and standard errors shown beside their
+    metric; the primary metric shows even if no model has it."""
     names = dict.fromkeys(name for scores in models.values() for name in scores)
+    names = dict.fromkeys(name for name in names
+                          if not any(name.endswith(suffix) and name.removesuffix(suffix) in names
+                                     for suffix in UNCERTAINTY_SUFFIXES))
     if primary and primary not in names:
         names[primary] = None
     return list(names)
+
+
+def _with_interval(scores: Mapping[str, Any], metric: str) -> str:
+    """`0.5712 [0.55, 0.59]`: the value and its 95 % interval where the file holds one."""
+    bounds = interval(scores, metric)
+    text = format_value(scores.get(metric))
+    return f"{text} [{format_value(bounds[0])}, {format_value(bounds[1])}]" if bounds else text
+
+
+def _inside_the_noise(metric: str, first: Mapping, second: Mapping) -> bool:
+    """Whether each value lies inside the other's 95 % interval: a difference the measurement cannot tell."""
+    a, b = interval(first, metric), interval(second, metric)
+    return (a is not None and b is not None and a[0] <= second[metric] <= a[1] and b[0] <= first[metric] <= b[1])
 
 
 def _sample_size(scores: Mapping[str, Any], metric: str) -> Any:
@@ -174,6 +191,9 @@ def _comparison(metric: str, after: Mapping, before: Mapping | None, teacher: Ma
     notes = [f"{better} is better"]
     if is_number(_sample_size(after, metric)):
         notes.append(f"n = {format_value(_sample_size(after, metric))}")
+    bounds = interval(after, metric)
+    if bounds:
+        notes.append(f"95 % interval {format_value(bounds[0])} to {format_value(bounds[1])}")
     sentence = f"The distilled student's {metric} is {format_value(value)} ({', '.join(notes)})"
     earlier = before.get(metric) if before else None
     if is_finite(earlier):
@@ -183,8 +203,11 @@ def _comparison(metric: str, after: Mapping, before: Mapping | None, teacher: Ma
             change = value - earlier
             improved = (change < 0) == (better == "lower")
             sign = "+" if change > 0 else ""
+            verdict = ("inside each other's 95 % intervals: not a measurable difference"
+                       if before is not None and _inside_the_noise(metric, after, before)
+                       else "an improvement" if improved else "a regression")
             sentence += (f", {'up' if change > 0 else 'down'} from {format_value(earlier)} before distillation "
-                         f"({sign}{format_value(change)}, {'an improvement' if improved else 'a regression'})")
+                         f"({sign}{format_value(change)}, {verdict})")
     reference = teacher.get(metric) if teacher else None
     if is_finite(reference):
         sentence += f"; the teacher's is {format_value(reference)}"
@@ -252,10 +275,13 @@ def _document(models: Mapping[str, Mapping], metrics: Sequence[str], scores: Seq
     """The report's content once, as blocks that both the Markdown and the HTML writer render."""
     marked = metrics.index(primary) + 1 if primary in metrics else None
     header = ["model", *(f"{name} {PRIMARY_MARK}" if name == primary else name for name in metrics)]
-    rows = [[name, *(format_value(values.get(metric)) for metric in metrics)] for name, values in models.items()]
+    rows = [[name, *(_with_interval(values, metric) for metric in metrics)] for name, values in models.items()]
     notes = []
     if marked:
         notes.append(f"{PRIMARY_MARK} marks the primary metric ({primary}).")
+    if any(interval(values, metric) for values in models.values() for metric in metrics):
+        notes.append("[low, high]: the 95 % interval (bootstrap over the test answers for bits-per-byte; "
+                     "+-1.96 standard errors over the questions for GSM).")
     if any(MISSING in row[1:] for row in rows):
         notes.append(f"{MISSING} marks a metric not measured for that model.")
     blocks: list[Block] = [Paragraph(_summary(models, scores, primary)),
