@@ -269,4 +269,17 @@ def test_the_transfer_report_tables_the_hypernetwork_against_fvt_and_counts_its_
     text = (tmp_path / "transfer.md").read_text()
     assert "| tokenizer | FVT | hypernetwork | FVT + ALM | hypernetwork + ALM |" in text
     assert "| qwen | 0.9000 | 0.8000 | 0.8500 | 0.7500 |" in text
-    assert "beats zero-shot FVT on 1 of 2 tokenizers: qwen" in text
+    assert "beats zero-shot FVT on 1 of 2 tokenizers: qwen." in text
+
+
+def test_a_hypernetwork_win_inside_both_intervals_is_called_so(tmp_path):
+    from tokenbridge.stages.report import render_transfer
+
+    hypernet = {"base": {"bits_per_byte": 0.7},
+                "qwen.fvt": {"bits_per_byte": 0.90, "bits_per_byte_low": 0.85, "bits_per_byte_high": 0.95},
+                "qwen.hypernet": {"bits_per_byte": 0.88, "bits_per_byte_low": 0.83, "bits_per_byte_high": 0.93}}
+    render_transfer({"ensemble": {"bits_per_byte": 0.9}}, {}, [], [], {"name": "ensemble"}, tmp_path, hypernet,
+                    {"identity_steps": 20, "steps": 8})
+    text = (tmp_path / "transfer.md").read_text()
+    assert "| qwen | 0.9000 [0.8500, 0.9500] | 0.8800 [0.8300, 0.9300] |" in text
+    assert "on 1 of 1 tokenizers: qwen (1 of them inside both 95 % intervals: qwen)." in text

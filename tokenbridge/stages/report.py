@@ -83,7 +83,7 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
 
     def row(label: str) -> list[str]:
         values = scores.get(label, {})
-        return [label, *(format_value(values.get(metric)) for metric in metrics), format_value(values.get("gsm_n"))]
+        return [label, *(_with_interval(values, metric) for metric in metrics), format_value(values.get("gsm_n"))]
 
     blocks: list[Block] = [Paragraph(
         "Each source model moved onto the target tokenizer: as it was (original, its own tokenizer), after its "
@@ -107,7 +107,8 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
     blocks += [Heading("Ensemble"), Table(header, [row("ensemble"), *(row(label) for label in labels)], numbers=True),
                Paragraph(f"{ensemble.get('name', 'ensemble')}: next-token probabilities averaged with weights "
                          f"{_counts(ensemble.get('weights', {}))}."),
-               Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions). "
+               Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions); "
+                         "[low, high]: the 95 % interval. "
                          f"{MISSING}: not measured; the transfer models and the ensemble get GSM questions only with "
                          "evaluate.transfer_limit > 0 (docs/evaluation.md)."),
                Image(stem, "Each metric by model.")]
@@ -125,16 +126,20 @@ def _hypernet_blocks(scores: Mapping[str, Mapping[str, Any]], training: Mapping[
     """Held-out bits-per-byte of the base model moved onto each compared tokenizer, by start and training."""
     names = list(dict.fromkeys(label.split(".")[0] for label in scores if label != "base"))
     columns = [column for column in HYPERNET_COLUMNS if any(f"{name}.{column}" in scores for name in names)]
-    rows = [[name, *(format_value(scores.get(f"{name}.{column}", {}).get("bits_per_byte")) for column in columns)]
+    rows = [[name, *(_with_interval(scores.get(f"{name}.{column}", {}), "bits_per_byte") for column in columns)]
             for name in names]
     wins = [name for name in names
             if scores[f"{name}.hypernet"]["bits_per_byte"] < scores[f"{name}.fvt"]["bits_per_byte"]]
+    noise = [name for name in wins if _inside_the_noise("bits_per_byte", scores[f"{name}.hypernet"],
+                                                        scores[f"{name}.fvt"])]
+    inside = f" ({len(noise)} of them inside both 95 % intervals: {', '.join(noise)})" if noise else ""
     base = format_value(scores.get("base", {}).get("bits_per_byte"))
     return [Heading("Zero-shot transfer: hypernetwork against FVT"),
             Table(["tokenizer", *(HYPERNET_COLUMNS[column] for column in columns)], rows, numbers=True),
             Paragraph(f"Held-out bits-per-byte (lower is better) of the base model moved onto each tokenizer; on its "
                       f"own tokenizer it scores {base}. The zero-shot hypernetwork beats zero-shot FVT on "
-                      f"{len(wins)} of {len(names)} tokenizers{': ' + ', '.join(wins) if wins else ''}. It trained "
+                      f"{len(wins)} of {len(names)} tokenizers{': ' + ', '.join(wins) if wins else ''}"
+                      f"{inside}. It trained "
                       f"{format_value(training.get('identity_steps'))} identity warm-up steps and "
                       f"{format_value(training.get('steps'))} ALM steps (loss "
                       f"{format_value(training.get('first_loss'))} -> {format_value(training.get('final_loss'))}); "
