@@ -290,7 +290,8 @@ class EvalMetrics(Contract):
         return self.model_dump(exclude_none=True)
 
 
-UNCERTAINTY_SUFFIXES = ("_low", "_high", "_stderr")  # a score's interval or standard error, beside it in a file
+# A score's interval, standard error or spread over seeds, beside it in a file.
+UNCERTAINTY_SUFFIXES = ("_low", "_high", "_stderr", "_seed_sd")
 
 
 def interval(scores: Mapping[str, Any], metric: str) -> tuple[float, float] | None:

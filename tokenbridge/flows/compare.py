@@ -3,14 +3,17 @@
   tokenbridge compare                              every cross-tokenizer loss, then sft (next-token only)
   tokenbridge compare --losses alm sft             a subset
   tokenbridge compare --overrides distill.steps=80 extra `dvc exp run -S` overrides for every method
+  tokenbridge compare --seeds 1 2 3                each method once per distill.seed: mean, spread, t-interval
 
-First `dvc repro` brings the baseline up to date; then each method runs as
-`dvc exp run -n cmp-<loss>-<time> -S distill.loss=<loss>` in the workspace, so the stages upstream of
-`distill` (models, prepare, teacher_logits, evaluate@teacher, evaluate@student_before) are shared and not
-rerun. DSKD needs the live teacher and runs with `distill.teacher_mode=online`, so it goes last. Each
-experiment stays in `dvc exp show`; params.yaml is restored afterwards (`dvc exp apply <name>` brings back
-any method's outputs). Writes docs/results/loss-comparison-<profile>.{md,html,json} and
-docs/results/plots/loss-comparison-<profile>.png (`--out` for another folder), and logs them to MLflow.
+First `dvc repro` brings the baseline up to date; then each method (and seed) runs as
+`dvc exp run -n cmp-<loss>[-s<seed>]-<time> -S distill.loss=<loss> [-S distill.seed=<seed>]` in the
+workspace, so the stages upstream of `distill` (models, prepare, teacher_logits, evaluate@teacher,
+evaluate@student_before) are shared and not rerun. DSKD needs the live teacher and runs with
+`distill.teacher_mode=online`, so it goes last. Each experiment stays in `dvc exp show`; params.yaml is
+restored afterwards (`dvc exp apply <name>` brings back any method's outputs). Writes
+docs/results/loss-comparison-<profile>.{md,html,json} and docs/results/plots/loss-comparison-<profile>.png
+(`--out` for another folder), and logs them to MLflow. With several seeds, a method's row is the mean over its
+seeds with their standard deviation and the 95 % t-interval of the mean; the JSON keeps each seed's run.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tokenbridge.io import write_json
 from tokenbridge.losses.registry import LOSSES, cross_tokenizer_losses
 from tokenbridge.params import load_params
 from tokenbridge.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
-from tokenbridge.reporting.comparison import render_comparison
+from tokenbridge.reporting.comparison import across_seeds, render_comparison
 from tokenbridge.stages.evaluate import collect_metrics
 
 DEFAULT_LOSSES = [*cross_tokenizer_losses(), "sft"]
@@ -43,7 +46,7 @@ def _run(command: list[str]) -> None:
 
 @flow(name="compare-losses", log_prints=True)
 def compare(params_file: str = "params.yaml", losses: list[str] | None = None, overrides: list[str] | None = None,
-            out: str = "docs/results") -> dict:
+            out: str = "docs/results", seeds: list[int] | None = None) -> dict:
     params_path = Path(params_file)
     saved = params_path.read_text()
     params = load_params(params_path)
@@ -55,15 +58,18 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
         references = {name: scores.scores() for name, scores in
                       collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
         for loss in losses:
-            sets = [f"distill.loss={loss}", *(overrides or [])]
-            if LOSSES[loss].needs_online_teacher:
-                sets.append("distill.teacher_mode=online")
-            started = time.perf_counter()
-            _run(["dvc", "exp", "run", "-n", f"cmp-{loss.replace('_', '-')}-{stamp}",
-                  *(arg for item in sets for arg in ("-S", item))])
-            results[loss] = {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").scores(),
-                             **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
-                             "experiment_seconds": time.perf_counter() - started}
+            runs = {}
+            for seed in seeds or [params.distill.seed]:
+                sets = [f"distill.loss={loss}", *(overrides or []), *([f"distill.seed={seed}"] if seeds else [])]
+                if LOSSES[loss].needs_online_teacher:
+                    sets.append("distill.teacher_mode=online")
+                started = time.perf_counter()
+                name = f"cmp-{loss.replace('_', '-')}{f'-s{seed}' if seeds else ''}-{stamp}"
+                _run(["dvc", "exp", "run", "-n", name, *(arg for item in sets for arg in ("-S", item))])
+                runs[seed] = {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").scores(),
+                              **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
+                              "experiment_seconds": time.perf_counter() - started}
+            results[loss] = {**across_seeds(runs), "runs": runs}
     finally:
         params_path.write_text(saved)
     context = {
@@ -72,10 +78,12 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
         "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
         "steps": params.distill.steps, "batch_size": params.distill.batch_size,
-        "learning_rate": params.distill.learning_rate, "alpha": params.distill.alpha, "seed": params.distill.seed,
+        "learning_rate": params.distill.learning_rate, "alpha": params.distill.alpha,
+        "seeds": seeds or [params.distill.seed],
         "teacher_logits.top_k": params.teacher_logits.top_k, "evaluate.limit": params.evaluate.limit,
         "overrides": overrides or [],
-        "minutes per method": {loss: round(result["experiment_seconds"] / 60, 1) for loss, result in results.items()},
+        "minutes per method (each seed)": {loss: round(result["experiment_seconds"] / 60, 1)
+                                           for loss, result in results.items()},
     }
     stem = f"loss-comparison-{params.profile}"
     write_json(Path(out) / f"{stem}.json", {"references": references, "methods": results, "context": context})
@@ -95,4 +103,7 @@ def main(argv: list[str]) -> None:
                                             "online-only ones run last)"},
               overrides={"nargs": "+", "metavar": "KEY=VALUE",
                          "help": "extra `dvc exp run -S` overrides for every method"},
-              out={"default": "docs/results", "help": "folder for the comparison files (default: docs/results)"})
+              out={"default": "docs/results", "help": "folder for the comparison files (default: docs/results)"},
+              seeds={"nargs": "+", "type": int, "metavar": "SEED",
+                     "help": "run each method once per distill.seed and report the mean, the standard deviation "
+                             "and the 95 %% t-interval over seeds (default: params' distill.seed, once)"})

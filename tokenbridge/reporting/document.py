@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from tokenbridge.contracts import interval
+
 MISSING = "–"
 
 
@@ -78,3 +80,21 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
 def key_values(data: Mapping[str, Any], header: Sequence[str]) -> Table:
     """A two-column table of any (nested) mapping."""
     return Table(header, [[key, format_value(value)] for key, value in _flatten(data)])
+
+
+def with_interval(scores: Mapping[str, Any], metric: str) -> str:
+    """`0.5712 [0.5536, 0.5893]`: the value and its 95 % interval where the scores hold one; over several seeds
+    also their standard deviation, `0.5712 [0.5601, 0.5823] sd 0.0045`."""
+    bounds = interval(scores, metric)
+    text = format_value(scores.get(metric))
+    if bounds:
+        text += f" [{format_value(bounds[0])}, {format_value(bounds[1])}]"
+    if scores.get(f"{metric}_seed_sd") is not None:
+        text += f" sd {format_value(scores[f'{metric}_seed_sd'])}"
+    return text
+
+
+def inside_the_noise(metric: str, first: Mapping[str, Any], second: Mapping[str, Any]) -> bool:
+    """Whether each value lies inside the other's 95 % interval: a difference the measurement cannot tell."""
+    a, b = interval(first, metric), interval(second, metric)
+    return a is not None and b is not None and a[0] <= second[metric] <= a[1] and b[0] <= first[metric] <= b[1]

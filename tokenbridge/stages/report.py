@@ -26,9 +26,11 @@ from tokenbridge.reporting.document import (
     Paragraph,
     Table,
     format_value,
+    inside_the_noise,
     is_finite,
     is_number,
     key_values,
+    with_interval,
 )
 from tokenbridge.reporting.plots import plot_losses, plot_metrics
 from tokenbridge.reporting.render import write_document
@@ -83,7 +85,7 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
 
     def row(label: str) -> list[str]:
         values = scores.get(label, {})
-        return [label, *(_with_interval(values, metric) for metric in metrics), format_value(values.get("gsm_n"))]
+        return [label, *(with_interval(values, metric) for metric in metrics), format_value(values.get("gsm_n"))]
 
     blocks: list[Block] = [Paragraph(
         "Each source model moved onto the target tokenizer: as it was (original, its own tokenizer), after its "
@@ -126,11 +128,11 @@ def _hypernet_blocks(scores: Mapping[str, Mapping[str, Any]], training: Mapping[
     """Held-out bits-per-byte of the base model moved onto each compared tokenizer, by start and training."""
     names = list(dict.fromkeys(label.split(".")[0] for label in scores if label != "base"))
     columns = [column for column in HYPERNET_COLUMNS if any(f"{name}.{column}" in scores for name in names)]
-    rows = [[name, *(_with_interval(scores.get(f"{name}.{column}", {}), "bits_per_byte") for column in columns)]
+    rows = [[name, *(with_interval(scores.get(f"{name}.{column}", {}), "bits_per_byte") for column in columns)]
             for name in names]
     wins = [name for name in names
             if scores[f"{name}.hypernet"]["bits_per_byte"] < scores[f"{name}.fvt"]["bits_per_byte"]]
-    noise = [name for name in wins if _inside_the_noise("bits_per_byte", scores[f"{name}.hypernet"],
+    noise = [name for name in wins if inside_the_noise("bits_per_byte", scores[f"{name}.hypernet"],
                                                         scores[f"{name}.fvt"])]
     inside = f" ({len(noise)} of them inside both 95 % intervals: {', '.join(noise)})" if noise else ""
     base = format_value(scores.get("base", {}).get("bits_per_byte"))
@@ -170,19 +172,6 @@ def _metric_names(models: Mapping[str, Mapping], primary: str | None) -> list[st
     return list(names)
 
 
-def _with_interval(scores: Mapping[str, Any], metric: str) -> str:
-    """`0.5712 [0.55, 0.59]`: the value and its 95 % interval where the file holds one."""
-    bounds = interval(scores, metric)
-    text = format_value(scores.get(metric))
-    return f"{text} [{format_value(bounds[0])}, {format_value(bounds[1])}]" if bounds else text
-
-
-def _inside_the_noise(metric: str, first: Mapping, second: Mapping) -> bool:
-    """Whether each value lies inside the other's 95 % interval: a difference the measurement cannot tell."""
-    a, b = interval(first, metric), interval(second, metric)
-    return (a is not None and b is not None and a[0] <= second[metric] <= a[1] and b[0] <= first[metric] <= b[1])
-
-
 def _sample_size(scores: Mapping[str, Any], metric: str) -> Any:
     """The question count beside a benchmark metric: `gsm_n` for `gsm_exact_match` and its variants."""
     return scores.get(f"{metric.split('_', 1)[0]}_n")
@@ -209,7 +198,7 @@ def _comparison(metric: str, after: Mapping, before: Mapping | None, teacher: Ma
             improved = (change < 0) == (better == "lower")
             sign = "+" if change > 0 else ""
             verdict = ("inside each other's 95 % intervals: not a measurable difference"
-                       if before is not None and _inside_the_noise(metric, after, before)
+                       if before is not None and inside_the_noise(metric, after, before)
                        else "an improvement" if improved else "a regression")
             sentence += (f", {'up' if change > 0 else 'down'} from {format_value(earlier)} before distillation "
                          f"({sign}{format_value(change)}, {verdict})")
@@ -280,7 +269,7 @@ def _document(models: Mapping[str, Mapping], metrics: Sequence[str], scores: Seq
     """The report's content once, as blocks that both the Markdown and the HTML writer render."""
     marked = metrics.index(primary) + 1 if primary in metrics else None
     header = ["model", *(f"{name} {PRIMARY_MARK}" if name == primary else name for name in metrics)]
-    rows = [[name, *(_with_interval(values, metric) for metric in metrics)] for name, values in models.items()]
+    rows = [[name, *(with_interval(values, metric) for metric in metrics)] for name, values in models.items()]
     notes = []
     if marked:
         notes.append(f"{PRIMARY_MARK} marks the primary metric ({primary}).")
