@@ -146,7 +146,8 @@ def test_a_model_answering_7_to_everything_scores_the_share_of_questions_whose_a
     assert [(r["target"], r["correct"], r["correct_flexible"]) for r in records] == [("7", strict_correct, True),
                                                                                     ("15", False, False)]
     assert scores == {"gsm_exact_match": 0.5 if strict_correct else 0.0, "gsm_exact_match_flexible": 0.5, "gsm_n": 2,
-                      "gsm_exact_match_stderr": 0.5 if strict_correct else 0.0}  # sample std / sqrt(n)
+                      "gsm_exact_match_stderr": 0.5 if strict_correct else 0.0,  # sample std / sqrt(n)
+                      "gsm_exact_match_flexible_stderr": 0.5}
 
 
 @pytest.mark.parametrize("kind", ["model", "ensemble"])

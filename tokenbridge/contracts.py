@@ -270,6 +270,7 @@ class EvalMetrics(Contract):
     gsm_exact_match: float | None = Field(None, json_schema_extra={"better": "higher"})
     gsm_exact_match_stderr: float | None = None  # lm-eval's standard error of the mean over questions
     gsm_exact_match_flexible: float | None = Field(None, json_schema_extra={"better": "higher"})
+    gsm_exact_match_flexible_stderr: float | None = None
     gsm_n: int | None = None
 
     @classmethod

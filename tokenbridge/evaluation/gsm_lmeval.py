@@ -92,10 +92,12 @@ def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, 
             record[f"extracted{suffix}"] = sample["filtered_resps"][0]
             record[f"correct{suffix}"] = bool(sample["exact_match"])
         write_jsonl(samples_path, [by_question[doc_id] for doc_id in sorted(by_question)])
-    stderr = scores.get("exact_match_stderr,strict-match")  # of the mean over questions; "N/A" for one question
+    # lm-eval's standard errors of the mean over questions ("N/A" for a single question)
+    errors = {f"gsm_exact_match{suffix}_stderr": scores.get(f"exact_match_stderr,{name}")
+              for suffix, name in (("", "strict-match"), ("_flexible", "flexible-extract"))}
     return {
         "gsm_exact_match": float(scores["exact_match,strict-match"]),
-        **({"gsm_exact_match_stderr": float(stderr)} if isinstance(stderr, (int, float)) else {}),
         "gsm_exact_match_flexible": float(scores["exact_match,flexible-extract"]),
+        **{key: float(value) for key, value in errors.items() if isinstance(value, (int, float))},
         "gsm_n": len({sample["doc_id"] for sample in samples}),
     }
