@@ -85,6 +85,8 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     for model in EVALUATED:
         scores = json.loads((path / f"metrics/eval/{model}.json").read_text())
         assert 0 <= scores["gsm_exact_match"] <= 1 and scores["bits_per_byte"] > 0
+        assert scores["bits_per_byte_low"] < scores["bits_per_byte"] < scores["bits_per_byte_high"]
+        assert (model == "teacher") == ("chunk_gap_bits_per_byte" not in scores), "the students' gap to the teacher"
     transfer = json.loads((path / "metrics/eval/transfer.json").read_text())
     variants = [f"{source}.{variant}" for source in ("gemma", "qwen") for variant in ("original", "fvt", "transferred")]
     assert set(transfer) == {*variants, "ensemble", "student"}

@@ -267,6 +267,10 @@ class EvalMetrics(Contract):
     bits_per_byte_low: float | None = None  # its 95 % bootstrap interval over the test answers
     bits_per_byte_high: float | None = None
     bpb_bytes: int
+    # The student's distance from the teacher on the same answers (docs/evaluation.md#distance-from-the-teacher)
+    chunk_gap_bits_per_byte: float | None = Field(None, json_schema_extra={"better": "lower"})
+    chunk_gap_bits_per_byte_low: float | None = None
+    chunk_gap_bits_per_byte_high: float | None = None
     gsm_exact_match: float | None = Field(None, json_schema_extra={"better": "higher"})
     gsm_exact_match_stderr: float | None = None  # lm-eval's standard error of the mean over questions
     gsm_exact_match_flexible: float | None = Field(None, json_schema_extra={"better": "higher"})

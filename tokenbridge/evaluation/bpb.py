@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
+from tokenbridge.alignment import align_chunks
 from tokenbridge.data.chat import Encoded
 from tokenbridge.data.padding import pad_batch
 from tokenbridge.io import read_jsonl
@@ -53,26 +54,64 @@ def bootstrap_interval(nats: list[float], n_bytes: list[int], resamples: int = B
 
 
 @torch.no_grad()
+def token_logprobs(model_dir: Path, examples: list[Encoded], device: torch.device,
+                   batch_size: int = 4) -> list[list[float]]:
+    """Per example, log p(token | the tokens before it) at each position (0.0 at position 0, which nothing
+    predicts), in fp32."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, torch.float32).eval().to(device)
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        ids, attention = pad_batch([example.input_ids for example in batch])
+        rows = rows_to_tokens(_row_logprobs(model, ids.to(device), attention.to(device), len(tokenizer))).cpu()
+        out += [rows[row, : len(example.input_ids)].tolist() for row, example in enumerate(batch)]
+    return out
+
+
+def _with_interval(name: str, nats: list[float], n_bytes: list[int]) -> dict[str, float]:
+    """`name` (bits per byte over all examples) and its 95 % bootstrap interval (`<name>_low`, `<name>_high`)."""
+    low, high = bootstrap_interval(nats, n_bytes)
+    return {name: math.fsum(nats) / math.log(2) / max(sum(n_bytes), 1), f"{name}_low": low, f"{name}_high": high}
+
+
 def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device: torch.device,
                   batch_size: int = 4) -> dict[str, float]:
     """Bits-per-byte over the first `n_examples` test answers, with its 95 % bootstrap interval over them
     (`bits_per_byte_low`, `bits_per_byte_high`)."""
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, torch.float32).eval().to(device)
     examples = [Encoded.from_json(record) for record in read_jsonl(encoded_jsonl)[:n_examples]]
+    return bits_per_byte_of(examples, token_logprobs(model_dir, examples, device, batch_size))
+
+
+def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]]) -> dict[str, float]:
+    """Bits-per-byte of the examples' targets (answer and end of turn) from their token log-probs."""
     nats = [0.0] * len(examples)
     n_bytes = [0] * len(examples)
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        ids, attention = pad_batch([example.input_ids for example in batch])
-        rows = _row_logprobs(model, ids.to(device), attention.to(device), len(tokenizer))
-        token_logprobs = rows_to_tokens(rows).cpu()
-        for row, example in enumerate(batch):
-            for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):
-                if target and position > 0:
-                    assert span is not None, "a target token always covers bytes of the stream"
-                    nats[start + row] -= token_logprobs[row, position].item()
-                    n_bytes[start + row] += span[1] - span[0]
-    low, high = bootstrap_interval(nats, n_bytes)
-    return {"bits_per_byte": math.fsum(nats) / math.log(2) / max(sum(n_bytes), 1), "bpb_bytes": sum(n_bytes),
-            "bits_per_byte_low": low, "bits_per_byte_high": high}
+    for index, example in enumerate(examples):
+        for position, (span, target) in enumerate(zip(example.spans, example.loss_mask)):
+            if target and position > 0:
+                assert span is not None, "a target token always covers bytes of the stream"
+                nats[index] -= logprobs[index][position]
+                n_bytes[index] += span[1] - span[0]
+    return {**_with_interval("bits_per_byte", nats, n_bytes), "bpb_bytes": sum(n_bytes)}
+
+
+def chunk_gap(teacher: list[Encoded], teacher_logprobs: list[list[float]], student: list[Encoded],
+              student_logprobs: list[list[float]]) -> dict[str, float]:
+    """How far the student's likelihoods are from the teacher's, comparable across tokenizers: over the answer's
+    byte-exact chunks (`alignment.align_chunks`: minimal token spans of the two tokenizations covering the same
+    bytes), the absolute difference of the two chunk log-likelihoods, in bits per byte of the chunks, with its
+    95 % bootstrap interval over the answers (`chunk_gap_bits_per_byte`, `_low`, `_high`). 0 exactly when the
+    student gives every chunk the teacher's likelihood; the quantity ALM's loss drives down."""
+    gaps, n_bytes = [0.0] * len(teacher), [0] * len(teacher)
+    for index, (t, s) in enumerate(zip(teacher, student)):
+        for chunk in align_chunks(t.spans, s.spans):
+            if chunk.t0 == 0 or chunk.s0 == 0:
+                continue  # no model predicts its first token
+            if not (all(t.loss_mask[chunk.t0 : chunk.t1]) and all(s.loss_mask[chunk.s0 : chunk.s1])):
+                continue  # the question or the template: not the answer
+            teacher_nats = math.fsum(teacher_logprobs[index][chunk.t0 : chunk.t1])
+            student_nats = math.fsum(student_logprobs[index][chunk.s0 : chunk.s1])
+            gaps[index] += abs(teacher_nats - student_nats)
+            n_bytes[index] += chunk.b1 - chunk.b0
+    return _with_interval("chunk_gap_bits_per_byte", gaps, n_bytes)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tokenbridge.config import EvaluateParams
 from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
-from tokenbridge.data.chat import encode_example
-from tokenbridge.evaluation.bpb import bits_per_byte
+from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.evaluation.bpb import bits_per_byte_of, chunk_gap, token_logprobs
 from tokenbridge.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
 from tokenbridge.io import read_jsonl, write_json, write_jsonl
 from tokenbridge.models import load_tokenizer
@@ -40,16 +40,27 @@ def tokenize_test_set(test_jsonl: Path, model_dir: Path, out_path: Path) -> Path
     return out_path
 
 
+def _test_answers(prepared_dir: Path, model_dir: Path, out_path: Path, count: int) -> list[Encoded]:
+    tokenize_test_set(prepared_dir / "test.jsonl", model_dir, out_path)
+    return [Encoded.from_json(record) for record in read_jsonl(out_path)[:count]]
+
+
 def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
-                 runtime: Runtime, gsm_limit: int | None = None) -> EvalMetrics:
-    """Bits-per-byte, then GSM on `gsm_limit` questions (default `params.limit`; 0: bits-per-byte alone, no
-    generation, no `gsm_*` scores). Writes the scores to `metrics_path` and returns them."""
+                 runtime: Runtime, gsm_limit: int | None = None, teacher_dir: Path | None = None) -> EvalMetrics:
+    """Bits-per-byte; with `teacher_dir`, the chunk gap to that teacher on the same answers; then GSM on
+    `gsm_limit` questions (default `params.limit`; 0: no generation, no `gsm_*` scores). Writes the scores to
+    `metrics_path` and returns them."""
     PreparedManifest.read(Path(prepared_dir) / MANIFEST)  # fails naming the stage to run when data is missing
     gsm_limit = params.limit if gsm_limit is None else gsm_limit
-    encoded = tokenize_test_set(prepared_dir / "test.jsonl", model_dir, out_dir / "test.encoded.jsonl")
+    answers = _test_answers(prepared_dir, model_dir, out_dir / "test.encoded.jsonl", params.bpb_examples)
     seconds: dict[str, float] = {}
     with _timed("bpb", seconds):
-        scores = bits_per_byte(model_dir, encoded, params.bpb_examples, runtime.device)
+        logprobs = token_logprobs(model_dir, answers, runtime.device)
+        scores: dict[str, float | int] = {**bits_per_byte_of(answers, logprobs)}
+    if teacher_dir is not None:
+        with _timed("chunk_gap", seconds):
+            teacher = _test_answers(prepared_dir, teacher_dir, out_dir / "teacher.encoded.jsonl", params.bpb_examples)
+            scores.update(chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), answers, logprobs))
     if gsm_limit > 0:
         task_dir = out_dir / "task"
         write_gsm_task(task_dir, prepared_dir / "test.jsonl", prepared_dir / "train.jsonl")
