@@ -178,15 +178,21 @@ def test_the_summary_calls_a_worse_student_a_regression(tmp_path, history):
 
 def test_intervals_show_beside_their_values_and_a_change_inside_them_is_called_noise(tmp_path, history):
     models = {"student_before": {"bits_per_byte": 1.00, "bits_per_byte_low": 0.95, "bits_per_byte_high": 1.06,
-                                 "gsm_exact_match": 0.1, "gsm_exact_match_stderr": 0.1, "gsm_n": 10},
+                                 "gsm_exact_match": 0.1, "gsm_exact_match_stderr": 0.1, "gsm_n": 10,
+                                 "chunk_gap_bits_per_byte": 0.40, "chunk_gap_bits_per_byte_low": 0.38,
+                                 "chunk_gap_bits_per_byte_high": 0.42},
               "student_after": {"bits_per_byte": 0.98, "bits_per_byte_low": 0.93, "bits_per_byte_high": 1.04,
-                                "gsm_exact_match": 0.9, "gsm_exact_match_stderr": 0.05, "gsm_n": 10}}
+                                "gsm_exact_match": 0.9, "gsm_exact_match_stderr": 0.05, "gsm_n": 10,
+                                "chunk_gap_bits_per_byte": 0.30, "chunk_gap_bits_per_byte_low": 0.28,
+                                "chunk_gap_bits_per_byte_high": 0.32}}
     paths = render_report({"primary_metric": "gsm_exact_match", "models": models}, history, {}, tmp_path / "r")
     text = paths["markdown"].read_text(encoding="utf-8")
     summary = text.split("\n\n")[1]
     assert ("bits_per_byte is 0.9800 (lower is better, 95 % interval 0.9300 to 1.0400), down from 1.0000 before "
             "distillation (-0.0200, inside each other's 95 % intervals: not a measurable difference)") in summary
     assert "up from 0.1000 before distillation (+0.8000, an improvement)" in summary
+    assert ("chunk_gap_bits_per_byte is 0.3000 (lower is better, 95 % interval 0.2800 to 0.3200), down from 0.4000 "
+            "before distillation (-0.1000, an improvement)") in summary, "how close the student got to its teacher"
     assert "| 0.9800 [0.9300, 1.0400] |" in text and "| 0.9000 [0.8020, 0.9980] |" in text
     assert "bits_per_byte_low" not in text and "_stderr" not in text, "intervals are not metric columns"
 
