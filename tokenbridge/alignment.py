@@ -63,20 +63,23 @@ def align_chunks(teacher_spans: list[Span], student_spans: list[Span]) -> list[C
     return chunks
 
 
-def example_chunks(teacher: Encoded, student: Encoded) -> tuple[list[int], list[int], list[bool]]:
-    """Per-token chunk ids of one example (-1: in no chunk) and, per chunk, whether it is a training target.
+def counted_chunks(teacher: Encoded, student: Encoded) -> list[tuple[Chunk, bool]]:
+    """The chunks of one example that count, in order, each with whether it is a training target.
 
-    Every chunk counts except one holding either side's token 0, which no model predicts; chunks are numbered
-    densely in order. A chunk is a target when all its tokens, on both sides, are (answer and end of turn).
-    """
+    Every chunk counts except one holding either side's token 0, which no model predicts. A chunk is a target when
+    all its tokens, on both sides, are (answer and end of turn)."""
+    return [(chunk, all(teacher.loss_mask[chunk.t0 : chunk.t1]) and all(student.loss_mask[chunk.s0 : chunk.s1]))
+            for chunk in align_chunks(teacher.spans, student.spans) if chunk.t0 != 0 and chunk.s0 != 0]
+
+
+def example_chunks(teacher: Encoded, student: Encoded) -> tuple[list[int], list[int], list[bool]]:
+    """Per-token chunk ids of one example (-1: in no chunk) and, per chunk, whether it is a training target; the
+    chunks are `counted_chunks`', numbered densely in order."""
     teacher_ids = [-1] * len(teacher.input_ids)
     student_ids = [-1] * len(student.input_ids)
     is_target: list[bool] = []
-    for chunk in align_chunks(teacher.spans, student.spans):
-        if chunk.t0 == 0 or chunk.s0 == 0:
-            continue
-        index = len(is_target)
+    for index, (chunk, target) in enumerate(counted_chunks(teacher, student)):
         teacher_ids[chunk.t0 : chunk.t1] = [index] * (chunk.t1 - chunk.t0)
         student_ids[chunk.s0 : chunk.s1] = [index] * (chunk.s1 - chunk.s0)
-        is_target.append(all(teacher.loss_mask[chunk.t0 : chunk.t1]) and all(student.loss_mask[chunk.s0 : chunk.s1]))
+        is_target.append(target)
     return teacher_ids, student_ids, is_target

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
-from tokenbridge.alignment import align_chunks
+from tokenbridge.alignment import counted_chunks
 from tokenbridge.data.chat import Encoded
 from tokenbridge.data.padding import pad_batch
 from tokenbridge.io import read_jsonl
@@ -69,7 +69,7 @@ def token_logprobs(model_dir: Path, examples: list[Encoded], device: torch.devic
     return out
 
 
-def _with_interval(name: str, nats: list[float], n_bytes: list[int]) -> dict[str, float]:
+def _bits_per_byte_and_interval(name: str, nats: list[float], n_bytes: list[int]) -> dict[str, float]:
     """`name` (bits per byte over all examples) and its 95 % bootstrap interval (`<name>_low`, `<name>_high`)."""
     low, high = bootstrap_interval(nats, n_bytes)
     return {name: math.fsum(nats) / math.log(2) / max(sum(n_bytes), 1), f"{name}_low": low, f"{name}_high": high}
@@ -93,25 +93,24 @@ def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]]) -> di
                 assert span is not None, "a target token always covers bytes of the stream"
                 nats[index] -= logprobs[index][position]
                 n_bytes[index] += span[1] - span[0]
-    return {**_with_interval("bits_per_byte", nats, n_bytes), "bpb_bytes": sum(n_bytes)}
+    return {**_bits_per_byte_and_interval("bits_per_byte", nats, n_bytes), "bpb_bytes": sum(n_bytes)}
 
 
 def chunk_gap(teacher: list[Encoded], teacher_logprobs: list[list[float]], student: list[Encoded],
               student_logprobs: list[list[float]]) -> dict[str, float]:
     """How far the student's likelihoods are from the teacher's, comparable across tokenizers: over the answer's
-    byte-exact chunks (`alignment.align_chunks`: minimal token spans of the two tokenizations covering the same
-    bytes), the absolute difference of the two chunk log-likelihoods, in bits per byte of the chunks, with its
-    95 % bootstrap interval over the answers (`chunk_gap_bits_per_byte`, `_low`, `_high`). 0 exactly when the
-    student gives every chunk the teacher's likelihood; the quantity ALM's loss drives down."""
+    byte-exact target chunks (`alignment.counted_chunks`: minimal token spans of the two tokenizations covering
+    the same bytes, as ALM trains on them), the absolute difference of the two chunk log-likelihoods, in bits per
+    byte of the chunks, with its 95 % bootstrap interval over the answers (`chunk_gap_bits_per_byte`, `_low`,
+    `_high`). 0 exactly when the student gives every chunk the teacher's likelihood; the quantity ALM's loss
+    drives down."""
     gaps, n_bytes = [0.0] * len(teacher), [0] * len(teacher)
     for index, (t, s) in enumerate(zip(teacher, student)):
-        for chunk in align_chunks(t.spans, s.spans):
-            if chunk.t0 == 0 or chunk.s0 == 0:
-                continue  # no model predicts its first token
-            if not (all(t.loss_mask[chunk.t0 : chunk.t1]) and all(s.loss_mask[chunk.s0 : chunk.s1])):
+        for chunk, target in counted_chunks(t, s):
+            if not target:
                 continue  # the question or the template: not the answer
             teacher_nats = math.fsum(teacher_logprobs[index][chunk.t0 : chunk.t1])
             student_nats = math.fsum(student_logprobs[index][chunk.s0 : chunk.s1])
             gaps[index] += abs(teacher_nats - student_nats)
             n_bytes[index] += chunk.b1 - chunk.b0
-    return _with_interval("chunk_gap_bits_per_byte", gaps, n_bytes)
+    return _bits_per_byte_and_interval("chunk_gap_bits_per_byte", gaps, n_bytes)
