@@ -100,3 +100,24 @@ def converted(cache_dir):
         return loaded[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def context_dependent_copy():
+    """Makes a copy of a tiny model with an untied random head: its greedy answers depend on the whole prompt, so
+    attending to padding or misplacing positions would change them."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def copy(model_dir: Path, out_dir: Path, seed: int) -> Path:
+        shutil.copytree(model_dir, out_dir)
+        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+        head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(head)
+        model.save_pretrained(out_dir)
+        return out_dir
+
+    return copy

@@ -10,7 +10,6 @@ third kind gets an untied random head, so its answers depend on the whole prompt
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -89,20 +88,6 @@ def _one_answer_model(model_dir: Path, out_dir: Path, answer: str, after_eos: st
     return out_dir
 
 
-def _context_dependent_copy(model_dir: Path, out_dir: Path, seed: int) -> Path:
-    """A copy of a tiny model with an untied random head: its greedy answers depend on the whole prompt, so
-    attending to padding or misplacing positions would change them."""
-    from transformers import AutoModelForCausalLM
-
-    shutil.copytree(model_dir, out_dir)
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-    head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(head)
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
 def test_the_task_is_the_stock_gsm8k_config_on_absolute_local_files(task_dir, tmp_path):
     config = yaml.safe_load((task_dir / f"{TASK_NAME}.yaml").read_text())
     stock = _stock_gsm8k_config()
@@ -151,14 +136,15 @@ def test_a_model_answering_7_to_everything_scores_the_share_of_questions_whose_a
 
 
 @pytest.mark.parametrize("kind", ["model", "ensemble"])
-def test_batched_generation_gives_the_answers_of_one_question_at_a_time(task_dir, tiny_dirs, tmp_path, kind):
+def test_batched_generation_gives_the_answers_of_one_question_at_a_time(task_dir, tiny_dirs, tmp_path, kind,
+                                                                       context_dependent_copy):
     """lm-eval's hf backend left-pads a batch and generates with the KV cache; the ensemble's own `generate`
     reads the same left-padded batch. Greedy answers must not depend on the batch a question lands in."""
     from transformers import AutoTokenizer
 
-    model = _context_dependent_copy(tiny_dirs["teacher"], tmp_path / "model", seed=1)
+    model = context_dependent_copy(tiny_dirs["teacher"], tmp_path / "model", seed=1)
     if kind == "ensemble":
-        other = _context_dependent_copy(tiny_dirs["teacher"], tmp_path / "other", seed=2)
+        other = context_dependent_copy(tiny_dirs["teacher"], tmp_path / "other", seed=2)
         build_ensemble({"model": model, "other": other}, [], tmp_path / "ensemble")
         model = tmp_path / "ensemble"
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 FLOWS_DIR = Path(__file__).parent / "flows"
 # Every flow, in pipeline order: the module name under tokenbridge/flows/.
-FLOWS = ("models", "prepare", "teacher_logits", "distill", "evaluate", "hypernet", "evaluate_hypernet", "transfer",
-         "ensemble", "evaluate_transfer", "report", "pipeline", "compare")
+FLOWS = ("models", "prepare", "teacher_logits", "distill", "teacher_answers", "evaluate", "hypernet",
+         "evaluate_hypernet", "transfer", "ensemble", "evaluate_transfer", "report", "pipeline", "compare")
 
 # Offline, project-local defaults every flow process needs. Prefect, MLflow and Hugging Face read them when
 # imported, so they are set before any flow module is.

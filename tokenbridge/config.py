@@ -178,6 +178,9 @@ class EvaluateParams(Strict):
     num_fewshot: int = Field(ge=0)
     max_gen_toks: int = Field(ge=8)
     bpb_examples: int = Field(ge=1, description="held-out test examples for bits-per-byte")
+    teacher_answers: int = Field(16, ge=0, description="held-out questions the teacher answers greedily (stage "
+                                                        "teacher_answers), each model scored on those answers too; "
+                                                        "0: none")
     batch_size: int = Field(8, ge=1, description="GSM questions generated at once (left-padded, KV cache)")
 
 

@@ -166,6 +166,18 @@ class PreparedManifest(Contract):
     models: PerRole[ModelRef]
 
 
+class TeacherAnswersManifest(Contract):
+    """data/teacher_answers/manifest.json: beside answers.jsonl, the teacher's greedy answers to test questions."""
+
+    WRITTEN_BY: ClassVar[str] = "teacher_answers"
+    teacher: str
+    examples: int
+    unreadable: int  # answers left out: the student's tokenizer cannot spell them
+    ended: int  # answers that reached the teacher's end of turn (the others stopped at max_new_tokens)
+    max_new_tokens: int
+    dtype: str
+
+
 # ---------------------------------------------------------------------------------------------- teacher logits
 
 class StoredShard(Record):
@@ -271,6 +283,11 @@ class EvalMetrics(Contract):
     chunk_gap_bits_per_byte: float | None = Field(None, json_schema_extra={"better": "lower"})
     chunk_gap_bits_per_byte_low: float | None = None
     chunk_gap_bits_per_byte_high: float | None = None
+    # Bits-per-byte on the teacher's own greedy answers to the same questions (stage teacher_answers)
+    teacher_answers_bits_per_byte: float | None = Field(None, json_schema_extra={"better": "lower"})
+    teacher_answers_bits_per_byte_low: float | None = None
+    teacher_answers_bits_per_byte_high: float | None = None
+    teacher_answers_bytes: int | None = None
     gsm_exact_match: float | None = Field(None, json_schema_extra={"better": "higher"})
     gsm_exact_match_stderr: float | None = None  # lm-eval's standard error of the mean over questions
     gsm_exact_match_flexible: float | None = Field(None, json_schema_extra={"better": "higher"})

@@ -13,6 +13,7 @@ HYPERNET_CHECKPOINT_DIR = Path("checkpoints/hypernet")  # identity/, alm/: each 
 HYPERNET_EVAL_CHECKPOINT_DIR = Path("checkpoints/evaluate_hypernet")  # <name>-<init>/<phase>/: its ALM runs
 DISTILL_HISTORY = Path("metrics/distill_history.csv")
 DISTILL_METRICS = Path("metrics/distill.json")
+TEACHER_ANSWERS_DIR = Path("data/teacher_answers")  # answers.jsonl: the teacher's greedy answers to test questions
 EVAL_DIR = Path("data/eval")  # data/eval/<model>/: generated lm-eval task, per-question samples
 EVAL_METRICS_DIR = Path("metrics/eval")  # metrics/eval/<model>.json
 # The models the evaluate stage compares, in report order: name -> directory.

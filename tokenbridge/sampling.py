@@ -8,9 +8,12 @@ finished (an end-of-sequence id, or `stopping_criteria`) are padded until every 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Pick = Callable[[torch.Tensor], torch.Tensor]  # last-position scores [B, V] -> next ids [B]
 
@@ -62,6 +65,12 @@ def decode(model: Callable[..., StepOutput], input_ids: torch.Tensor, attention_
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions, step_ids = positions[:, -1:] + 1, following[:, None]
     return sequences
+
+
+def generation_end_ids(model: PreTrainedModel) -> set[int]:
+    """The ids that end a model's turn in its generation config (one id or a list: chat models often list several)."""
+    ids = model.generation_config.eos_token_id
+    return set(ids if isinstance(ids, list) else [ids]) - {None}
 
 
 def completions(sequences: torch.Tensor, prompt_width: int, eos_ids: set[int]) -> list[list[int]]:

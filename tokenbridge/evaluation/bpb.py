@@ -83,8 +83,10 @@ def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device:
     return bits_per_byte_of(examples, token_logprobs(model_dir, examples, device, batch_size))
 
 
-def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]]) -> dict[str, float]:
-    """Bits-per-byte of the examples' targets (answer and end of turn) from their token log-probs."""
+def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]], name: str = "bits_per_byte",
+                     bytes_name: str = "bpb_bytes") -> dict[str, float]:
+    """Bits-per-byte of the examples' targets (answer and end of turn) from their token log-probs, as `name`,
+    with its interval (`<name>_low`, `<name>_high`) and the bytes scored (`bytes_name`)."""
     nats = [0.0] * len(examples)
     n_bytes = [0] * len(examples)
     for index, example in enumerate(examples):
@@ -93,7 +95,7 @@ def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]]) -> di
                 assert span is not None, "a target token always covers bytes of the stream"
                 nats[index] -= logprobs[index][position]
                 n_bytes[index] += span[1] - span[0]
-    return {**_bits_per_byte_and_interval("bits_per_byte", nats, n_bytes), "bpb_bytes": sum(n_bytes)}
+    return {**_bits_per_byte_and_interval(name, nats, n_bytes), bytes_name: sum(n_bytes)}
 
 
 def chunk_gap(teacher: list[Encoded], teacher_logprobs: list[list[float]], student: list[Encoded],

@@ -1,11 +1,13 @@
-"""Stage `evaluate@<model>` for model in teacher, student_before, student_after: held-out bits-per-byte (fp32),
-for the two students their chunk gap to the teacher on the same answers (docs/evaluation.md), and lm-eval's real
+"""Stage `evaluate@<model>` for model in teacher, student_before, student_after: held-out bits-per-byte (fp32) on the
+reference answers and on the teacher's own greedy answers (stage teacher_answers), for the two students their
+chunk gap to the teacher on the reference answers (docs/evaluation.md), and lm-eval's real
 harness on the local GSM-style test set (`evaluate.limit` questions, batched greedy generation). These three
 models are the distillation comparison the report is about, so they always get GSM; the transfer stage's models
 get bits-per-byte alone by default (docs/evaluation.md).
 Device and generation dtype: params `runtime.*` (docs/runtime.md).
 
-Inputs: data/prepared, the model's directory (models/teacher, models/student or models/distilled), models/teacher;
+Inputs: data/prepared, the model's directory (models/teacher, models/student or models/distilled), models/teacher,
+data/teacher_answers;
 params `evaluate.*`, `runtime.*`. Outputs: metrics/eval/<model>.json (DVC metrics), data/eval/<model>/
 (generated lm-eval task, per-question samples, lm-eval's record of the run, run.json: runtime and seconds).
 Run alone: tokenbridge evaluate --model student_after   (or: dvc repro evaluate@student_after)
@@ -16,9 +18,10 @@ from prefect import flow
 from tokenbridge import tracking
 from tokenbridge.contracts import EvalMetrics
 from tokenbridge.flows.common import stage_cli, tracked_stage
-from tokenbridge.paths import EVAL_DIR, EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR, TEACHER_DIR
+from tokenbridge.paths import EVAL_DIR, EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR, TEACHER_ANSWERS_DIR, TEACHER_DIR
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.evaluate import run_evaluate
+from tokenbridge.stages.teacher_answers import ANSWERS
 
 
 @flow(name="evaluate", log_prints=True)
@@ -27,8 +30,9 @@ def evaluate(params_file: str = "params.yaml", model: str = "student_after") -> 
         metrics_path = EVAL_METRICS_DIR / f"{model}.json"
         runtime = Runtime.resolve(params.runtime)
         print(f"evaluate@{model}: {runtime.describe()}")
+        answers = TEACHER_ANSWERS_DIR / ANSWERS if params.evaluate.teacher_answers else None
         scores = run_evaluate(PREPARED_DIR, EVAL_MODELS[model], EVAL_DIR / model, metrics_path, params.evaluate,
-                              runtime, teacher_dir=None if model == "teacher" else TEACHER_DIR)
+                              runtime, teacher_dir=None if model == "teacher" else TEACHER_DIR, teacher_answers=answers)
         tracking.log_metrics({f"{model}.{key}": value for key, value in scores.scores().items()})
         tracking.log_artifact(metrics_path)
         tracking.log_artifact(EVAL_DIR / model, "eval")

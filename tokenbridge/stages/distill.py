@@ -39,6 +39,7 @@ from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.on_policy import OnPolicySampler, is_on_policy_step
 from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
+from tokenbridge.sampling import generation_end_ids
 from tokenbridge.stopping import safe_points
 from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.token_bytes import boundary_mask
@@ -101,11 +102,8 @@ def train(
     word_starts = {"student": boundary, "teacher": boundary_mask(teacher_tokenizer, len(teacher_tokenizer))}
     if params.on_policy.fraction > 0:  # some steps train on the student's own answers to these questions
         questions = [record["question"] for record in read_jsonl(prepared_dir / "train.jsonl")]
-        generation_eos = student.generation_config.eos_token_id
         sampler = OnPolicySampler(tokenizer, None if setup.same_tokenizer else teacher_tokenizer,
-                                  set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-                                  - {None},
-                                  params.on_policy, params.seed)
+                                  generation_end_ids(student), params.on_policy, params.seed)
     module = TrainingModule(student, losses, student_forward(student, losses, len(tokenizer),
                                                              boundary.to(runtime.device), params.logits_chunk_size))
     ranks.broadcast([parameter.data for parameter in module.parameters()])  # the ranks start equal

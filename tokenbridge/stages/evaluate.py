@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenbridge.config import EvaluateParams
 from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
-from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.data.chat import Encoded, encode_continuation, encode_example
 from tokenbridge.evaluation.bpb import bits_per_byte_of, chunk_gap, token_logprobs
 from tokenbridge.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
 from tokenbridge.io import read_jsonl, write_json, write_jsonl
@@ -45,11 +45,21 @@ def _test_answers(prepared_dir: Path, model_dir: Path, out_path: Path, count: in
     return [Encoded.from_json(record) for record in read_jsonl(out_path)[:count]]
 
 
+def _teacher_answers(answers_jsonl: Path, model_dir: Path) -> list[Encoded]:
+    """The teacher's greedy answers as `model_dir`'s tokenizer reads another model's answer after its own prompt."""
+    tokenizer = load_tokenizer(model_dir)
+    table = vocab_bytes(tokenizer)
+    return [encode_continuation(tokenizer, record["question"], record["answer"], record["ended"], table)
+            for record in read_jsonl(answers_jsonl)]
+
+
 def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
-                 runtime: Runtime, gsm_limit: int | None = None, teacher_dir: Path | None = None) -> EvalMetrics:
-    """Bits-per-byte; with `teacher_dir`, the chunk gap to that teacher on the same answers; then GSM on
-    `gsm_limit` questions (default `params.limit`; 0: no generation, no `gsm_*` scores). Writes the scores to
-    `metrics_path` and returns them."""
+                 runtime: Runtime, gsm_limit: int | None = None, teacher_dir: Path | None = None,
+                 teacher_answers: Path | None = None) -> EvalMetrics:
+    """Bits-per-byte; with `teacher_dir`, the chunk gap to that teacher on the same answers; with `teacher_answers`
+    (the teacher_answers stage's answers.jsonl), bits-per-byte on those answers; then GSM on `gsm_limit` questions
+    (default `params.limit`; 0: no generation, no `gsm_*` scores). Writes the scores to `metrics_path` and returns
+    them."""
     PreparedManifest.read(Path(prepared_dir) / MANIFEST)  # fails naming the stage to run when data is missing
     gsm_limit = params.limit if gsm_limit is None else gsm_limit
     answers = _test_answers(prepared_dir, model_dir, out_dir / "test.encoded.jsonl", params.bpb_examples)
@@ -61,6 +71,11 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
         with _timed("chunk_gap", seconds):
             teacher = _test_answers(prepared_dir, teacher_dir, out_dir / "teacher.encoded.jsonl", params.bpb_examples)
             scores.update(chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), answers, logprobs))
+    if teacher_answers is not None:
+        with _timed("teacher_answers", seconds):
+            examples = _teacher_answers(teacher_answers, model_dir)
+            scores.update(bits_per_byte_of(examples, token_logprobs(model_dir, examples, runtime.device),
+                                           "teacher_answers_bits_per_byte", "teacher_answers_bytes"))
     if gsm_limit > 0:
         task_dir = out_dir / "task"
         write_gsm_task(task_dir, prepared_dir / "test.jsonl", prepared_dir / "train.jsonl")

@@ -209,11 +209,12 @@ def _comparison(metric: str, after: Mapping, before: Mapping | None, teacher: Ma
 
 
 def _summary(models: Mapping[str, Mapping], scores: Sequence[str], primary: str | None) -> str:
-    """One paragraph on the primary metric, bits-per-byte and the chunk gap to the teacher: the student after vs
-    before (vs the teacher)."""
+    """One paragraph on the primary metric, bits-per-byte, the chunk gap to the teacher and bits-per-byte on the
+    teacher's answers: the student after vs before (vs the teacher)."""
     if not models:
         return "The metrics file lists no models."
-    focus = ([name for name in dict.fromkeys([primary, "bits_per_byte", "chunk_gap_bits_per_byte"])
+    focus = ([name for name in dict.fromkeys([primary, "bits_per_byte", "chunk_gap_bits_per_byte",
+                                              "teacher_answers_bits_per_byte"])
               if name is not None and name in scores] or list(scores[:1]))
     if not focus:
         return "The metrics file has no numeric scores."
