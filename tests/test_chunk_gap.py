@@ -46,7 +46,7 @@ def test_a_model_is_no_distance_from_itself_and_a_student_on_another_tokenizer_i
 
     def gap(model: str) -> dict:
         return run_evaluate(prepared, tiny_dirs[model], tmp_path / model, tmp_path / f"{model}.json",
-                            tiny_params.evaluate, runtime, gsm_limit=0, teacher_dir=tiny_dirs["teacher"]).scores()
+                            tiny_params.evaluate, runtime, limit=0, teacher_dir=tiny_dirs["teacher"]).scores()
 
     itself, student = gap("teacher"), gap("student")
     assert itself["chunk_gap_bits_per_byte"] == 0.0

@@ -119,8 +119,8 @@ def test_the_written_yaml_says_what_the_generator_means():
 
 
 def test_data_files_params_name_are_deps_of_the_stages_that_read_them(tmp_path):
-    """A GSM8K file or a local tokenizer named in any profile: DVC must see its contents, or an edited file would
-    leave the stage 'up to date'."""
+    """A GSM8K file, a local tokenizer or a folder of lm-eval tasks named in any profile: DVC must see its contents,
+    or an edited file would leave the stage 'up to date'."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in ("train.jsonl", "test.jsonl", "tokenizer/tokenizer.json"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -128,9 +128,13 @@ def test_data_files_params_name_are_deps_of_the_stages_that_read_them(tmp_path):
     raw["profiles"]["tiny"]["prepare"].update(source="jsonl", train_jsonl=str(tmp_path / "train.jsonl"),
                                               test_jsonl=str(tmp_path / "test.jsonl"))
     raw["profiles"]["gpu"]["transfer"]["tokenizer"] = str(tmp_path / "tokenizer")
+    (tmp_path / "my_tasks").mkdir()
+    (tmp_path / "my_tasks" / "mine.yaml").write_text("task: mine\n")
+    raw["profiles"]["tiny"]["evaluate"]["tasks"] = ["gsm", str(tmp_path / "my_tasks")]
     stages = pipeline(raw)["stages"]
     assert {str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")} <= set(stages["prepare"]["deps"])
     assert str(tmp_path / "tokenizer") in stages["transfer"]["deps"]
+    assert str(tmp_path / "my_tasks") in stages["evaluate"]["do"]["deps"]
     assert not {str(tmp_path / "train.jsonl"), str(tmp_path / "tokenizer")} & set(stages["distill"]["deps"])
 
 

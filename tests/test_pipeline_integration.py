@@ -19,13 +19,15 @@ import yaml
 
 ROOT = Path(__file__).parents[1]
 EVALUATED = ["teacher", "student_before", "student_after"]
-STAGES = ["models", "prepare", "teacher_logits", "distill", *(f"evaluate@{model}" for model in EVALUATED), "hypernet",
-          "evaluate_hypernet", "transfer", "ensemble", "evaluate_transfer", "report"]
+STAGES = ["models", "prepare", "teacher_logits", "distill", "teacher_answers",
+          *(f"evaluate@{model}" for model in EVALUATED), "hypernet", "evaluate_hypernet", "transfer", "ensemble",
+          "evaluate_transfer", "report"]
 OUTPUTS = [
     "models/teacher/config.json", "models/student/tokenizer.json", "data/prepared/manifest.json",
     "data/teacher_logits/manifest.json", "models/distilled/model.safetensors", "metrics/distill.json",
     "metrics/distill_history.csv", "metrics/eval/teacher.json", "metrics/eval/student_after.json",
-    "data/eval/student_after/samples.jsonl", "data/eval/teacher/task/tokenbridge_gsm.yaml",
+    "data/eval/student_after/samples.jsonl", "data/eval/teacher/task/gsm/tokenbridge_gsm.yaml",
+    "data/eval/student_after/samples.arithmetic.jsonl", "data/teacher_answers/answers.jsonl",
     "reports/report.md", "reports/report.html", "reports/registry.json",
     "models/transferred/gemma/model.safetensors", "models/transferred/qwen-fvt/tokenizer.json",
     "models/sources/gemma/tokenbridge.json", "models/ensemble/config.json", "metrics/transfer/qwen.csv",

@@ -289,3 +289,21 @@ def test_a_hypernetwork_win_inside_both_intervals_is_called_so(tmp_path):
     text = (tmp_path / "transfer.md").read_text()
     assert "| qwen | 0.9000 [0.8500, 0.9500] | 0.8800 [0.8300, 0.9300] |" in text
     assert "on 1 of 1 tokenizers: qwen (1 of them inside both 95 % intervals: qwen)." in text
+
+
+def test_the_benchmarks_table_has_a_row_per_model_and_a_column_per_task_with_its_interval(tmp_path, history):
+    """One table across evaluate.tasks: each cell is the task's headline metric +- 1.96 standard errors; a task a
+    model did not run is a dash."""
+    arithmetic = {"metric": "acc", "higher_is_better": True, "n": 100, "values": {"acc": 0.5, "acc_stderr": 0.05}}
+    gsm = {"metric": "exact_match,strict-match", "higher_is_better": True, "n": 10,
+           "values": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": 0.1}}
+    tasks = {"teacher": {"gsm": gsm, "arithmetic": arithmetic}, "student_after": {"arithmetic": arithmetic}}
+    paths = render_report({**METRICS, "tasks": tasks}, history, CONTEXT, tmp_path / "reports")
+    for tables in (_markdown_tables(paths["markdown"].read_text(encoding="utf-8")),
+                   _Tables(paths["html"].read_text(encoding="utf-8")).tables):
+        header, *rows = next(table for table in tables if "gsm: exact_match,strict-match (higher is better)"
+                             in table[0])
+        assert header == ["model", "gsm: exact_match,strict-match (higher is better)",
+                          "arithmetic: acc (higher is better)"]
+        assert rows == [["teacher", "0.2000 [0.0040, 0.3960]", "0.5000 [0.4020, 0.5980]"],
+                        ["student_after", MISSING, "0.5000 [0.4020, 0.5980]"]]

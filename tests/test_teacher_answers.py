@@ -53,7 +53,7 @@ def test_every_model_is_scored_on_the_same_bytes_of_the_teachers_answers(tiny_pa
     assert TeacherAnswersManifest.read(tmp_path / "answers" / MANIFEST) == manifest
     assert manifest.examples + manifest.unreadable == 3 and manifest.examples > 0
     scored = {role: run_evaluate(prepared, directory, tmp_path / role, tmp_path / f"{role}.json", tiny_params.evaluate,
-                                 runtime, gsm_limit=0, teacher_answers=tmp_path / "answers" / ANSWERS)
+                                 runtime, limit=0, teacher_answers=tmp_path / "answers" / ANSWERS)
               for role, directory in tiny_dirs.items()}
     answer_bytes = sum(len(record["answer"].encode()) + record["ended"]
                        for record in read_jsonl(tmp_path / "answers" / ANSWERS))

@@ -172,9 +172,16 @@ class EvaluateParams(Strict):
     """Stages `evaluate@<model>` and `evaluate_transfer` (docs/evaluation.md); device and generation dtype
     come from `runtime`."""
 
-    limit: int = Field(ge=1, description="GSM test questions for each of teacher, student_before, student_after")
-    transfer_limit: int = Field(0, ge=0, description="GSM test questions for each model of evaluate_transfer "
-                                                     "(0: bits-per-byte alone, no generation)")
+    tasks: list[str] = Field(default_factory=lambda: ["gsm", "arithmetic"], min_length=1,
+                             description="lm-eval tasks, in the report's order: gsm, arithmetic (generated offline), "
+                                         "a local folder of task YAMLs (a path: every task in it) or a stock lm-eval "
+                                         "task or group name (reads the hub)")
+    limit: int = Field(ge=1, description="documents of each generation task (GSM) for each of teacher, "
+                                         "student_before, student_after")
+    choice_limit: int = Field(100, ge=1, description="documents of each log-likelihood task (arithmetic: multiple "
+                                                     "choice) for each evaluated model")
+    transfer_limit: int = Field(0, ge=0, description="documents of each generation task for each model of "
+                                                     "evaluate_transfer (0: bits-per-byte alone, no task)")
     num_fewshot: int = Field(ge=0)
     max_gen_toks: int = Field(ge=8)
     bpb_examples: int = Field(ge=1, description="held-out test examples for bits-per-byte")
@@ -182,6 +189,23 @@ class EvaluateParams(Strict):
                                                         "teacher_answers), each model scored on those answers too; "
                                                         "0: none")
     batch_size: int = Field(8, ge=1, description="GSM questions generated at once (left-padded, KV cache)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_exist(cls, tasks: list[str]) -> list[str]:
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"{tasks}: name each task once")
+        for entry in tasks:
+            if is_task_folder(entry) and not any(Path(entry).glob("**/*.yaml")):
+                raise ValueError(f"{entry!r}: a path names a folder of lm-eval task YAML files, and this is not one "
+                                 "(paths are read from the project root); or give gsm, arithmetic or a stock task name")
+        return tasks
+
+
+def is_task_folder(entry: str) -> bool:
+    """Whether an `evaluate.tasks` entry is a path (a folder of task YAMLs) rather than a task name: names hold no
+    '/' and do not start with '.'."""
+    return "/" in entry or entry.startswith(".")
 
 
 class EnsembleParams(Strict):

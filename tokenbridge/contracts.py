@@ -271,6 +271,25 @@ def _direction(model: type[BaseModel], metric: str) -> Better | None:
     return extra.get("better") if isinstance(extra, dict) else None  # type: ignore[return-value]
 
 
+class TaskScore(Record):
+    """One lm-eval task's scores for one model (`evaluate.tasks`)."""
+
+    metric: str  # the headline: the task's first metric, as `values` names it ("acc", "exact_match,strict-match")
+    higher_is_better: bool
+    n: int  # documents scored
+    values: dict[str, float]  # every metric lm-eval reported, with its standard error ("acc_stderr", ...)
+
+    def stderr_key(self, metric: str) -> str:
+        """Where lm-eval's standard error of `metric` is: `acc` -> `acc_stderr`, `m,filter` -> `m_stderr,filter`."""
+        name, _, kept = metric.partition(",")
+        return f"{name}_stderr" + (f",{kept}" if kept else "")
+
+    def headline(self) -> dict[str, float]:
+        """The headline metric as `value` with `value_stderr` when lm-eval gave one: what tables and intervals read."""
+        stderr = self.values.get(self.stderr_key(self.metric))
+        return {"value": self.values[self.metric], **({"value_stderr": stderr} if stderr is not None else {})}
+
+
 class EvalMetrics(Contract):
     """metrics/eval/<model>.json (a DVC metrics file): one model's scores; GSM only where it was measured."""
 
@@ -293,6 +312,7 @@ class EvalMetrics(Contract):
     gsm_exact_match_flexible: float | None = Field(None, json_schema_extra={"better": "higher"})
     gsm_exact_match_flexible_stderr: float | None = None
     gsm_n: int | None = None
+    tasks: dict[str, TaskScore] | None = None  # evaluate.tasks, by name (gsm, arithmetic, ...)
 
     @classmethod
     def writer_of(cls, path: Path) -> str:
@@ -308,8 +328,15 @@ class EvalMetrics(Contract):
         return direction
 
     def scores(self) -> dict[str, float | int]:
-        """The measured values, as the file holds them."""
-        return self.model_dump(exclude_none=True)
+        """The single-number scores, as the file holds them (the benchmark tasks' scores: `tasks`, `numbers`)."""
+        return self.model_dump(exclude_none=True, exclude={"tasks"})
+
+    def numbers(self) -> dict[str, float | int]:
+        """Every number the file holds, flat, for MLflow: the scores, then each task's metrics as
+        `<task>.<metric>[/<filter>]` (MLflow's keys cannot hold lm-eval's comma)."""
+        return {**self.scores(), **{f"{task}.{metric.replace(',', '/')}": value
+                                    for task, score in (self.tasks or {}).items()
+                                    for metric, value in score.values.items()}}
 
 
 # A score's interval, standard error or spread over seeds, beside it in a file.

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from tokenbridge.config import DEFAULT_PARAMS
+from tokenbridge.config import DEFAULT_PARAMS, is_task_folder
 from tokenbridge.params import resolve
 from tokenbridge.paths import (
     CHECKPOINT_DIR,
@@ -245,8 +245,10 @@ def stage_params(keys: Iterable[str], profiles: dict[str, Any]) -> list[str]:
 def data_files(raw: dict[str, Any]) -> dict[str, list[str]]:
     """stage name -> the files and directories params name for it to read, in any profile: GSM8K JSONL files
     (`prepare.source: jsonl`), a local target tokenizer (`transfer.tokenizer`), compared tokenizers
-    (`evaluate_hypernet.tokenizers`). As dependencies, their contents decide what is stale, like any stage input."""
-    found: dict[str, set[str]] = {"prepare": set(), "transfer": set(), "evaluate_hypernet": set()}
+    (`evaluate_hypernet.tokenizers`), folders of lm-eval tasks (`evaluate.tasks`). As dependencies, their contents
+    decide what is stale, like any stage input."""
+    found: dict[str, set[str]] = {"prepare": set(), "transfer": set(), "evaluate_hypernet": set(), "evaluate": set(),
+                                  "evaluate_transfer": set()}
     for name in ["default", *(raw.get("profiles") or {})]:
         params = resolve(raw, name)
         if params.prepare.source == "jsonl":
@@ -255,6 +257,9 @@ def data_files(raw: dict[str, Any]) -> dict[str, list[str]]:
             found["transfer"].add(params.transfer.tokenizer)
         found["evaluate_hypernet"] |= {spec for spec in params.evaluate_hypernet.tokenizers.values()
                                        if spec not in ("student", "teacher", "heldout")}
+        folders = {entry for entry in params.evaluate.tasks if is_task_folder(entry)}
+        found["evaluate"] |= folders
+        found["evaluate_transfer"] |= folders if params.evaluate.transfer_limit else set()
     return {stage: sorted(paths) for stage, paths in found.items() if paths}
 
 

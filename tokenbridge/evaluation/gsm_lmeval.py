@@ -9,13 +9,13 @@ the model's own end of turn.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
 
 from tokenbridge.data.gsm import final_answer
-from tokenbridge.io import write_json, write_jsonl, write_text
+from tokenbridge.evaluation.harness import Task, run_harness
+from tokenbridge.io import write_jsonl, write_text
 
 TASK_NAME = "tokenbridge_gsm"
 
@@ -45,41 +45,23 @@ def write_gsm_task(task_dir: Path, test_jsonl: Path, fewshot_jsonl: Path) -> str
 
 
 def evaluate_gsm(model_dir: Path, task_dir: Path, limit: int, num_fewshot: int, max_gen_toks: int, batch_size: int,
-                 dtype: str, device: str, samples_path: Path | None = None,
-                 config_path: Path | None = None) -> dict[str, float | int]:
-    """Greedy generation on the first `limit` test questions in the model's chat format (few-shot examples as
-    earlier turns), the model loaded in `dtype` on `device` (torch's names: "bfloat16", "cuda:0"); exact
-    match of the number after `####` (strict) and of the last number generated (flexible), scored by the
-    stock gsm8k filters.
+                 dtype: str, device: str, samples_path: Path | None = None) -> dict[str, float | int]:
+    """Greedy generation on the first `limit` test questions of the task in `task_dir` (`write_gsm_task`), in the
+    model's chat format (few-shot examples as earlier turns), the model loaded in `dtype` on `device` (torch's
+    names: "bfloat16", "cuda:0"); `gsm_scores` of the result.
 
     The hf backend generates `batch_size` questions at once, longest prompt first: left-padded, with the
     attention mask and the KV cache (`HFLM.tok_batch_encode`, `_model_generate(use_cache=True)`), so greedy
-    answers match one question at a time; a batch runs until its last row stops. `samples_path` gets one
-    JSON line per question with the harness's own verdicts, for reports; `config_path` gets the harness's own
-    record of the run (device, the loaded model's dtype, batch size, limit, generation settings)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    answers match one question at a time; a batch runs until its last row stops."""
+    results = run_harness(model_dir, Task("gsm", TASK_NAME, Path(task_dir)), limit, num_fewshot, batch_size,
+                          max_gen_toks, dtype, device)
+    return gsm_scores(results, samples_path)
 
-    import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
 
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype},
-        device=device,
-        tasks=[TASK_NAME],
-        num_fewshot=num_fewshot,
-        limit=limit,
-        batch_size=batch_size,
-        gen_kwargs={"max_gen_toks": max_gen_toks},
-        apply_chat_template=True,
-        fewshot_as_multiturn=num_fewshot > 0,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        log_samples=True,
-    )
-    if config_path is not None:
-        write_json(config_path, results["config"])
+def gsm_scores(results: dict, samples_path: Path | None = None) -> dict[str, float | int]:
+    """Exact match of the number after `####` (strict) and of the last number generated (flexible), scored by the
+    stock gsm8k filters, with lm-eval's standard errors, from the harness's results. `samples_path` gets one JSON
+    line per question with the harness's own verdicts, for reports."""
     scores = results["results"][TASK_NAME]
     samples = results["samples"][TASK_NAME]
     if samples_path is not None:

@@ -33,7 +33,7 @@ def evaluate(params_file: str = "params.yaml", model: str = "student_after") -> 
         answers = TEACHER_ANSWERS_DIR / ANSWERS if params.evaluate.teacher_answers else None
         scores = run_evaluate(PREPARED_DIR, EVAL_MODELS[model], EVAL_DIR / model, metrics_path, params.evaluate,
                               runtime, teacher_dir=None if model == "teacher" else TEACHER_DIR, teacher_answers=answers)
-        tracking.log_metrics({f"{model}.{key}": value for key, value in scores.scores().items()})
+        tracking.log_metrics({f"{model}.{key}": value for key, value in scores.numbers().items()})
         tracking.log_artifact(metrics_path)
         tracking.log_artifact(EVAL_DIR / model, "eval")
         return scores

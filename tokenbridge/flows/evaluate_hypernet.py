@@ -61,7 +61,7 @@ def evaluate_hypernet(params_file: str = "params.yaml") -> HypernetScores:
             print(f"evaluate_hypernet: {label} on {runtime.device}")
             out = EVAL_DIR / "hypernet" / label
             metrics = run_evaluate(PREPARED_DIR, model_dir, out, out / "metrics.json", params.evaluate, runtime,
-                                   gsm_limit=0)
+                                   limit=0)
             tracking.log_metrics({f"{label}.{key}": value for key, value in metrics.scores().items()})
             return metrics
 

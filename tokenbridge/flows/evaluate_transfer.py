@@ -54,8 +54,8 @@ def evaluate_transfer(params_file: str = "params.yaml") -> TransferScores:
             print(f"evaluate_transfer: {label} ({ModelCard.of(directory).name}) on {runtime.device}")
             scores[label] = run_evaluate(PREPARED_DIR, directory, EVAL_DIR / "transfer" / label,
                                          EVAL_DIR / "transfer" / label / "metrics.json", params.evaluate, runtime,
-                                         gsm_limit=params.evaluate.transfer_limit)
-            tracking.log_metrics({f"{label}.{key}": value for key, value in scores[label].scores().items()})
+                                         limit=params.evaluate.transfer_limit)
+            tracking.log_metrics({f"{label}.{key}": value for key, value in scores[label].numbers().items()})
         roles = [member for member in params.ensemble.members if member in EVALUATED_ROLES]
         evaluated = collect_metrics(EVAL_METRICS_DIR, [EVALUATED_ROLES[role] for role in roles])
         scores.update({role: evaluated[EVALUATED_ROLES[role]] for role in roles})

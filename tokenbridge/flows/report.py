@@ -57,7 +57,10 @@ def report(params_file: str = "params.yaml") -> dict:
             "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps, "registry": registry,
             "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
         }
-        files = render_report({"primary_metric": primary, "models": models}, DISTILL_HISTORY, context, REPORT_DIR)
+        tasks = {name: {task: score.model_dump() for task, score in (scores.tasks or {}).items()}
+                 for name, scores in evaluated.items()}
+        files = render_report({"primary_metric": primary, "models": models, "tasks": tasks}, DISTILL_HISTORY, context,
+                              REPORT_DIR)
         transfer_scores = TransferScores.read(TRANSFER_EVAL_METRICS).root
         transfer = render_transfer({label: scores.scores() for label, scores in transfer_scores.items()},
                                    TransferMetrics.read(TRANSFER_METRICS).model_dump(),

@@ -1,16 +1,17 @@
 """Stage `evaluate@<model>`: one model (teacher, student before or after distillation) on equal terms.
 
-Each model gets held-out bits-per-byte on the test answers (fp32) and lm-eval's real harness on the local
-GSM-style test set (`evaluate.limit` questions, greedy generation in batches of `evaluate.batch_size`, in the
-runtime's inference dtype: bf16 where the hardware computes it natively, else fp32), the test set tokenized
-by the model's own tokenizer and chat template (so any model, transferred or an ensemble, is measured the same
-way). Both run on `runtime.device`. One DVC stage per model, so a changed student re-evaluates only itself.
-Outputs: `metrics/eval/<model>.json` (a DVC metrics file) and `data/eval/<model>/` (the generated lm-eval task,
-the tokenized test set, per-question samples, `lm_eval_config.json`: the harness's own record of the run, and
-`run.json`: the resolved runtime and each part's wall and CPU seconds).
+Each model gets held-out bits-per-byte on the test answers (fp32) and lm-eval's real harness on the
+`evaluate.tasks` suite (GSM-style maths on the local test set, generated arithmetic choices, any other lm-eval
+task: `evaluation/suite.py`; generation greedy, in batches of `evaluate.batch_size`, in the runtime's inference
+dtype: bf16 where the hardware computes it natively, else fp32), in the model's own tokenizer and chat template
+(so any model, transferred or an ensemble, is measured the same way). All on `runtime.device`. One DVC stage per
+model, so a changed student re-evaluates only itself. Outputs: `metrics/eval/<model>.json` (a DVC metrics file)
+and `data/eval/<model>/` (the generated lm-eval tasks, the tokenized test set, per-document samples
+(`samples.jsonl` for GSM, `samples.<task>.jsonl` for the others), `lm_eval_config.json`: the harness's own record
+of each task's run, and `run.json`: the resolved runtime and each part's wall and CPU seconds).
 
 `run_evaluate` also scores the transfer stage's models (`evaluate_transfer`), which by default get
-bits-per-byte alone (`gsm_limit=0`): docs/evaluation.md.
+bits-per-byte alone (`limit=0`): docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenbridge.config import EvaluateParams
 from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
 from tokenbridge.data.chat import Encoded, encode_continuation, encode_example
 from tokenbridge.evaluation.bpb import bits_per_byte_of, chunk_gap, token_logprobs
-from tokenbridge.evaluation.gsm_lmeval import evaluate_gsm, write_gsm_task
+from tokenbridge.evaluation.gsm_lmeval import gsm_scores
+from tokenbridge.evaluation.harness import document_samples, generates, run_harness, task_score
+from tokenbridge.evaluation.suite import resolve_tasks
 from tokenbridge.io import read_jsonl, write_json, write_jsonl
 from tokenbridge.models import load_tokenizer
 from tokenbridge.runtime import Runtime
@@ -54,19 +58,19 @@ def _teacher_answers(answers_jsonl: Path, model_dir: Path) -> list[Encoded]:
 
 
 def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
-                 runtime: Runtime, gsm_limit: int | None = None, teacher_dir: Path | None = None,
+                 runtime: Runtime, limit: int | None = None, teacher_dir: Path | None = None,
                  teacher_answers: Path | None = None) -> EvalMetrics:
     """Bits-per-byte; with `teacher_dir`, the chunk gap to that teacher on the same answers; with `teacher_answers`
-    (the teacher_answers stage's answers.jsonl), bits-per-byte on those answers; then GSM on `gsm_limit` questions
-    (default `params.limit`; 0: no generation, no `gsm_*` scores). Writes the scores to `metrics_path` and returns
-    them."""
+    (the teacher_answers stage's answers.jsonl), bits-per-byte on those answers; then the `params.tasks` suite,
+    generation tasks on `limit` documents each (default `params.limit`; 0: no task at all, bits-per-byte alone),
+    log-likelihood tasks on `params.choice_limit`. Writes the scores to `metrics_path` and returns them."""
     PreparedManifest.read(Path(prepared_dir) / MANIFEST)  # fails naming the stage to run when data is missing
-    gsm_limit = params.limit if gsm_limit is None else gsm_limit
+    limit = params.limit if limit is None else limit
     answers = _test_answers(prepared_dir, model_dir, out_dir / "test.encoded.jsonl", params.bpb_examples)
     seconds: dict[str, float] = {}
     with _timed("bpb", seconds):
         logprobs = token_logprobs(model_dir, answers, runtime.device)
-        scores: dict[str, float | int] = {**bits_per_byte_of(answers, logprobs)}
+        scores: dict[str, Any] = {**bits_per_byte_of(answers, logprobs)}
     if teacher_dir is not None:
         with _timed("chunk_gap", seconds):
             teacher = _test_answers(prepared_dir, teacher_dir, out_dir / "teacher.encoded.jsonl", params.bpb_examples)
@@ -76,15 +80,22 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
             examples = _teacher_answers(teacher_answers, model_dir)
             scores.update(bits_per_byte_of(examples, token_logprobs(model_dir, examples, runtime.device),
                                            "teacher_answers_bits_per_byte", "teacher_answers_bytes"))
-    if gsm_limit > 0:
-        task_dir = out_dir / "task"
-        write_gsm_task(task_dir, prepared_dir / "test.jsonl", prepared_dir / "train.jsonl")
-        with _timed("gsm", seconds):
-            scores.update(evaluate_gsm(model_dir, task_dir, gsm_limit, params.num_fewshot, params.max_gen_toks,
-                                       params.batch_size, runtime.inference_dtype_name, str(runtime.device),
-                                       samples_path=out_dir / "samples.jsonl",
-                                       config_path=out_dir / "lm_eval_config.json"))
-        seconds["gsm_seconds_per_question"] = round(seconds["gsm_seconds"] / scores["gsm_n"], 2)
+    if limit > 0:
+        task_scores, configs = {}, {}
+        for task in resolve_tasks(params.tasks, out_dir / "task", prepared_dir):
+            with _timed(task.name, seconds):
+                documents = limit if generates(task) else params.choice_limit
+                results = run_harness(model_dir, task, documents, params.num_fewshot, params.batch_size,
+                                      params.max_gen_toks, runtime.inference_dtype_name, str(runtime.device))
+            task_scores[task.name], configs[task.name] = task_score(results, task), results["config"]
+            seconds[f"{task.name}_seconds_per_document"] = round(seconds[f"{task.name}_seconds"]
+                                                                 / max(task_scores[task.name].n, 1), 2)
+            if task.name == "gsm":
+                scores.update(gsm_scores(results, out_dir / "samples.jsonl"))
+            else:
+                write_jsonl(out_dir / f"samples.{task.name}.jsonl", document_samples(results, task))
+        scores["tasks"] = task_scores
+        write_json(out_dir / "lm_eval_config.json", configs)
     write_json(out_dir / "run.json", {"runtime": runtime.describe(), "batch_size": params.batch_size, **seconds})
     metrics = EvalMetrics(**scores)
     metrics.write(metrics_path)

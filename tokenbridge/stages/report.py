@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.contracts import UNCERTAINTY_SUFFIXES, EvalMetrics, interval
+from tokenbridge.contracts import UNCERTAINTY_SUFFIXES, EvalMetrics, TaskScore, interval
 from tokenbridge.reporting.comparison import COMPARED
 from tokenbridge.reporting.document import (
     MISSING,
@@ -44,7 +44,8 @@ SECTIONS = {"registry": "Model Registry", "params": "Parameters"}
 
 
 def render_report(eval_metrics: dict, history_csv: Path, context: dict, out_dir: Path) -> dict[str, Path]:
-    """Writes out_dir/report.md, out_dir/report.html and out_dir/plots/*.png.
+    """Writes out_dir/report.md, out_dir/report.html and out_dir/plots/*.png from `eval_metrics`: `models` (name ->
+    its single-number scores), `primary_metric`, and `tasks` (name -> task -> its `TaskScore` fields).
 
     Returns {"markdown": ..., "html": ..., plus one key per plot (its file stem)}. Other files already in
     out_dir (such as the flow's registry.json) are left alone.
@@ -62,7 +63,7 @@ def render_report(eval_metrics: dict, history_csv: Path, context: dict, out_dir:
                 _loss_label(TOTAL_LOSS), plots["loss_curves"])
     plot_metrics(models, scores, primary, plots["metrics_by_model"])
 
-    blocks = _document(models, metrics, scores, primary, history, context)
+    blocks = _document(models, metrics, scores, primary, history, context, eval_metrics.get("tasks") or {})
     paths = write_document(out_dir, "report", _title(context), blocks, plots)
     return {**paths, **plots}
 
@@ -266,8 +267,30 @@ def _title(context: Mapping[str, Any]) -> str:
     return "tokenbridge report"
 
 
+def _benchmarks(tasks: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[Block]:
+    """One table across the `evaluate.tasks` suite: a row per model, a column per task (its headline metric with
+    +-1.96 lm-eval standard errors); nothing when no model ran a task."""
+    names = list(dict.fromkeys(task for per_model in tasks.values() for task in per_model))
+    if not names:
+        return []
+    first = {task: next(per_model[task] for per_model in tasks.values() if task in per_model) for task in names}
+
+    def cell(score: Mapping[str, Any] | None) -> str:
+        return with_interval(TaskScore(**score).headline(), "value") if score else MISSING
+
+    header = ["model", *(f"{task}: {first[task]['metric']} ({'higher' if first[task]['higher_is_better'] else 'lower'}"
+                         " is better)" for task in names)]
+    rows = [[model, *(cell(per_model.get(task)) for task in names)] for model, per_model in tasks.items()]
+    sizes = "; ".join(f"{task} {format_value(first[task]['n'])}" for task in names)
+    return [Heading("Benchmarks"), Table(header, rows, numbers=True),
+            Paragraph(f"lm-eval's harness on each task of evaluate.tasks, in each model's chat format (documents per "
+                      f"model: {sizes}); [low, high]: +-1.96 lm-eval standard errors. arithmetic: four-way choices "
+                      "scored by log-likelihood, so chance is 0.25 (docs/evaluation.md#benchmark-suite).")]
+
+
 def _document(models: Mapping[str, Mapping], metrics: Sequence[str], scores: Sequence[str], primary: str | None,
-              history: Mapping[str, list[float]], context: Mapping[str, Any]) -> list[Block]:
+              history: Mapping[str, list[float]], context: Mapping[str, Any],
+              tasks: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[Block]:
     """The report's content once, as blocks that both the Markdown and the HTML writer render."""
     marked = metrics.index(primary) + 1 if primary in metrics else None
     header = ["model", *(f"{name} {PRIMARY_MARK}" if name == primary else name for name in metrics)]
@@ -285,6 +308,7 @@ def _document(models: Mapping[str, Mapping], metrics: Sequence[str], scores: Seq
     if notes:
         blocks.append(Paragraph(" ".join(notes)))
     blocks += [Image("metrics_by_model", "Each metric by model; one panel per metric, since their scales differ."),
+               *_benchmarks(tasks),
                Heading("Training"), *_training(history), Image("loss_curves", "Distillation losses per step.")]
     facts = {key: value for key, value in context.items() if not (key in SECTIONS and isinstance(value, Mapping))}
     if facts:

@@ -1,0 +1,93 @@
+"""lm-eval's real harness on a local model directory, offline, one task (or group) at a time.
+
+Each task runs in the model's chat format (the question as the user turn; few-shot examples as earlier turns).
+Which tasks run, and on how many documents: `suite.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenbridge.contracts import TaskScore
+
+
+@dataclass(frozen=True)
+class Task:
+    """One lm-eval task (or group) of the suite, as its scores are named in metrics files and reports."""
+
+    name: str  # the report's name: `gsm`, `arithmetic`, or lm-eval's own
+    lm_eval_name: str
+    include_path: Path | None  # the folder lm-eval reads its YAML from; None: lm-eval's stock tasks
+
+
+def _manager(task: Task) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    if task.include_path is None:
+        return TaskManager()
+    return TaskManager(include_path=str(task.include_path), include_defaults=False)
+
+
+def generates(task: Task) -> bool:
+    """Whether any of the task's documents is answered by generation (else every one is scored by likelihood)."""
+    leaves = _manager(task).load([task.lm_eval_name])["tasks"].values()
+    return any(leaf.OUTPUT_TYPE == "generate_until" for leaf in leaves)
+
+
+def run_harness(model_dir: Path, task: Task, limit: int, num_fewshot: int, batch_size: int, max_gen_toks: int,
+                dtype: str, device: str) -> dict:
+    """lm-eval's `simple_evaluate` on one task, the model loaded from `model_dir` in `dtype` on `device`, in its
+    chat format; returns lm-eval's results (with per-document samples)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+
+    import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
+
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": dtype},
+        device=device,
+        tasks=[task.lm_eval_name],
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        gen_kwargs={"max_gen_toks": max_gen_toks},
+        apply_chat_template=True,
+        fewshot_as_multiturn=num_fewshot > 0,
+        task_manager=_manager(task),
+        log_samples=True,
+    )
+
+
+def task_score(results: dict, task: Task) -> TaskScore:
+    """The task's scores from lm-eval's results: every metric (`acc`, `exact_match,strict-match`: lm-eval's
+    `metric,filter` with the `none` filter dropped) with its standard error, and the headline metric (the
+    task's first) that the report's table shows."""
+    name = task.lm_eval_name
+    values: dict[str, float] = {}
+    for key, value in results["results"][name].items():
+        if "," in key and isinstance(value, (int, float)):
+            metric, kept = key.split(",", 1)
+            values[metric if kept == "none" else f"{metric},{kept}"] = float(value)
+    directions = results["higher_is_better"].get(name) or {}
+    headline = next((key for metric in directions for key in values if key.split(",")[0] == metric), None)
+    if headline is None:
+        raise ValueError(f"lm-eval gave task {name!r} no score: a group without an aggregate metric; list its "
+                         "subtasks in evaluate.tasks instead")
+    counts = results.get("n-samples", {}).get(name, {})
+    return TaskScore(metric=headline, higher_is_better=bool(directions[headline.split(",")[0]]),
+                     n=int(counts.get("effective", 0)), values=values)
+
+
+def document_samples(results: dict, task: Task) -> list[dict]:
+    """One record per scored document: the document, its target, what the model answered (per-choice
+    log-likelihoods for a choice task) and each metric's verdict, for reports and for reading failures."""
+    directions = results["higher_is_better"].get(task.lm_eval_name) or {}
+    return [{"doc_id": sample["doc_id"], "doc": sample["doc"], "target": sample["target"],
+             "response": sample["filtered_resps"],
+             **{metric: sample[metric] for metric in directions if metric in sample}}
+            for sample in results["samples"].get(task.lm_eval_name, [])]
