@@ -24,7 +24,7 @@ from tokenbridge.dvc_stages import (
 )
 
 ROOT = Path(__file__).parents[1]
-NOT_STAGES = {"pipeline", "compare"}  # the flows that drive other stages: the whole pipeline, the loss comparison
+NOT_STAGES = {"pipeline", "compare", "claim"}  # flows that drive other stages: the pipeline, the comparison, a claim
 
 
 def _committed_stages() -> dict[str, dict]:

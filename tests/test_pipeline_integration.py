@@ -244,6 +244,20 @@ def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_sid
     assert sum(name.startswith("cmp-") for name in experiments) == 2
 
 
+def test_a_claim_writes_its_page_with_the_verdict_its_numbers_give_and_the_index_links_it(repo):
+    """alm-ensemble reads one pipeline run (evaluate_transfer), so after the comparison it reruns nothing upstream."""
+    from tokenbridge.reporting.claims import CLAIMS, verdict
+
+    path, env, _ = repo
+    output = _run([sys.executable, "-m", "tokenbridge", "claim", "--name", "alm-ensemble", "--out", "results"],
+                  path, env)
+    assert _stages_run(output) <= {"distill", "evaluate@student_after", "report"}, output
+    record = json.loads((path / "results/claims/alm-ensemble.json").read_text())
+    assert record["verdict"] == verdict(CLAIMS["alm-ensemble"], record["budgets"]["0"])[0]
+    assert f"Verdict at this budget: {record['verdict']}" in (path / "results/claims/alm-ensemble.md").read_text()
+    assert "[claims/alm-ensemble.md](claims/alm-ensemble.md)" in (path / "results/claims.md").read_text()
+
+
 def test_params_asking_for_two_processes_make_dvc_repro_train_under_torchrun(repo):
     path, env, _ = repo
     _set_param(path, lambda raw: raw["profiles"]["tiny"]["runtime"].update(processes_per_node=2))

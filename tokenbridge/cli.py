@@ -1,4 +1,4 @@
-"""`tokenbridge <flow> [options]`: run one stage's Prefect flow, the whole pipeline or the loss comparison.
+"""`tokenbridge <flow> [options]`: run one stage's Prefect flow, the whole pipeline, the loss comparison or a claim.
 
 `tokenbridge --help` lists the flows; `tokenbridge <flow> --help` gives each one's inputs, outputs and options.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 FLOWS_DIR = Path(__file__).parent / "flows"
 # Every flow, in pipeline order: the module name under tokenbridge/flows/.
 FLOWS = ("models", "prepare", "teacher_logits", "distill", "teacher_answers", "evaluate", "hypernet",
-         "evaluate_hypernet", "transfer", "ensemble", "evaluate_transfer", "report", "pipeline", "compare")
+         "evaluate_hypernet", "transfer", "ensemble", "evaluate_transfer", "report", "pipeline", "compare", "claim")
 
 # Offline, project-local defaults every flow process needs. Prefect, MLflow and Hugging Face read them when
 # imported, so they are set before any flow module is.

@@ -6,7 +6,7 @@
   tokenbridge compare --seeds 1 2 3                each method once per distill.seed: mean, spread, t-interval
 
 First `dvc repro` brings the baseline up to date; then each method (and seed) runs as
-`dvc exp run -n cmp-<loss>[-s<seed>]-<time> -S distill.loss=<loss> [-S distill.seed=<seed>]` in the
+`dvc exp run -n cmp-<loss>-s<seed>-<time> -S distill.loss=<loss> -S distill.seed=<seed>` in the
 workspace, so the stages upstream of `distill` (models, prepare, teacher_logits, evaluate@teacher,
 evaluate@student_before) are shared and not rerun. DSKD needs the live teacher and runs with
 `distill.teacher_mode=online`, so it goes last. Each experiment stays in `dvc exp show`; params.yaml is
@@ -19,59 +19,39 @@ seeds with their standard deviation and the 95 % t-interval of the mean; the JSO
 from __future__ import annotations
 
 import platform
-import subprocess
-import time
 from pathlib import Path
 
 import psutil
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import MANIFEST, DistillMetrics, EvalMetrics, ModelCard, PreparedManifest
+from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest
 from tokenbridge.flows.common import stage_cli
+from tokenbridge.flows.experiments import params_restored, run, run_arms
 from tokenbridge.io import write_json
 from tokenbridge.losses.registry import LOSSES, cross_tokenizer_losses
 from tokenbridge.params import load_params
-from tokenbridge.paths import DISTILL_METRICS, EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
-from tokenbridge.reporting.comparison import across_seeds, render_comparison
+from tokenbridge.paths import EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
+from tokenbridge.reporting.comparison import render_comparison
 from tokenbridge.stages.evaluate import collect_metrics
 
 DEFAULT_LOSSES = [*cross_tokenizer_losses(), "sft"]
-
-
-def _run(command: list[str]) -> None:
-    print("running:", " ".join(command))
-    subprocess.run(command, check=True)
 
 
 @flow(name="compare-losses", log_prints=True)
 def compare(params_file: str = "params.yaml", losses: list[str] | None = None, overrides: list[str] | None = None,
             out: str = "docs/results", seeds: list[int] | None = None) -> dict:
     params_path = Path(params_file)
-    saved = params_path.read_text()
     params = load_params(params_path)
     losses = sorted(losses or DEFAULT_LOSSES, key=lambda name: LOSSES[name].needs_online_teacher)  # online runs last
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results: dict[str, dict] = {}
-    try:
-        _run(["dvc", "repro"])
-        references = {name: scores.scores() for name, scores in
+    arms = {loss: [f"distill.loss={loss}", *(overrides or []),
+                   *(["distill.teacher_mode=online"] if LOSSES[loss].needs_online_teacher else [])]
+            for loss in losses}
+    with params_restored(params_path):
+        run(["dvc", "repro"])
+        references = {name: scores.numbers() for name, scores in
                       collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
-        for loss in losses:
-            runs = {}
-            for seed in seeds or [params.distill.seed]:
-                sets = [f"distill.loss={loss}", *(overrides or []), *([f"distill.seed={seed}"] if seeds else [])]
-                if LOSSES[loss].needs_online_teacher:
-                    sets.append("distill.teacher_mode=online")
-                started = time.perf_counter()
-                name = f"cmp-{loss.replace('_', '-')}{f'-s{seed}' if seeds else ''}-{stamp}"
-                _run(["dvc", "exp", "run", "-n", name, *(arg for item in sets for arg in ("-S", item))])
-                runs[seed] = {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").scores(),
-                              **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
-                              "experiment_seconds": time.perf_counter() - started}
-            results[loss] = {**across_seeds(runs), "runs": runs}
-    finally:
-        params_path.write_text(saved)
+        results = run_arms(arms, seeds or [params.distill.seed], "cmp")
     context = {
         "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(STUDENT_DIR).name,
         "profile": params.profile, **tracking.revision_tags(),

@@ -124,3 +124,28 @@ def plot_metrics(models: Mapping[str, Mapping], scores: Sequence[str], primary: 
         axes.set_axis_off()
         axes.text(0.5, 0.5, "no numeric metrics to plot", ha="center", va="center", color="#777")
     _save_png(figure, path)
+
+
+def plot_learning_curves(curves: Mapping[str, Mapping[int, Mapping]], metric: str, path: Path) -> None:
+    """`metric` of each arm (arm -> training steps -> its scores) by training budget, a line per arm with its 95 %
+    intervals: where the arms separate, and whether they still move."""
+    figure = Figure(figsize=(7.5, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    spans: list[float] = []
+    for arm, by_steps in curves.items():
+        steps = [step for step in sorted(by_steps) if is_finite(by_steps[step].get(metric))]
+        values = [by_steps[step][metric] for step in steps]
+        bounds = [interval(by_steps[step], metric) or (value, value) for step, value in zip(steps, values)]
+        spans += [bound for pair in bounds for bound in pair]
+        axes.errorbar(steps, values, yerr=[[v - b[0] for v, b in zip(values, bounds)],
+                                           [b[1] - v for v, b in zip(values, bounds)]],
+                      marker="o", capsize=4, label=arm)
+    axes.set_ylim(*axis_limits(metric, spans))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("training steps")
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} by budget ({EvalMetrics.better(metric)} is better)")
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend()
+    _save_png(figure, path)

@@ -1,0 +1,69 @@
+"""The papers' claims: every arm is a valid params override, and the verdict follows the intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenbridge.params import PipelineParams, resolve
+from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index, verdict
+
+ROOT = Path(__file__).parents[1]
+
+
+def _apply(raw: dict, override: str) -> None:
+    """`dvc exp run -S key=value` on the parsed params."""
+    key, value = override.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+
+
+@pytest.mark.parametrize("name", [name for name, claim in CLAIMS.items() if claim.arms])
+def test_every_arm_of_a_claim_is_params_that_validate_and_differ_from_the_others(name):
+    arms = {}
+    for arm, overrides in CLAIMS[name].arms.items():
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for override in overrides:
+            _apply(raw, override)
+        arms[arm] = resolve(raw, "default")
+        assert isinstance(arms[arm], PipelineParams)
+    assert len({params.distill.model_dump_json() for params in arms.values()}) == len(arms)
+    assert {CLAIMS[name].claimed, *CLAIMS[name].rivals} <= set(arms)
+
+
+CLAIM = Claim("demo", "a paper", "A beats B and C.", claimed="a", rivals=("b", "c"), metric="bits_per_byte",
+              why_metric="bits-per-byte.", arms={"a": ("distill.loss=alm",), "b": ("distill.loss=uld",),
+                                                 "c": ("distill.loss=mined",)})
+
+
+def _scores(value: float, half: float) -> dict:
+    return {"bits_per_byte": value, "bits_per_byte_low": value - half, "bits_per_byte_high": value + half}
+
+
+@pytest.mark.parametrize(("b", "c", "expected"), [
+    (_scores(0.60, 0.01), _scores(0.70, 0.01), "reproduced"),  # lower is better: a wins, outside the noise
+    (_scores(0.60, 0.01), _scores(0.45, 0.01), "not reproduced"),  # c is better, outside the noise
+    (_scores(0.51, 0.05), _scores(0.70, 0.01), "inside the noise"),  # a wins c but cannot be told from b
+])
+def test_the_verdict_needs_every_rival_beaten_outside_the_noise(b, c, expected):
+    decision, sentences = verdict(CLAIM, {"a": _scores(0.5, 0.02), "b": b, "c": c})
+    assert decision == expected and len(sentences) == 2
+
+
+def test_a_claims_page_states_its_verdict_and_the_index_lists_every_claim(tmp_path):
+    run = {"history": {"step": [1, 2, 3, 4], "loss": [3.0, 2.0, 1.5, 1.4]}}
+    results = {arm: {**_scores(value, 0.01), "final_loss": 1.4, "runs": {1: run}}
+               for arm, value in (("a", 0.5), ("b", 0.6), ("c", 0.7))}
+    decision = render_claim(CLAIM, {4: results, 2: results}, {"teacher": _scores(0.4, 0.01)}, {"machine": "x"},
+                            tmp_path)
+    page = (tmp_path / "claims" / "demo.md").read_text()
+    assert decision == "reproduced" and "Verdict at this budget: reproduced" in page
+    assert (tmp_path / "claims" / "plots" / "claim-demo-budget.png").stat().st_size > 0  # two budgets: a learning curve
+    index = render_index(tmp_path).read_text()
+    assert all(f"| {name} |" in index for name in CLAIMS)
+    assert "blocked: the transfer stage trains with ALM alone" in index

@@ -1,0 +1,127 @@
+"""Run one of the papers' claims as a sweep of DVC experiments and write its page, with the verdict.
+
+  tokenbridge claim --name alm-distillation                   each arm once, at params' distill.steps and seed
+  tokenbridge claim --name alm-distillation --seeds 1 2 3     each arm once per seed: mean, spread, t-interval
+  tokenbridge claim --name alm-distillation --steps 10 20 40  the learning curve: each arm at each budget (the
+                                                              verdict at the largest)
+  tokenbridge claim --name alm-ensemble                       reads one pipeline run (evaluate_transfer)
+
+The claims, their arms and the metric that decides each: tokenbridge/reporting/claims.py and
+docs/results/claims.md. First `dvc repro` brings the baseline up to date (for a same-tokenizer claim, with the
+teacher moved onto the student's tokenizer by the transfer stage); then each arm runs as `dvc exp run -n
+claim-<name>-<arm>-s<seed>-<time> -S ...`, sharing every stage upstream of distill, and stays in `dvc exp show`.
+params.yaml is restored afterwards. Writes docs/results/claims/<name>.{md,html,json} (`--out` for another
+folder), its plots, and the index docs/results/claims.md.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import psutil
+import yaml
+from prefect import flow
+
+from tokenbridge import tracking
+from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest, TransferScores
+from tokenbridge.flows.common import stage_cli
+from tokenbridge.flows.experiments import params_restored, run, run_arms
+from tokenbridge.io import write_json
+from tokenbridge.params import PipelineParams, load_params
+from tokenbridge.paths import (
+    EVAL_METRICS_DIR,
+    PREPARED_DIR,
+    STUDENT_DIR,
+    TEACHER_DIR,
+    TRANSFER_EVAL_METRICS,
+    TRANSFERRED_DIR,
+)
+from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index
+from tokenbridge.runtime import device_name, resolve_device
+from tokenbridge.stages.evaluate import collect_metrics
+
+MOVED_TEACHER = "qwen"  # the transfer source a same-tokenizer claim's teacher is
+
+
+def _teacher_on_the_students_tokenizer(claim: Claim, params: PipelineParams, params_path: Path) -> str:
+    """Run the transfer stage, keep its `qwen` (moved onto the student's tokenizer) outside every DVC output, and
+    make it the teacher in params.yaml for this sweep; returns the folder."""
+    if params.transfer.tokenizer != "student" or MOVED_TEACHER not in params.transfer.sources:
+        raise SystemExit(f"claim {claim.name} needs the transfer stage to move source '{MOVED_TEACHER}' onto the "
+                         "student's tokenizer: set transfer.tokenizer: student and keep transfer.sources."
+                         f"{MOVED_TEACHER}")
+    run(["dvc", "repro", "transfer"])
+    kept = Path("checkpoints") / "claims" / claim.name / "teacher"
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.copytree(TRANSFERRED_DIR / MOVED_TEACHER, kept)
+    raw = yaml.safe_load(params_path.read_text())
+    raw["models"]["teacher"] = {"source": "hf", "path": str(kept)}
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(kept)
+
+
+@flow(name="claim", log_prints=True)
+def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seeds: list[int] | None = None,
+          steps: list[int] | None = None, out: str = "docs/results") -> dict:
+    chosen = CLAIMS[name]
+    if chosen.blocked:
+        raise SystemExit(f"claim {name} cannot run yet: {chosen.blocked}")
+    params_path = Path(params_file)
+    params = load_params(params_path)
+    seeds = seeds or [params.distill.seed]
+    budgets_asked = sorted(steps or [params.distill.steps])
+    facts: dict = {}
+    with params_restored(params_path):
+        if chosen.teacher_on_student_tokenizer:
+            facts["teacher (moved onto the student's tokenizer)"] = _teacher_on_the_students_tokenizer(
+                chosen, params, params_path)
+        run(["dvc", "repro"])
+        if chosen.reads == "distill":
+            references = {model: scores.numbers() for model, scores in
+                          collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
+            budgets = {n: run_arms({arm: (*overrides, f"distill.steps={n}") for arm, overrides in chosen.arms.items()},
+                                   seeds, f"claim-{name}") for n in budgets_asked}
+            budget = f"{budgets_asked[-1]} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+        else:
+            scores = TransferScores.read(TRANSFER_EVAL_METRICS).root
+            references = {}
+            budgets = {0: {label: scores[label].numbers() for label in (chosen.claimed, *chosen.rivals)}}
+            budget = f"one pipeline run (transfer: {params.transfer.embedding_steps} + {params.transfer.steps} steps)"
+        context = {
+            "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(STUDENT_DIR).name, **facts,
+            "profile": params.profile, **tracking.revision_tags(),
+            "machine": f"{device_name(resolve_device(params.runtime.device))}, {platform.machine()}, "
+                       f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
+            "budget": budget, "steps (budgets)": budgets_asked if chosen.reads == "distill" else "–",
+            "seeds": seeds if chosen.reads == "distill" else "–",
+            "batch_size": params.distill.batch_size, "learning_rate": params.distill.learning_rate,
+            "evaluate": {"tasks": params.evaluate.tasks, "limit": params.evaluate.limit,
+                         "choice_limit": params.evaluate.choice_limit, "bpb_examples": params.evaluate.bpb_examples,
+                         "teacher_answers": params.evaluate.teacher_answers},
+        }
+    out_dir = Path(out)
+    decision = render_claim(chosen, budgets, references, context, out_dir)
+    record = {"claim": name, "verdict": decision, "budget": budget, "budgets": budgets, "references": references,
+              "context": context}
+    write_json(out_dir / "claims" / f"{name}.json", record)
+    index = render_index(out_dir)
+    print(f"claim {name}: {decision} ({budget}); {out_dir / 'claims' / f'{name}.md'}, index {index}")
+    with tracking.stage_run(f"claim@{name}", params.tracking.experiment, params.profile, {"claim": name}):
+        tracking.log_artifact(out_dir / "claims" / f"{name}.json", "claims")
+        tracking.log_artifact(out_dir / "claims" / f"{name}.md", "claims")
+    return record
+
+
+def main(argv: list[str]) -> None:
+    stage_cli(claim, __doc__, argv,
+              name={"choices": list(CLAIMS), "required": True,
+                    "help": "which claim (docs/results/claims.md lists them)"},
+              seeds={"nargs": "+", "type": int, "metavar": "SEED",
+                     "help": "run each arm once per distill.seed (default: params' distill.seed, once)"},
+              steps={"nargs": "+", "type": int, "metavar": "N",
+                     "help": "distill.steps budgets: each arm at each, a learning curve (default: params' "
+                             "distill.steps)"},
+              out={"default": "docs/results", "help": "folder for the pages (default: docs/results)"})

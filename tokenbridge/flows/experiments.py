@@ -1,0 +1,62 @@
+"""Arms of a sweep as DVC experiments in this workspace: what `compare` and `claim` share.
+
+Each arm runs once per seed as `dvc exp run -n <prefix>-<arm>[-s<seed>]-<stamp> -S <override> ...`, so the stages
+upstream of what the overrides change are shared and not rerun, every run stays in `dvc exp show`, and a rerun
+with the same params is restored from DVC's run cache. params.yaml is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenbridge.contracts import DistillMetrics, EvalMetrics
+from tokenbridge.paths import DISTILL_HISTORY, DISTILL_METRICS, EVAL_METRICS_DIR
+from tokenbridge.reporting.comparison import across_seeds
+
+
+def run(command: list[str]) -> None:
+    print("running:", " ".join(command))
+    subprocess.run(command, check=True)
+
+
+@contextlib.contextmanager
+def params_restored(params_file: Path) -> Iterator[None]:
+    """params.yaml as it was when the block started, whatever the experiments (or an error) left in it."""
+    saved = Path(params_file).read_text()
+    try:
+        yield
+    finally:
+        Path(params_file).write_text(saved)
+
+
+def _losses(history_csv: Path) -> dict[str, list[float]]:
+    """The distill history's step and total-loss columns: one arm's training curve."""
+    with open(history_csv, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {"step": [float(row["step"]) for row in rows], "loss": [float(row["loss"]) for row in rows]}
+
+
+def run_arms(arms: Mapping[str, Sequence[str]], seeds: Sequence[int], prefix: str) -> dict[str, dict[str, Any]]:
+    """arm -> its distilled student's scores (every number of metrics/eval/student_after.json, the distill summary,
+    the experiment's seconds) over its seeds (`across_seeds`), with `runs` (seed -> that run's, and its training
+    curve under `history`)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results: dict[str, dict[str, Any]] = {}
+    for arm, overrides in arms.items():
+        runs = {}
+        for seed in seeds:
+            sets = [*overrides, f"distill.seed={seed}"]
+            name = f"{prefix}-{arm.replace('_', '-')}-s{seed}-{stamp}"
+            started = time.perf_counter()
+            run(["dvc", "exp", "run", "-n", name, *(arg for item in sets for arg in ("-S", item))])
+            runs[seed] = {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").numbers(),
+                          **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
+                          "experiment_seconds": time.perf_counter() - started, "history": _losses(DISTILL_HISTORY)}
+        results[arm] = {**across_seeds(runs), "runs": runs}
+    return results

@@ -1,0 +1,227 @@
+"""The papers' claims, each a sweep of arms on equal terms, and the verdict its numbers allow.
+
+A claim names its arms (params overrides, run as DVC experiments by `tokenbridge claim`), the arm the paper says
+wins, the rivals it must beat, and the metric that decides. Every arm gets the same data, steps and seeds; only its
+overrides differ. The verdict compares the claimed arm with each rival on that metric and its 95 % interval
+(over seeds with several seeds, else over the test answers):
+
+- **reproduced**: better than every rival, each difference outside the noise (neither value inside the other's
+  interval);
+- **not reproduced**: some rival is better, outside the noise;
+- **inside the noise**: otherwise (the measurement at this budget cannot tell).
+
+Pages: docs/results/claims/<name>.md (+ .html, .json, plots) and the index docs/results/claims.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tokenbridge.contracts import EvalMetrics
+from tokenbridge.io import read_json
+from tokenbridge.reporting.document import (
+    Block,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    format_value,
+    inside_the_noise,
+    key_values,
+    with_interval,
+)
+from tokenbridge.reporting.plots import plot_learning_curves, plot_losses
+from tokenbridge.reporting.render import write_document
+
+Verdict = Literal["reproduced", "not reproduced", "inside the noise"]
+# The student's scores every claim page shows beside the deciding metric.
+SHOWN = ("bits_per_byte", "teacher_answers_bits_per_byte", "chunk_gap_bits_per_byte", "gsm_exact_match",
+         "arithmetic.acc")
+DSKD_ONLINE = ("distill.loss=dskd", "distill.teacher_mode=online")  # DSKD projects the live teacher's hidden states
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One paper's claim as a sweep."""
+
+    name: str
+    source: str
+    statement: str
+    claimed: str  # the arm the paper says is better
+    rivals: tuple[str, ...]  # the arms it must beat
+    metric: str  # the deciding score (the distilled student's, or an evaluate_transfer label's)
+    why_metric: str
+    arms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # arm -> `dvc exp run -S` overrides
+    reads: Literal["distill", "transfer"] = "distill"  # distill: an experiment per arm; transfer: one pipeline run
+    teacher_on_student_tokenizer: bool = False  # the teacher is the transfer stage's `qwen` (same tokenizer)
+    blocked: str | None = None  # what the pipeline still lacks to run it
+
+
+CLOSENESS = ("bits-per-byte on the teacher's own greedy answers (`teacher_answers_bits_per_byte`): how likely the "
+             "student finds what its teacher says, on held-out questions. It compares across tokenizers and is "
+             "trained on directly by none of the arms (the chunk gap is ALM's own objective, so it would favour "
+             "ALM; bits-per-byte on the reference answers is what next-token training optimises).")
+
+CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
+    Claim("alm-distillation", "Minixhofer et al. 2025, Cross-Tokenizer Distillation via Approximate Likelihood "
+          "Matching (ALM)",
+          "ALM distils Qwen2.5-Coder-0.5B-Instruct into SmolLM2-135M-Instruct better than the other cross-tokenizer "
+          "losses (ULD, MinED, MultiLevelOT, DSKD).",
+          claimed="alm", rivals=("uld", "mined", "multilevel_ot", "dskd"), metric="teacher_answers_bits_per_byte",
+          why_metric=CLOSENESS,
+          arms={"alm": ("distill.loss=alm",), "uld": ("distill.loss=uld",), "mined": ("distill.loss=mined",),
+                "multilevel_ot": ("distill.loss=multilevel_ot",), "dskd": DSKD_ONLINE,
+                "sft": ("distill.loss=sft",)}),
+    Claim("multilevel-ot", "Cui et al. 2025, Multi-Level Optimal Transport for Universal Cross-Tokenizer Knowledge "
+          "Distillation",
+          "MultiLevelOT distils across tokenizers better than ULD and DSKD.",
+          claimed="multilevel_ot", rivals=("uld", "dskd"), metric="teacher_answers_bits_per_byte",
+          why_metric=CLOSENESS,
+          arms={"multilevel_ot": ("distill.loss=multilevel_ot",), "uld": ("distill.loss=uld",), "dskd": DSKD_ONLINE}),
+    Claim("pretraining-distillation", "Peng et al. 2024, Pre-training Distillation for Large Language Models: A "
+          "Design Space Exploration",
+          "Truncated-logit KD as the paper's best (PD*: top-0.95-50, temperature 2, KL, WSD alpha up to 0.9) beats "
+          "next-token training alone at equal tokens, teacher and student sharing a tokenizer.",
+          claimed="pd_star", rivals=("next_token",), metric="bits_per_byte",
+          why_metric="held-out bits-per-byte on the reference answers: the language-modelling quality the paper's "
+                     "claim is about (its benchmarks are out of reach at this budget).",
+          arms={"pd_star": ("distill.loss=forward_kl", "distill.teacher.top_p=0.95", "distill.teacher.top_k=50",
+                            "distill.teacher.temperature=2.0", "distill.alpha=0.9", "distill.alpha_schedule=wsd"),
+                "next_token": ("distill.loss=sft",)},
+          teacher_on_student_tokenizer=True),
+    Claim("gkd-on-policy", "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD)",
+          "On-policy distillation (lambda 1) ends closer to the teacher on the student's own generations than "
+          "off-policy at equal steps.",
+          claimed="on_policy", rivals=("off_policy",), metric="student_answers_teacher_bits_per_byte",
+          why_metric="the teacher's bits-per-byte on the student's own greedy answers.",
+          blocked="needs a score of the student's own generations under the teacher, which the evaluate stage does "
+                  "not compute yet"),
+    Claim("alm-ensemble", "Minixhofer et al. 2025 (ALM), section on ensembling",
+          "Models moved onto one tokenizer by the transfer stage and ensembled beat their best member.",
+          claimed="ensemble", rivals=("student", "gemma.transferred", "qwen.transferred"), metric="bits_per_byte",
+          why_metric="held-out bits-per-byte on the reference answers, which every member and the ensemble get from "
+                     "evaluate_transfer.",
+          reads="transfer"),
+    Claim("alm-transfer", "Minixhofer et al. 2025 (ALM), tokenizer transfer",
+          "Moving SmolLM2-135M onto the Qwen2.5 tokenizer, and onto bytes, ALM recovers more of the original's "
+          "quality than next-token training alone and than ULD, MinED and DSKD.",
+          claimed="alm", rivals=("sft", "uld", "mined", "dskd"), metric="bits_per_byte",
+          why_metric="held-out bits-per-byte of the transferred model against the original's.",
+          blocked="the transfer stage trains with ALM alone: it does not take another registered loss yet"),
+)}
+
+
+def verdict(claim: Claim, results: Mapping[str, Mapping[str, Any]]) -> tuple[Verdict, list[str]]:
+    """The verdict, and one sentence per rival saying how the claimed arm compares with it."""
+    metric, better = claim.metric, EvalMetrics.better(claim.metric)
+    mine = results[claim.claimed]
+    outcomes, sentences = [], []
+    for rival in claim.rivals:
+        theirs = results[rival]
+        if inside_the_noise(metric, mine, theirs):
+            outcome = "inside the noise"
+        elif (mine[metric] < theirs[metric]) == (better == "lower"):
+            outcome = "better"
+        else:
+            outcome = "worse"
+        outcomes.append(outcome)
+        sentences.append(f"{claim.claimed} {format_value(mine[metric])} against {rival} "
+                         f"{format_value(theirs[metric])}: {outcome}.")
+    if "worse" in outcomes:
+        return "not reproduced", sentences
+    return ("reproduced" if all(outcome == "better" for outcome in outcomes) else "inside the noise"), sentences
+
+
+def _trend(history: Mapping[str, Sequence[float]]) -> float | None:
+    """The training loss's change per 10 steps over the last quarter of the run (least squares): negative while
+    it still falls."""
+    steps, losses = history.get("step", []), history.get("loss", [])
+    tail = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)][-max(2, len(steps) // 4):]
+    if len(tail) < 2:
+        return None
+    mean_s = sum(s for s, _ in tail) / len(tail)
+    mean_v = sum(v for _, v in tail) / len(tail)
+    spread = sum((s - mean_s) ** 2 for s, _ in tail)
+    return 10 * sum((s - mean_s) * (v - mean_v) for s, v in tail) / spread if spread else None
+
+
+def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, Any]]],
+                 references: Mapping[str, Mapping[str, Any]], context: Mapping[str, Any], out_dir: Path) -> Verdict:
+    """Writes out_dir/claims/<name>.md, .html and claims/plots/*.png; `budgets` maps distill steps (one budget for a claim that
+    reads the transfer stage) to arm -> scores over seeds. The verdict is taken at the largest budget."""
+    final = max(budgets)
+    results = budgets[final]
+    decision, sentences = verdict(claim, results)
+    metrics = [claim.metric, *(name for name in SHOWN if name != claim.metric
+                               and any(name in scores for scores in results.values()))]
+    rows = [[label, *(with_interval(scores, metric) for metric in metrics)]
+            for label, scores in {**references, **results}.items()]
+    blocks: list[Block] = [
+        Paragraph(f"**Claim** ({claim.source}): {claim.statement}"),
+        Paragraph(f"**Verdict at this budget: {decision}.** " + " ".join(sentences)),
+        Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
+                  "t-interval of the mean) with several seeds, else over the test answers; two values are inside "
+                  "the noise when each lies inside the other's interval."),
+        Table(["arm", *metrics], rows, numbers=True),
+    ]
+    plots = {}
+    if claim.reads == "distill":
+        blocks.append(Table(["arm", "overrides", "final loss", "loss change per 10 steps, last quarter", "s / step"],
+                            [[arm, " ".join(claim.arms[arm]), format_value(scores.get("final_loss")),
+                              format_value(_trend(_mean_history(scores))),
+                              format_value(scores.get("median_seconds_per_step"))]
+                             for arm, scores in results.items()], numbers=True))
+        stem = f"claim-{claim.name}-training"
+        plots[stem] = out_dir / "claims" / "plots" / f"{stem}.png"
+        plot_losses(_mean_history(next(iter(results.values())))["step"],
+                    {arm: _mean_history(scores)["loss"] for arm, scores in results.items()}, "", plots[stem])
+        blocks.append(Image(stem, "Each arm's own training loss per step (mean over seeds): the losses differ by "
+                                  "arm, so compare shapes, not heights."))
+    if len(budgets) > 1:
+        stem = f"claim-{claim.name}-budget"
+        plots[stem] = out_dir / "claims" / "plots" / f"{stem}.png"
+        plot_learning_curves({arm: {steps: budgets[steps][arm] for steps in sorted(budgets)} for arm in results},
+                             claim.metric, plots[stem])
+        blocks.append(Image(stem, f"The learning curve: {claim.metric} of each arm by training budget, with its "
+                                  "95 % interval."))
+    blocks += [Heading("Run"), key_values(context, ["fact", "value"])]
+    write_document(out_dir / "claims", claim.name, f"Claim: {claim.name}", blocks, plots)
+    return decision
+
+
+def _mean_history(scores: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The training curve averaged over an arm's seeds (they share their steps)."""
+    curves = [run["history"] for run in scores.get("runs", {}).values() if "history" in run]
+    if not curves:
+        return {"step": [], "loss": []}
+    return {"step": curves[0]["step"],
+            "loss": [sum(values) / len(values) for values in zip(*(curve["loss"] for curve in curves))]}
+
+
+def render_index(out_dir: Path) -> Path:
+    """docs/results/claims.md (+ .html): every claim with its verdict where its page exists, else what it needs."""
+    rows = []
+    for claim in CLAIMS.values():
+        page = out_dir / "claims" / f"{claim.name}.json"
+        if page.is_file():
+            record = read_json(page)
+            status = f"**{record['verdict']}** ({record['budget']})"
+            link = f"[claims/{claim.name}.md](claims/{claim.name}.md)"
+        else:
+            status = f"blocked: {claim.blocked}" if claim.blocked else "not run yet"
+            link = "–"
+        rows.append([claim.name, claim.statement, status, link, f"`tokenbridge claim --name {claim.name}`"])
+    blocks: list[Block] = [
+        Paragraph("Each claim of the papers tokenbridge implements, measured here as a sweep of DVC experiments "
+                  "(same data, steps and seeds for every arm), with its verdict at the budget it ran: reproduced, "
+                  "not reproduced, or inside the noise. A verdict holds for that budget and machine only; each page "
+                  "gives the budget, the seeds, the learning curves and the machine."),
+        Table(["claim", "statement", "verdict", "page", "command"], rows),
+    ]
+    paths = write_document(out_dir, "claims", "The papers' claims, measured", blocks, {})
+    return paths["markdown"]
+
