@@ -151,8 +151,8 @@ def _trend(history: Mapping[str, Sequence[float]]) -> float | None:
 
 def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, Any]]],
                  references: Mapping[str, Mapping[str, Any]], context: Mapping[str, Any], out_dir: Path) -> Verdict:
-    """Writes out_dir/claims/<name>.md, .html and claims/plots/*.png; `budgets` maps distill steps (one budget for a claim that
-    reads the transfer stage) to arm -> scores over seeds. The verdict is taken at the largest budget."""
+    """Writes out_dir/claims/<name>.md, .html and claims/plots/*.png; `budgets` maps distill steps (one budget for a
+    claim that reads the transfer stage) to arm -> scores over seeds. The verdict is taken at the largest budget."""
     final = max(budgets)
     results = budgets[final]
     decision, sentences = verdict(claim, results)
