@@ -7,9 +7,10 @@
   tokenbridge claim --name alm-ensemble                       reads one pipeline run (evaluate_transfer)
 
 The claims, their arms and the metric that decides each: tokenbridge/reporting/claims.py and
-docs/results/claims.md. First `dvc repro` brings the baseline up to date (for a same-tokenizer claim, with the
-teacher moved onto the student's tokenizer by the transfer stage); then each arm runs as `dvc exp run -n
-claim-<name>-<arm>-s<seed>-<time> -S ...`, sharing every stage upstream of distill, and stays in `dvc exp show`.
+docs/results/claims.md. First `dvc repro` brings the baseline's evaluations up to date (for a same-tokenizer
+claim, with the teacher moved onto the student's tokenizer by the transfer stage; for alm-ensemble, the whole
+pipeline); then each arm runs as `dvc exp run -n claim-<name>-<arm>-s<seed>-<time> -S ... evaluate@...`, sharing
+every stage upstream of distill, and stays in `dvc exp show`.
 params.yaml is restored afterwards. Writes docs/results/claims/<name>.{md,html,json} (`--out` for another
 folder), its plots, and the index docs/results/claims.md.
 """
@@ -43,6 +44,9 @@ from tokenbridge.runtime import device_name, resolve_device
 from tokenbridge.stages.evaluate import collect_metrics
 
 MOVED_TEACHER = "qwen"  # the transfer source a same-tokenizer claim's teacher is
+# What a distillation claim's experiments bring up to date: the three evaluations (and distill, before them), not the
+# transfer, hypernetwork or report stages, which no arm changes.
+EVALUATED = [f"evaluate@{model}" for model in ("teacher", "student_before", "student_after")]
 
 
 def _teacher_on_the_students_tokenizer(claim: Claim, params: PipelineParams, params_path: Path) -> str:
@@ -77,12 +81,12 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
         if chosen.teacher_on_student_tokenizer:
             facts["teacher (moved onto the student's tokenizer)"] = _teacher_on_the_students_tokenizer(
                 chosen, params, params_path)
-        run(["dvc", "repro"])
+        run(["dvc", "repro", *(EVALUATED if chosen.reads == "distill" else [])])
         if chosen.reads == "distill":
             references = {model: scores.numbers() for model, scores in
                           collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
             budgets = {n: run_arms({arm: (*overrides, f"distill.steps={n}") for arm, overrides in chosen.arms.items()},
-                                   seeds, f"claim-{name}") for n in budgets_asked}
+                                   seeds, f"claim-{name}", EVALUATED) for n in budgets_asked}
             budget = f"{budgets_asked[-1]} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
         else:
             scores = TransferScores.read(TRANSFER_EVAL_METRICS).root

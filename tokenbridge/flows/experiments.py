@@ -42,10 +42,11 @@ def _losses(history_csv: Path) -> dict[str, list[float]]:
     return {"step": [float(row["step"]) for row in rows], "loss": [float(row["loss"]) for row in rows]}
 
 
-def run_arms(arms: Mapping[str, Sequence[str]], seeds: Sequence[int], prefix: str) -> dict[str, dict[str, Any]]:
+def run_arms(arms: Mapping[str, Sequence[str]], seeds: Sequence[int], prefix: str,
+             targets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """arm -> its distilled student's scores (every number of metrics/eval/student_after.json, the distill summary,
     the experiment's seconds) over its seeds (`across_seeds`), with `runs` (seed -> that run's, and its training
-    curve under `history`)."""
+    curve under `history`). `targets`: the stages each experiment brings up to date (default: all)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict[str, Any]] = {}
     for arm, overrides in arms.items():
@@ -54,7 +55,7 @@ def run_arms(arms: Mapping[str, Sequence[str]], seeds: Sequence[int], prefix: st
             sets = [*overrides, f"distill.seed={seed}"]
             name = f"{prefix}-{arm.replace('_', '-')}-s{seed}-{stamp}"
             started = time.perf_counter()
-            run(["dvc", "exp", "run", "-n", name, *(arg for item in sets for arg in ("-S", item))])
+            run(["dvc", "exp", "run", "-n", name, *(arg for item in sets for arg in ("-S", item)), *targets])
             runs[seed] = {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").numbers(),
                           **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
                           "experiment_seconds": time.perf_counter() - started, "history": _losses(DISTILL_HISTORY)}
