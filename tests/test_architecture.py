@@ -16,7 +16,7 @@ LAYERS = [
     {"alignment", "stored_logits", "losses", "on_policy", "tracking", "reporting"},
     {"params"},  # built from the loss registry
     {"training", "evaluation"},
-    {"stages"},
+    {"stages", "experiments"},  # experiments: DVC experiment sweeps, which compare and claim run
     {"flows", "cli", "__main__", "dvc_stages"},
 ]
 LAYER_OF = {part: index for index, layer in enumerate(LAYERS) for part in layer}

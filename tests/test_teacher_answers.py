@@ -46,14 +46,16 @@ def test_batched_greedy_answers_are_what_transformers_generate_one_question_at_a
     assert len({answer["answer"] for answer in answers}) == len(answers)  # they differ by question: the check has teeth
 
 
-def test_every_model_is_scored_on_the_same_bytes_of_the_teachers_answers(tiny_params, tiny_dirs, prepared, tmp_path):
+def test_every_model_is_scored_on_the_same_bytes_of_the_teachers_answers_and_on_its_own_answers(tiny_params, tiny_dirs,
+                                                                                               prepared, tmp_path):
     runtime = Runtime.resolve(tiny_params.runtime)
     manifest = run_teacher_answers(prepared / "test.jsonl", tiny_dirs["teacher"], tiny_dirs["student"],
                                    tmp_path / "answers", count=3, max_new_tokens=16, batch_size=2, runtime=runtime)
     assert TeacherAnswersManifest.read(tmp_path / "answers" / MANIFEST) == manifest
     assert manifest.examples + manifest.unreadable == 3 and manifest.examples > 0
     scored = {role: run_evaluate(prepared, directory, tmp_path / role, tmp_path / f"{role}.json", tiny_params.evaluate,
-                                 runtime, limit=0, teacher_answers=tmp_path / "answers" / ANSWERS)
+                                 runtime, limit=0, teacher_dir=tiny_dirs["teacher"],
+                                 teacher_answers=tmp_path / "answers" / ANSWERS)
               for role, directory in tiny_dirs.items()}
     answer_bytes = sum(len(record["answer"].encode()) + record["ended"]
                        for record in read_jsonl(tmp_path / "answers" / ANSWERS))
@@ -62,3 +64,7 @@ def test_every_model_is_scored_on_the_same_bytes_of_the_teachers_answers(tiny_pa
         assert scores.teacher_answers_bits_per_byte_low < scores.teacher_answers_bits_per_byte
         assert scores.teacher_answers_bits_per_byte < scores.teacher_answers_bits_per_byte_high
     assert scored["teacher"].teacher_answers_bits_per_byte != scored["student"].teacher_answers_bits_per_byte
+    # On its own answers, the teacher is exactly as far from itself as nothing; the student is not.
+    assert scored["teacher"].own_answers_chunk_gap_bits_per_byte == 0
+    assert scored["student"].own_answers_chunk_gap_bits_per_byte > 0
+    assert len(read_jsonl(tmp_path / "student" / "own_answers.jsonl")) == manifest.examples

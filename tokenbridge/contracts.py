@@ -307,6 +307,11 @@ class EvalMetrics(Contract):
     teacher_answers_bits_per_byte_low: float | None = None
     teacher_answers_bits_per_byte_high: float | None = None
     teacher_answers_bytes: int | None = None
+    # The chunk gap on the student's own greedy answers to those questions (GKD's on-policy distribution)
+    own_answers_chunk_gap_bits_per_byte: float | None = Field(None, json_schema_extra={"better": "lower"})
+    own_answers_chunk_gap_bits_per_byte_low: float | None = None
+    own_answers_chunk_gap_bits_per_byte_high: float | None = None
+    own_answers_unreadable: int | None = None
     gsm_exact_match: float | None = Field(None, json_schema_extra={"better": "higher"})
     gsm_exact_match_stderr: float | None = None  # lm-eval's standard error of the mean over questions
     gsm_exact_match_flexible: float | None = Field(None, json_schema_extra={"better": "higher"})

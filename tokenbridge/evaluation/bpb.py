@@ -99,13 +99,13 @@ def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]], name:
 
 
 def chunk_gap(teacher: list[Encoded], teacher_logprobs: list[list[float]], student: list[Encoded],
-              student_logprobs: list[list[float]]) -> dict[str, float]:
+              student_logprobs: list[list[float]], name: str = "chunk_gap_bits_per_byte") -> dict[str, float]:
     """How far the student's likelihoods are from the teacher's, comparable across tokenizers: over the answer's
     byte-exact target chunks (`alignment.counted_chunks`: minimal token spans of the two tokenizations covering
     the same bytes, as ALM trains on them), the absolute difference of the two chunk log-likelihoods, in bits per
     byte of the chunks, with its 95 % bootstrap interval over the answers (`chunk_gap_bits_per_byte`, `_low`,
     `_high`). 0 exactly when the student gives every chunk the teacher's likelihood; the quantity ALM's loss
-    drives down."""
+    drives down. `name`: the score's name."""
     gaps, n_bytes = [0.0] * len(teacher), [0] * len(teacher)
     for index, (t, s) in enumerate(zip(teacher, student)):
         for chunk, target in counted_chunks(t, s):
@@ -115,4 +115,4 @@ def chunk_gap(teacher: list[Encoded], teacher_logprobs: list[list[float]], stude
             student_nats = math.fsum(student_logprobs[index][chunk.s0 : chunk.s1])
             gaps[index] += abs(teacher_nats - student_nats)
             n_bytes[index] += chunk.b1 - chunk.b0
-    return _bits_per_byte_and_interval("chunk_gap_bits_per_byte", gaps, n_bytes)
+    return _bits_per_byte_and_interval(name, gaps, n_bytes)

@@ -27,8 +27,8 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest, TransferScores
+from tokenbridge.experiments import params_restored, run, run_arms
 from tokenbridge.flows.common import stage_cli
-from tokenbridge.flows.experiments import params_restored, run, run_arms
 from tokenbridge.io import write_json
 from tokenbridge.params import PipelineParams, load_params
 from tokenbridge.paths import (

@@ -26,8 +26,8 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest
+from tokenbridge.experiments import params_restored, run, run_arms
 from tokenbridge.flows.common import stage_cli
-from tokenbridge.flows.experiments import params_restored, run, run_arms
 from tokenbridge.io import write_json
 from tokenbridge.losses.registry import LOSSES, cross_tokenizer_losses
 from tokenbridge.params import load_params

@@ -24,7 +24,8 @@ from typing import Any
 
 from tokenbridge.config import EvaluateParams
 from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
-from tokenbridge.data.chat import Encoded, encode_continuation, encode_example
+from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.evaluation.answers import continuations, greedy_answers, readable
 from tokenbridge.evaluation.bpb import bits_per_byte_of, chunk_gap, token_logprobs
 from tokenbridge.evaluation.gsm_lmeval import gsm_scores
 from tokenbridge.evaluation.harness import document_samples, generates, run_harness, task_score
@@ -49,19 +50,27 @@ def _test_answers(prepared_dir: Path, model_dir: Path, out_path: Path, count: in
     return [Encoded.from_json(record) for record in read_jsonl(out_path)[:count]]
 
 
-def _teacher_answers(answers_jsonl: Path, model_dir: Path) -> list[Encoded]:
-    """The teacher's greedy answers as `model_dir`'s tokenizer reads another model's answer after its own prompt."""
-    tokenizer = load_tokenizer(model_dir)
-    table = vocab_bytes(tokenizer)
-    return [encode_continuation(tokenizer, record["question"], record["answer"], record["ended"], table)
-            for record in read_jsonl(answers_jsonl)]
+def _own_answers_gap(model_dir: Path, teacher_dir: Path, questions: list[dict], params: EvaluateParams,
+                     runtime: Runtime, out_path: Path) -> dict[str, float]:
+    """The chunk gap to the teacher on the model's own greedy answers to the teacher_answers questions: how close
+    the two models' likelihoods are on what the student itself says (GKD's on-policy distribution). An answer
+    either tokenizer cannot spell is left out (`own_answers_unreadable`)."""
+    own = greedy_answers(model_dir, [record["question"] for record in questions], params.max_gen_toks,
+                         params.batch_size, runtime)
+    write_jsonl(out_path, own)
+    kept = [record for record in own if readable(record, [load_tokenizer(model_dir), load_tokenizer(teacher_dir)])]
+    teacher, student = continuations(kept, teacher_dir), continuations(kept, model_dir)
+    gap = chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), student,
+                    token_logprobs(model_dir, student, runtime.device), "own_answers_chunk_gap_bits_per_byte")
+    return {**gap, "own_answers_unreadable": len(own) - len(kept)}
 
 
 def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
                  runtime: Runtime, limit: int | None = None, teacher_dir: Path | None = None,
                  teacher_answers: Path | None = None) -> EvalMetrics:
     """Bits-per-byte; with `teacher_dir`, the chunk gap to that teacher on the same answers; with `teacher_answers`
-    (the teacher_answers stage's answers.jsonl), bits-per-byte on those answers; then the `params.tasks` suite,
+    (the teacher_answers stage's answers.jsonl), bits-per-byte on those answers; with both, the chunk gap on the
+    model's own greedy answers to those questions; then the `params.tasks` suite,
     generation tasks on `limit` documents each (default `params.limit`; 0: no task at all, bits-per-byte alone),
     log-likelihood tasks on `params.choice_limit`. Writes the scores to `metrics_path` and returns them."""
     PreparedManifest.read(Path(prepared_dir) / MANIFEST)  # fails naming the stage to run when data is missing
@@ -77,9 +86,13 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
             scores.update(chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), answers, logprobs))
     if teacher_answers is not None:
         with _timed("teacher_answers", seconds):
-            examples = _teacher_answers(teacher_answers, model_dir)
+            examples = continuations(read_jsonl(teacher_answers), model_dir)
             scores.update(bits_per_byte_of(examples, token_logprobs(model_dir, examples, runtime.device),
                                            "teacher_answers_bits_per_byte", "teacher_answers_bytes"))
+    if teacher_dir is not None and teacher_answers is not None:
+        with _timed("own_answers", seconds):
+            scores.update(_own_answers_gap(model_dir, teacher_dir, read_jsonl(teacher_answers), params, runtime,
+                                           out_dir / "own_answers.jsonl"))
     if limit > 0:
         task_scores, configs = {}, {}
         for task in resolve_tasks(params.tasks, out_dir / "task", prepared_dir):

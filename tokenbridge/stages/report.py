@@ -36,6 +36,7 @@ from tokenbridge.reporting.plots import plot_losses, plot_metrics
 from tokenbridge.reporting.render import write_document
 
 PRIMARY_MARK = "★"
+CLAIMS_PAGE = "docs/results/claims.md"  # the claims' index, relative to the project root (reports/ is one below)
 TOTAL_LOSS = "loss"  # the history's total; each term has a `<name>_loss` column (alm_loss, sft_loss, ...)
 # The evaluate stage's model names, which the summary sentence knows how to compare.
 AFTER, BEFORE, TEACHER = "student_after", "student_before", "teacher"
@@ -309,6 +310,8 @@ def _document(models: Mapping[str, Mapping], metrics: Sequence[str], scores: Seq
         blocks.append(Paragraph(" ".join(notes)))
     blocks += [Image("metrics_by_model", "Each metric by model; one panel per metric, since their scales differ."),
                *_benchmarks(tasks),
+               Paragraph(f"Do the methods do what their papers claim? Each claim is measured as its own sweep, with "
+                         f"a verdict, in {CLAIMS_PAGE} of the project (`tokenbridge claim --name <claim>` runs one)."),
                Heading("Training"), *_training(history), Image("loss_curves", "Distillation losses per step.")]
     facts = {key: value for key, value in context.items() if not (key in SECTIONS and isinstance(value, Mapping))}
     if facts:
