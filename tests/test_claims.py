@@ -67,3 +67,10 @@ def test_a_claims_page_states_its_verdict_and_the_index_lists_every_claim(tmp_pa
     index = render_index(tmp_path).read_text()
     assert all(f"| {name} |" in index for name in CLAIMS)
     assert "blocked: the transfer stage trains with ALM alone" in index
+
+
+def test_the_distillation_sweep_also_answers_the_multilevel_ot_claim_and_nothing_unlike_it():
+    from tokenbridge.flows.claim import _within
+
+    sweep = CLAIMS["alm-distillation"]
+    assert [name for name, claim in CLAIMS.items() if claim is not sweep and _within(claim, sweep)] == ["multilevel-ot"]

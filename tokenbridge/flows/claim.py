@@ -12,7 +12,8 @@ claim, with the teacher moved onto the student's tokenizer by the transfer stage
 pipeline); then each arm runs as `dvc exp run -n claim-<name>-<arm>-s<seed>-<time> -S ... evaluate@...`, sharing
 every stage upstream of distill, and stays in `dvc exp show`.
 params.yaml is restored afterwards. Writes docs/results/claims/<name>.{md,html,json} (`--out` for another
-folder), its plots, and the index docs/results/claims.md.
+folder), its plots, and the index docs/results/claims.md; also the page of every other claim whose arms the sweep
+ran with the same overrides (alm-distillation's sweep answers multilevel-ot).
 """
 
 from __future__ import annotations
@@ -107,16 +108,28 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
                          "teacher_answers": params.evaluate.teacher_answers},
         }
     out_dir = Path(out)
-    decision = render_claim(chosen, budgets, references, context, out_dir)
-    record = {"claim": name, "verdict": decision, "budget": budget, "budgets": budgets, "references": references,
-              "context": context}
-    write_json(out_dir / "claims" / f"{name}.json", record)
+    records = {}
+    for answered in [chosen, *(other for other in CLAIMS.values() if other is not chosen and _within(other, chosen))]:
+        arms = {steps: {arm: by_arm[arm] for arm in (answered.arms or by_arm)} for steps, by_arm in budgets.items()}
+        decision = render_claim(answered, arms, references, context, out_dir)
+        records[answered.name] = {"claim": answered.name, "verdict": decision, "budget": budget, "budgets": arms,
+                                  "references": references, "context": {**context, "sweep": name}}
+        write_json(out_dir / "claims" / f"{answered.name}.json", records[answered.name])
+        print(f"claim {answered.name}: {decision} ({budget}); {out_dir / 'claims' / f'{answered.name}.md'}")
     index = render_index(out_dir)
-    print(f"claim {name}: {decision} ({budget}); {out_dir / 'claims' / f'{name}.md'}, index {index}")
+    print(f"index: {index}")
     with tracking.stage_run(f"claim@{name}", params.tracking.experiment, params.profile, {"claim": name}):
-        tracking.log_artifact(out_dir / "claims" / f"{name}.json", "claims")
-        tracking.log_artifact(out_dir / "claims" / f"{name}.md", "claims")
-    return record
+        for page in records:
+            tracking.log_artifact(out_dir / "claims" / f"{page}.json", "claims")
+            tracking.log_artifact(out_dir / "claims" / f"{page}.md", "claims")
+    return records[name]
+
+
+def _within(other: Claim, sweep: Claim) -> bool:
+    """Whether the sweep's runs answer `other` too: each of its arms ran, with the same overrides and setup."""
+    return (not other.blocked and other.reads == "distill" == sweep.reads and bool(other.arms)
+            and other.teacher_on_student_tokenizer == sweep.teacher_on_student_tokenizer
+            and all(sweep.arms.get(arm) == overrides for arm, overrides in other.arms.items()))
 
 
 def main(argv: list[str]) -> None:
