@@ -94,25 +94,33 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
             scores.update(_own_answers_gap(model_dir, teacher_dir, read_jsonl(teacher_answers), params, runtime,
                                            out_dir / "own_answers.jsonl"))
     if limit > 0:
-        task_scores, configs = {}, {}
-        for task in resolve_tasks(params.tasks, out_dir / "task", prepared_dir):
-            with _timed(task.name, seconds):
-                documents = limit if generates(task) else params.choice_limit
-                results = run_harness(model_dir, task, documents, params.num_fewshot, params.batch_size,
-                                      params.max_gen_toks, runtime.inference_dtype_name, str(runtime.device))
-            task_scores[task.name], configs[task.name] = task_score(results, task), results["config"]
-            seconds[f"{task.name}_seconds_per_document"] = round(seconds[f"{task.name}_seconds"]
-                                                                 / max(task_scores[task.name].n, 1), 2)
-            if task.name == "gsm":
-                scores.update(gsm_scores(results, out_dir / "samples.jsonl"))
-            else:
-                write_jsonl(out_dir / f"samples.{task.name}.jsonl", document_samples(results, task))
-        scores["tasks"] = task_scores
-        write_json(out_dir / "lm_eval_config.json", configs)
+        scores.update(_benchmark_suite(prepared_dir, model_dir, out_dir, params, runtime, limit, seconds))
     write_json(out_dir / "run.json", {"runtime": runtime.describe(), "batch_size": params.batch_size, **seconds})
     metrics = EvalMetrics(**scores)
     metrics.write(metrics_path)
     return metrics
+
+
+def _benchmark_suite(prepared_dir: Path, model_dir: Path, out_dir: Path, params: EvaluateParams, runtime: Runtime,
+                     limit: int, seconds: dict[str, float]) -> dict[str, Any]:
+    """`params.tasks` through lm-eval's harness: `tasks` (name -> its scores) and GSM's `gsm_*` scores; each task's
+    samples, the harness's record of each run (`lm_eval_config.json`) and its seconds per document."""
+    scores: dict[str, Any] = {"tasks": {}}
+    configs = {}
+    for task in resolve_tasks(params.tasks, out_dir / "task", prepared_dir):
+        with _timed(task.name, seconds):
+            documents = limit if generates(task) else params.choice_limit
+            results = run_harness(model_dir, task, documents, params.num_fewshot, params.batch_size,
+                                  params.max_gen_toks, runtime.inference_dtype_name, str(runtime.device))
+        scores["tasks"][task.name], configs[task.name] = task_score(results, task), results["config"]
+        seconds[f"{task.name}_seconds_per_document"] = round(seconds[f"{task.name}_seconds"]
+                                                             / max(scores["tasks"][task.name].n, 1), 2)
+        if task.name == "gsm":
+            scores.update(gsm_scores(results, out_dir / "samples.jsonl"))
+        else:
+            write_jsonl(out_dir / f"samples.{task.name}.jsonl", document_samples(results, task))
+    write_json(out_dir / "lm_eval_config.json", configs)
+    return scores
 
 
 @contextlib.contextmanager
