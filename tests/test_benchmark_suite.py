@@ -9,6 +9,7 @@ import yaml
 
 from tokenbridge.config import EvaluateParams
 from tokenbridge.evaluation.arithmetic import CHOICES, arithmetic_questions
+from tokenbridge.evaluation.harness import Task, generates
 from tokenbridge.io import read_jsonl
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.evaluate import run_evaluate
@@ -73,3 +74,11 @@ def test_a_task_path_that_is_no_folder_of_task_yaml_is_refused_at_load(tmp_path)
                        bpb_examples=1)
     with pytest.raises(ValueError, match="once"):
         EvaluateParams(tasks=["gsm", "gsm"], limit=1, num_fewshot=0, max_gen_toks=8, bpb_examples=1)
+
+
+def test_a_task_lm_eval_does_not_know_fails_naming_the_choices(tmp_path):
+    """The evaluate stage loads every task this way before any work (a stock name makes lm-eval index its ~10k task
+    files, 20 s, so the test asks a folder)."""
+    folder = _user_task(tmp_path / "my_tasks", "colours", [{"question": "Sky?", "choices": ["blue"], "label": 0}])
+    with pytest.raises(ValueError, match="'nope' is no lm-eval task or group: give gsm, arithmetic"):
+        generates(Task("nope", "nope", folder))

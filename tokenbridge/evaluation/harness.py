@@ -32,8 +32,18 @@ def _manager(task: Task) -> Any:
 
 
 def generates(task: Task) -> bool:
-    """Whether any of the task's documents is answered by generation (else every one is scored by likelihood)."""
-    leaves = _manager(task).load([task.lm_eval_name])["tasks"].values()
+    """Whether any of the task's documents is answered by generation (else every one is scored by likelihood).
+    Loads the task, so an unknown name or a dataset out of reach fails here, naming the fix."""
+    try:
+        leaves = _manager(task).load([task.lm_eval_name])["tasks"].values()
+    except KeyError as error:
+        raise ValueError(f"evaluate.tasks: {task.name!r} is no lm-eval task or group: give gsm, arithmetic, a folder "
+                         "of task YAML files, or a stock task name (`lm_eval ls tasks` lists them)") from error
+    except ConnectionError as error:
+        raise ValueError(f"evaluate.tasks: {task.name!r} reads its dataset from the Hugging Face hub, which this run "
+                         "cannot reach (tokenbridge sets HF_DATASETS_OFFLINE=1 unless told otherwise): run it where "
+                         "the hub is reachable with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0, or remove it from "
+                         "evaluate.tasks") from error
     return any(leaf.OUTPUT_TYPE == "generate_until" for leaf in leaves)
 
 

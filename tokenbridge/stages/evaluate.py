@@ -28,7 +28,7 @@ from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.evaluation.answers import continuations, greedy_answers, readable
 from tokenbridge.evaluation.bpb import bits_per_byte_of, chunk_gap, token_logprobs
 from tokenbridge.evaluation.gsm_lmeval import gsm_scores
-from tokenbridge.evaluation.harness import document_samples, generates, run_harness, task_score
+from tokenbridge.evaluation.harness import Task, document_samples, generates, run_harness, task_score
 from tokenbridge.evaluation.suite import resolve_tasks
 from tokenbridge.io import read_jsonl, write_json, write_jsonl
 from tokenbridge.models import load_tokenizer
@@ -75,6 +75,9 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
     log-likelihood tasks on `params.choice_limit`. Writes the scores to `metrics_path` and returns them."""
     PreparedManifest.read(Path(prepared_dir) / MANIFEST)  # fails naming the stage to run when data is missing
     limit = params.limit if limit is None else limit
+    # Each task loaded before any work, so a bad entry fails at once; generation tasks get `limit` documents.
+    suite = [(task, limit if generates(task) else params.choice_limit)
+             for task in (resolve_tasks(params.tasks, out_dir / "task", prepared_dir) if limit > 0 else [])]
     answers = _test_answers(prepared_dir, model_dir, out_dir / "test.encoded.jsonl", params.bpb_examples)
     seconds: dict[str, float] = {}
     with _timed("bpb", seconds):
@@ -93,23 +96,22 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
         with _timed("own_answers", seconds):
             scores.update(_own_answers_gap(model_dir, teacher_dir, read_jsonl(teacher_answers), params, runtime,
                                            out_dir / "own_answers.jsonl"))
-    if limit > 0:
-        scores.update(_benchmark_suite(prepared_dir, model_dir, out_dir, params, runtime, limit, seconds))
+    if suite:
+        scores.update(_benchmark_suite(suite, model_dir, out_dir, params, runtime, seconds))
     write_json(out_dir / "run.json", {"runtime": runtime.describe(), "batch_size": params.batch_size, **seconds})
     metrics = EvalMetrics(**scores)
     metrics.write(metrics_path)
     return metrics
 
 
-def _benchmark_suite(prepared_dir: Path, model_dir: Path, out_dir: Path, params: EvaluateParams, runtime: Runtime,
-                     limit: int, seconds: dict[str, float]) -> dict[str, Any]:
-    """`params.tasks` through lm-eval's harness: `tasks` (name -> its scores) and GSM's `gsm_*` scores; each task's
-    samples, the harness's record of each run (`lm_eval_config.json`) and its seconds per document."""
+def _benchmark_suite(suite: list[tuple[Task, int]], model_dir: Path, out_dir: Path, params: EvaluateParams,
+                     runtime: Runtime, seconds: dict[str, float]) -> dict[str, Any]:
+    """Each (task, documents) through lm-eval's harness: `tasks` (name -> its scores) and GSM's `gsm_*` scores; each
+    task's samples, the harness's record of each run (`lm_eval_config.json`) and its seconds per document."""
     scores: dict[str, Any] = {"tasks": {}}
     configs = {}
-    for task in resolve_tasks(params.tasks, out_dir / "task", prepared_dir):
+    for task, documents in suite:
         with _timed(task.name, seconds):
-            documents = limit if generates(task) else params.choice_limit
             results = run_harness(model_dir, task, documents, params.num_fewshot, params.batch_size,
                                   params.max_gen_toks, runtime.inference_dtype_name, str(runtime.device))
         scores["tasks"][task.name], configs[task.name] = task_score(results, task), results["config"]
