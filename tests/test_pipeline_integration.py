@@ -89,6 +89,7 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
         assert 0 <= scores["gsm_exact_match"] <= 1 and scores["bits_per_byte"] > 0
         assert scores["bits_per_byte_low"] < scores["bits_per_byte"] < scores["bits_per_byte_high"]
         assert (model == "teacher") == ("chunk_gap_bits_per_byte" not in scores), "the students' gap to the teacher"
+        assert scores["teacher_answers_bits_per_byte"] > 0 and set(scores["tasks"]) == {"gsm", "arithmetic"}
     transfer = json.loads((path / "metrics/eval/transfer.json").read_text())
     variants = [f"{source}.{variant}" for source in ("gemma", "qwen") for variant in ("original", "fvt", "transferred")]
     assert set(transfer) == {*variants, "ensemble", "student"}
@@ -100,7 +101,9 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     for model in EVALUATED:  # the tiny profile's runtime (fp32 on this machine's device) reached lm-eval
         harness = json.loads((path / f"data/eval/{model}/lm_eval_config.json").read_text())
         run = json.loads((path / f"data/eval/{model}/run.json").read_text())
-        assert (harness["model_dtype"], run["runtime"]["inference_dtype"]) == ("torch.float32", "float32")
+        assert run["runtime"]["inference_dtype"] == "float32"
+        assert {task: config["model_dtype"] for task, config in harness.items()} == {
+            "gsm": "torch.float32", "arithmetic": "torch.float32"}
     report = (path / "reports/transfer.md").read_text()
     assert all(label in report for label in (*variants, "ensemble"))
     hypernet = json.loads((path / "metrics/eval/hypernet.json").read_text())
