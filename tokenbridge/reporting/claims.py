@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tokenbridge.contracts import EvalMetrics
+from tokenbridge.contracts import EvalMetrics, interval
 from tokenbridge.io import read_json
 from tokenbridge.reporting.document import (
     Block,
@@ -139,6 +139,21 @@ def verdict(claim: Claim, results: Mapping[str, Mapping[str, Any]]) -> tuple[Ver
     return ("reproduced" if all(outcome == "better" for outcome in outcomes) else "inside the noise"), sentences
 
 
+def _movement(metric: str, results: Mapping[str, Mapping[str, Any]], before: Mapping[str, Any] | None) -> str:
+    """How far training moved the deciding metric from the untrained student, against the intervals' width: where
+    the arms moved less than the noise, a longer budget is what could separate them."""
+    if before is None or metric not in before:
+        return ""
+    moves = [abs(scores[metric] - before[metric]) for scores in results.values() if metric in scores]
+    widths = [bounds[1] - bounds[0] for scores in results.values() if (bounds := interval(scores, metric))]
+    if not moves or not widths:
+        return ""
+    return (f" Training moved {metric} by at most {format_value(max(moves))} from the untrained student "
+            f"({format_value(before[metric])}), against 95 % intervals {format_value(min(widths))} to "
+            f"{format_value(max(widths))} wide: arms that move less than their intervals' width cannot be told "
+            "apart, so a budget at which the arms move several interval widths is what could separate them.")
+
+
 def _trend(history: Mapping[str, Sequence[float]]) -> float | None:
     """The training loss's change per 10 steps over the last quarter of the run (least squares): negative while
     it still falls."""
@@ -165,7 +180,8 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
             for label, scores in {**references, **results}.items()]
     blocks: list[Block] = [
         Paragraph(f"Claim ({claim.source}): {claim.statement}"),
-        Paragraph(f"Verdict at this budget: {decision}. " + " ".join(sentences)),
+        Paragraph(f"Verdict at this budget: {decision}. " + " ".join(sentences)
+                  + _movement(claim.metric, results, references.get("student_before"))),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
                   "t-interval of the mean) with several seeds, else over the test answers; two values are inside "
                   "the noise when each lies inside the other's interval."),
