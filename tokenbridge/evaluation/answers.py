@@ -53,14 +53,20 @@ def greedy_answers(model_dir: Path, questions: list[str], max_new_tokens: int, b
     return records
 
 
-def readable(record: dict, tokenizers: list[PreTrainedTokenizerBase]) -> bool:
-    """Whether every tokenizer can place the answer on the byte stream (some vocabularies lack some bytes)."""
-    try:
-        for tokenizer in tokenizers:
-            encode_continuation(tokenizer, record["question"], record["answer"], record["ended"])
-    except UnalignableExample:
-        return False
-    return True
+def spelled_by(records: list[dict], model_dirs: list[Path]) -> list[dict]:
+    """The answers every model's tokenizer can place on the byte stream after its own prompt (some vocabularies
+    lack some bytes), in order."""
+    readers = [(tokenizer, vocab_bytes(tokenizer)) for tokenizer in map(load_tokenizer, model_dirs)]
+
+    def readable(record: dict) -> bool:
+        try:
+            for tokenizer, table in readers:
+                encode_continuation(tokenizer, record["question"], record["answer"], record["ended"], table)
+        except UnalignableExample:
+            return False
+        return True
+
+    return [record for record in records if readable(record)]
 
 
 def continuations(records: list[dict], model_dir: Path) -> list[Encoded]:

@@ -25,7 +25,7 @@ from typing import Any
 from tokenbridge.config import EvaluateParams
 from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
 from tokenbridge.data.chat import Encoded, encode_example
-from tokenbridge.evaluation.answers import continuations, greedy_answers, readable
+from tokenbridge.evaluation.answers import continuations, greedy_answers, spelled_by
 from tokenbridge.evaluation.bpb import bits_per_byte_of, chunk_gap, token_logprobs
 from tokenbridge.evaluation.gsm_lmeval import gsm_scores
 from tokenbridge.evaluation.harness import Task, document_samples, generates, run_harness, task_score
@@ -58,7 +58,7 @@ def _own_answers_gap(model_dir: Path, teacher_dir: Path, questions: list[dict], 
     own = greedy_answers(model_dir, [record["question"] for record in questions], params.max_gen_toks,
                          params.batch_size, runtime)
     write_jsonl(out_path, own)
-    kept = [record for record in own if readable(record, [load_tokenizer(model_dir), load_tokenizer(teacher_dir)])]
+    kept = spelled_by(own, [model_dir, teacher_dir])
     teacher, student = continuations(kept, teacher_dir), continuations(kept, model_dir)
     gap = chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), student,
                     token_logprobs(model_dir, student, runtime.device), "own_answers_chunk_gap_bits_per_byte")

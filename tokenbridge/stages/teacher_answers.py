@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenbridge.contracts import MANIFEST, ModelCard, TeacherAnswersManifest
-from tokenbridge.evaluation.answers import greedy_answers, readable
+from tokenbridge.evaluation.answers import greedy_answers, spelled_by
 from tokenbridge.io import atomic_path, read_jsonl, write_jsonl
-from tokenbridge.models import load_tokenizer
 from tokenbridge.runtime import Runtime
 
 ANSWERS = "answers.jsonl"
@@ -25,8 +24,7 @@ def run_teacher_answers(test_jsonl: Path, teacher_dir: Path, student_dir: Path, 
     evaluated model is scored on the same answers."""
     questions = [record["question"] for record in read_jsonl(test_jsonl)[:count]]
     generated = greedy_answers(teacher_dir, questions, max_new_tokens, batch_size, runtime)
-    readers = [load_tokenizer(teacher_dir), load_tokenizer(student_dir)]
-    records = [record for record in generated if readable(record, readers)]
+    records = spelled_by(generated, [teacher_dir, student_dir])
     manifest = TeacherAnswersManifest(teacher=ModelCard.of(teacher_dir).name, examples=len(records),
                                       unreadable=len(generated) - len(records),
                                       ended=sum(record["ended"] for record in records),
