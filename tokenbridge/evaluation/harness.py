@@ -6,6 +6,7 @@ Which tasks run, and on how many documents: `suite.py`.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +23,22 @@ class Task:
     lm_eval_name: str
     include_path: Path | None  # the folder lm-eval reads its YAML from; None: lm-eval's stock tasks
 
+    @functools.cached_property
+    def manager(self) -> Any:
+        """lm-eval's index of the task's folder (or of every stock task: thousands of files, seconds to read), built
+        once for this task and shared by `generates` and `run_harness`."""
+        from lm_eval.tasks import TaskManager
 
-def _manager(task: Task) -> Any:
-    from lm_eval.tasks import TaskManager
-
-    if task.include_path is None:
-        return TaskManager()
-    return TaskManager(include_path=str(task.include_path), include_defaults=False)
+        if self.include_path is None:
+            return TaskManager()
+        return TaskManager(include_path=str(self.include_path), include_defaults=False)
 
 
 def generates(task: Task) -> bool:
     """Whether any of the task's documents is answered by generation (else every one is scored by likelihood).
     Loads the task, so an unknown name or a dataset out of reach fails here, naming the fix."""
     try:
-        leaves = _manager(task).load([task.lm_eval_name])["tasks"].values()
+        leaves = task.manager.load([task.lm_eval_name])["tasks"].values()
     except KeyError as error:
         raise ValueError(f"evaluate.tasks: {task.name!r} is no lm-eval task or group: give gsm, arithmetic, a folder "
                          "of task YAML files, or a stock task name (`lm_eval ls tasks` lists them)") from error
@@ -68,7 +71,7 @@ def run_harness(model_dir: Path, task: Task, limit: int, num_fewshot: int, batch
         gen_kwargs={"max_gen_toks": max_gen_toks},
         apply_chat_template=True,
         fewshot_as_multiturn=num_fewshot > 0,
-        task_manager=_manager(task),
+        task_manager=task.manager,
         log_samples=True,
     )
 
