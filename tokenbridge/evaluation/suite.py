@@ -26,8 +26,6 @@ from tokenbridge.evaluation.arithmetic import write_arithmetic_task
 from tokenbridge.evaluation.gsm_lmeval import write_gsm_task
 from tokenbridge.evaluation.harness import Task
 
-GENERATED = ("gsm", "arithmetic")  # generated here, offline; see the module's docstring
-
 
 def folder_tasks(folder: Path) -> list[str]:
     """The task names the YAML files under `folder` define (`task: <name>`), in file order."""

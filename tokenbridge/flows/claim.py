@@ -34,6 +34,7 @@ from tokenbridge.io import write_json
 from tokenbridge.params import PipelineParams, load_params
 from tokenbridge.paths import (
     EVAL_METRICS_DIR,
+    EVAL_MODELS,
     PREPARED_DIR,
     STUDENT_DIR,
     TEACHER_DIR,
@@ -47,7 +48,7 @@ from tokenbridge.stages.evaluate import collect_metrics
 MOVED_TEACHER = "qwen"  # the transfer source a same-tokenizer claim's teacher is
 # What a distillation claim's experiments bring up to date: the three evaluations (and distill, before them), not the
 # transfer, hypernetwork or report stages, which no arm changes.
-EVALUATED = [f"evaluate@{model}" for model in ("teacher", "student_before", "student_after")]
+EVALUATED = [f"evaluate@{model}" for model in EVAL_MODELS]
 
 
 def _teacher_on_the_students_tokenizer(claim: Claim, params: PipelineParams, params_path: Path) -> str:
