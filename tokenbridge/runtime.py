@@ -139,3 +139,12 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> str:
+    """The machine beside a reported number: the device's model (the CPU's, as lscpu names it), architecture,
+    cores and memory."""
+    import psutil
+
+    return (f"{device_name(device)}, {platform.machine()}, {psutil.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB")

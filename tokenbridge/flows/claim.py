@@ -18,11 +18,9 @@ ran with the same overrides (alm-distillation's sweep answers multilevel-ot).
 
 from __future__ import annotations
 
-import platform
 import shutil
 from pathlib import Path
 
-import psutil
 import yaml
 from prefect import flow
 
@@ -42,7 +40,7 @@ from tokenbridge.paths import (
     TRANSFERRED_DIR,
 )
 from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index
-from tokenbridge.runtime import device_name, resolve_device
+from tokenbridge.runtime import machine, resolve_device
 from tokenbridge.stages.evaluate import collect_metrics
 
 MOVED_TEACHER = "qwen"  # the transfer source a same-tokenizer claim's teacher is
@@ -98,8 +96,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
         context = {
             "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(STUDENT_DIR).name, **facts,
             "profile": params.profile, **tracking.revision_tags(),
-            "machine": f"{device_name(resolve_device(params.runtime.device))}, {platform.machine()}, "
-                       f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "machine": machine(resolve_device(params.runtime.device)),
             "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
             "budget": budget, "steps (budgets)": budgets_asked if chosen.reads == "distill" else "–",
             "seeds": seeds if chosen.reads == "distill" else "–",

@@ -18,10 +18,8 @@ seeds with their standard deviation and the 95 % t-interval of the mean; the JSO
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
-import psutil
 from prefect import flow
 
 from tokenbridge import tracking
@@ -33,6 +31,7 @@ from tokenbridge.losses.registry import LOSSES, cross_tokenizer_losses
 from tokenbridge.params import load_params
 from tokenbridge.paths import EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from tokenbridge.reporting.comparison import render_comparison
+from tokenbridge.runtime import machine, resolve_device
 from tokenbridge.stages.evaluate import collect_metrics
 
 DEFAULT_LOSSES = [*cross_tokenizer_losses(), "sft"]
@@ -55,7 +54,7 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
     context = {
         "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(STUDENT_DIR).name,
         "profile": params.profile, **tracking.revision_tags(),
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "machine": machine(resolve_device(params.runtime.device)),
         "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
         "steps": params.distill.steps, "batch_size": params.distill.batch_size,
         "learning_rate": params.distill.learning_rate, "alpha": params.distill.alpha,

@@ -10,10 +10,9 @@ model version.
 Run alone: tokenbridge report   (or: dvc repro report)
 """
 
-import platform
 import sys
 
-import psutil
+import torch
 from prefect import flow
 
 from tokenbridge import tracking
@@ -33,6 +32,7 @@ from tokenbridge.paths import (
     TRANSFER_EVAL_METRICS,
     TRANSFER_METRICS,
 )
+from tokenbridge.runtime import machine
 from tokenbridge.stages.evaluate import collect_metrics
 from tokenbridge.stages.report import render_report, render_transfer
 
@@ -52,8 +52,7 @@ def report(params_file: str = "params.yaml") -> dict:
         context = {
             "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(DISTILLED_DIR).name,
             "profile": params.profile, **tracking.revision_tags(),
-            "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
-                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "machine": machine(torch.device("cpu")),  # where the report ran (it reads no runtime params)
             "teacher_mode": params.distill.teacher_mode, "steps": params.distill.steps, "registry": registry,
             "params": {"distill": params.distill.model_dump(), "evaluate": params.evaluate.model_dump()},
         }
