@@ -16,6 +16,7 @@ Pages: docs/results/claims/<name>.md (+ .html, .json, plots) and the index docs/
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,10 +162,7 @@ def _trend(history: Mapping[str, Sequence[float]]) -> float | None:
     tail = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)][-max(2, len(steps) // 4):]
     if len(tail) < 2:
         return None
-    mean_s = sum(s for s, _ in tail) / len(tail)
-    mean_v = sum(v for _, v in tail) / len(tail)
-    spread = sum((s - mean_s) ** 2 for s, _ in tail)
-    return 10 * sum((s - mean_s) * (v - mean_v) for s, v in tail) / spread if spread else None
+    return 10 * statistics.linear_regression(*zip(*tail)).slope
 
 
 def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, Any]]],
