@@ -1,15 +1,17 @@
 """Stage `evaluate@<model>` for model in teacher, student_before, student_after: held-out bits-per-byte (fp32) on the
-reference answers and on the teacher's own greedy answers (stage teacher_answers), for the two students their
-chunk gap to the teacher on the reference answers (docs/evaluation.md), and lm-eval's real
-harness on the local GSM-style test set (`evaluate.limit` questions, batched greedy generation). These three
-models are the distillation comparison the report is about, so they always get GSM; the transfer stage's models
-get bits-per-byte alone by default (docs/evaluation.md).
+reference answers and on the teacher's own greedy answers (stage teacher_answers); for the two students their
+chunk gap to the teacher on the reference answers and on their own greedy answers (docs/evaluation.md); and
+lm-eval's real harness on the `evaluate.tasks` suite (GSM on `evaluate.limit` questions with batched greedy
+generation, the arithmetic choices on `evaluate.choice_limit`; docs/evaluation.md#benchmark-suite). These three
+models are the distillation comparison the report is about, so they always run the suite; the transfer stage's
+models get bits-per-byte alone by default (docs/evaluation.md).
 Device and generation dtype: params `runtime.*` (docs/runtime.md).
 
 Inputs: data/prepared, the model's directory (models/teacher, models/student or models/distilled), models/teacher,
 data/teacher_answers;
 params `evaluate.*`, `runtime.*`. Outputs: metrics/eval/<model>.json (DVC metrics), data/eval/<model>/
-(generated lm-eval task, per-question samples, lm-eval's record of the run, run.json: runtime and seconds).
+(generated lm-eval tasks, per-document samples, a student's own answers, lm-eval's record of each task's run,
+run.json: runtime and seconds).
 Run alone: tokenbridge evaluate --model student_after   (or: dvc repro evaluate@student_after)
 """
 
