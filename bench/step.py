@@ -42,7 +42,6 @@ from tokenbridge.losses.registry import build_losses  # noqa: E402
 from tokenbridge.models import load_tokenizer  # noqa: E402
 from tokenbridge.params import DistillParams  # noqa: E402
 from tokenbridge.runtime import Runtime  # noqa: E402
-from tokenbridge.stages.distill import student_forward  # noqa: E402
 from tokenbridge.token_bytes import boundary_mask  # noqa: E402
 from tokenbridge.training.batching import Batch, make_batch  # noqa: E402
 from tokenbridge.training.engine import Engine  # noqa: E402
@@ -50,6 +49,7 @@ from tokenbridge.training.parallel import TrainingModule  # noqa: E402
 from tokenbridge.training.ranks import Ranks  # noqa: E402
 from tokenbridge.training.schedules import term_weights  # noqa: E402
 from tokenbridge.training.teachers import LiveTeacher, Teacher  # noqa: E402
+from tokenbridge.training.views import student_forward  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, build_model, synthetic_examples, tokenizer_dirs  # noqa: E402

@@ -31,7 +31,7 @@ from tokenbridge.models import load_model, load_tokenizer, materialize
 from tokenbridge.models.tiny import build_tiny_model, build_tiny_teacher_like, synthetic_text
 from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
-from tokenbridge.stages.distill import student_forward, train
+from tokenbridge.stages.distill import train
 from tokenbridge.stages.prepare import run_prepare
 from tokenbridge.stages.teacher_logits import run_teacher_logits
 from tokenbridge.token_bytes import boundary_mask
@@ -41,6 +41,7 @@ from tokenbridge.training.parallel import TrainingModule
 from tokenbridge.training.ranks import Ranks
 from tokenbridge.training.schedules import term_weights
 from tokenbridge.training.teachers import LiveTeacher, Teacher
+from tokenbridge.training.views import student_forward
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

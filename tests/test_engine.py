@@ -18,11 +18,12 @@ from tokenbridge.losses.registry import LOSSES, build_losses
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.gguf import default_cache_dir
 from tokenbridge.runtime import Runtime
-from tokenbridge.stages.distill import student_forward, train
+from tokenbridge.stages.distill import train
 from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.training.batching import batch_indices, make_batch, split
 from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
+from tokenbridge.training.views import student_forward
 
 
 def _runtime(**settings) -> Runtime:

@@ -3,7 +3,8 @@
 Transfer: FVT copies rows exactly where the token exists and averages the source pieces where it does not;
 onto an identical tokenizer the transferred model is the original, bit for bit, and self-distillation
 starts at its stationary point; a tiny model moved to bytes trains (with the hidden-state loss) and
-generates. Ensembles: a model averaged with itself is the model; lm-eval's real harness scores an ensemble
+generates; every cross-tokenizer loss (and next-token training alone) can do the self-distillation, on the
+whole text. Ensembles: a model averaged with itself is the model; lm-eval's real harness scores an ensemble
 by log-likelihood and by generation; members with different tokenizers are refused.
 """
 
@@ -18,12 +19,15 @@ import torch
 import yaml
 
 from tokenbridge.config import RuntimeParams
+from tokenbridge.contracts import ModelCard
 from tokenbridge.data.gsm import generate_gsm_symbolic
 from tokenbridge.io import read_json, write_jsonl
 from tokenbridge.losses.latents import hidden_state_loss
+from tokenbridge.losses.registry import cross_tokenizer_losses, transfer_losses
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.ensemble import EnsembleForCausalLM
 from tokenbridge.models.vocabulary import fvt_rows
+from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.ensemble import build_ensemble
 from tokenbridge.stages.transfer import init_path, run_transfer, train_transfer
@@ -119,6 +123,37 @@ def test_a_tiny_model_moved_to_bytes_trains_with_the_hidden_state_loss_and_gener
     generated = trained.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert isinstance(tokenizer.decode(generated[0]), str)
+
+
+def test_transfer_takes_every_cross_tokenizer_loss_and_next_token_training_and_refuses_the_rest(tiny_params):
+    assert transfer_losses() == [*cross_tokenizer_losses(), "sft"]
+    assert {"alm", "uld", "mined", "multilevel_ot", "dskd"} <= set(transfer_losses())
+    base = tiny_params.transfer.model_dump()
+    for name in transfer_losses():
+        assert TransferParams(**{**base, "loss": name}).loss == name
+    for name, why in (("forward_kl", "cannot train a model on another tokenizer"), ("almm", "allowed: alm, ")):
+        with pytest.raises(ValueError, match=why):
+            TransferParams(**{**base, "loss": name})
+    assert TransferParams(**base).alm.mask_prompt is False, "self-distillation counts the question's chunks too"
+
+
+@pytest.mark.parametrize("loss", ["uld", "mined", "multilevel_ot", "dskd", "sft"])
+def test_each_transfer_loss_trains_the_moved_model_on_its_own_term(loss, tiny_params, tiny_dirs, prepared_texts,
+                                                                   tmp_path):
+    out = tmp_path / loss
+    run_transfer(prepared_texts, tiny_dirs["teacher"], tiny_dirs["student"], out, tmp_path / "history.csv",
+                 _params(tiny_params, embedding_steps=0, steps=2, train="full", loss=loss), FP32,
+                 tmp_path / "checkpoints")
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    columns = history[0].split(",")
+    rows = [dict(zip(columns, line.split(","))) for line in history[1:]]
+    assert f"{loss}_loss" in columns and "alm_loss" not in columns
+    assert all(float(row[f"{loss}_loss"]) == pytest.approx(float(row["loss"])) for row in rows), \
+        "the loss trained is the named term alone (no hidden-state term off byte level)"
+    assert all(0 < float(row["loss"]) < float("inf") and float(row["grad_norm"]) > 0 for row in rows)
+    fvt, trained = load_model(init_path(out, "fvt")), load_model(out)
+    assert not torch.equal(fvt.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
+    assert ModelCard.of(out).transfer["loss"] == loss
 
 
 def test_hidden_state_loss_is_zero_when_states_agree_and_grows_with_the_difference():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from tokenbridge.config import (
     DEFAULT_PARAMS,
@@ -40,7 +40,7 @@ from tokenbridge.config import (
     existing_tokenizer,
 )
 from tokenbridge.losses.alm import AlmParams
-from tokenbridge.losses.registry import LOSSES, params_sections
+from tokenbridge.losses.registry import LOSSES, params_sections, transfer_losses
 
 
 def _warmup_fits(warmup: int, info: ValidationInfo, phases: tuple[str, ...]) -> int:
@@ -145,15 +145,23 @@ class DistillCommonParams(Strict):
         return self
 
 
-def distill_params_model() -> type[DistillCommonParams]:
-    """DistillCommonParams plus one `<section>: <options model>` field per section of the registry as it stands,
-    defaulting to the model's documented defaults."""
-    sections = params_sections()
-    taken = sorted(set(sections) & set(DistillCommonParams.model_fields))
+def _with_loss_sections(base: type[Strict], stage: str, losses: list[str],
+                        defaults: dict[str, BaseModel] | None = None) -> Any:
+    """`base` plus one `<section>: <options model>` field per options section of these registered losses (the
+    `<stage>` params' `<stage>.<section>`), defaulting to the model's documented defaults or `defaults[section]`."""
+    sections = params_sections(losses)
+    taken = sorted(set(sections) & set(base.model_fields))
     if taken:
-        raise TypeError(f"loss params_section {taken} would replace distill keys of the same name: rename it")
-    fields: dict[str, Any] = {section: (model, Field(default_factory=model)) for section, model in sections.items()}
-    return create_model("DistillParams", __base__=DistillCommonParams, __module__=__name__, **fields)
+        raise TypeError(f"loss params_section {taken} would replace {stage} keys of the same name: rename it")
+    defaults = defaults or {}
+    fields: dict[str, Any] = {section: (model, Field(default=defaults[section]) if section in defaults
+                                        else Field(default_factory=model)) for section, model in sections.items()}
+    return create_model(f"{stage.title()}Params", __base__=base, __module__=__name__, **fields)
+
+
+def distill_params_model() -> type[DistillCommonParams]:
+    """DistillCommonParams plus one section per registered loss's options, as the registry stands."""
+    return _with_loss_sections(DistillCommonParams, "distill", list(LOSSES))
 
 
 if TYPE_CHECKING:  # the loss sections exist only at run time; a type checker sees the shared keys
@@ -162,9 +170,10 @@ else:
     DistillParams = distill_params_model()
 
 
-class TransferParams(Strict):
+class TransferCommonParams(Strict):
     """Stage `transfer` (docs/algorithms/tokenizer-transfer.md): each source model moved onto `tokenizer` by FVT,
-    then ALM self-distillation with the original model (own tokenizer) as the frozen teacher."""
+    then self-distillation with `loss` (ALM by default), the original model (own tokenizer) the frozen teacher.
+    `TransferParams` adds the options section of each loss it accepts (`transfer.alm`, `transfer.uld`, ...)."""
 
     tokenizer: str = Field(description="target tokenizer: 'student' or 'teacher' (that role's), a local HF "
                                        "directory holding one, or 'byte' (every byte one token, specials kept)")
@@ -184,11 +193,20 @@ class TransferParams(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=32,
                             description="training examples longer than this (tokens, either side) are skipped")
+    loss: str = Field("alm", description="the self-distillation loss: a registered cross-tokenizer loss, or 'sft' "
+                                         "(next-token training alone, no teacher)")
     hidden_state_weight: float = Field(1.0, ge=0, description="byte targets: weight of the hidden-state loss")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (each phase also keeps its "
                                                          "last); a rerun resumes from the last one")
-    alm: AlmParams = AlmParams(mask_prompt=False)
     seed: int = 1234
+
+    @field_validator("loss")
+    @classmethod
+    def _moves_between_tokenizers(cls, value: str) -> str:
+        if value not in transfer_losses():
+            raise ValueError(f"{value!r} cannot train a model on another tokenizer than its teacher's; allowed: "
+                             f"{', '.join(transfer_losses())}")
+        return value
 
     @field_validator("tokenizer")
     @classmethod
@@ -199,6 +217,13 @@ class TransferParams(Strict):
     @classmethod
     def _warmup_within_each_phase(cls, value: int, info: ValidationInfo) -> int:
         return _warmup_fits(value, info, ("embedding_steps", "steps"))
+
+
+if TYPE_CHECKING:
+    TransferParams = TransferCommonParams
+else:  # self-distillation counts every chunk, the question's too
+    TransferParams = _with_loss_sections(TransferCommonParams, "transfer", transfer_losses(),
+                                         {"alm": AlmParams(mask_prompt=False)})
 
 
 class HypernetParams(Strict):

@@ -80,7 +80,8 @@ def evaluate_hypernet(params_file: str = "params.yaml") -> HypernetScores:
                 if params.evaluate_hypernet.alm:
                     trained = HYPERNET_EVAL_DIR / f"{name}-{init}-alm"
                     train_transfer(records, base_dir, start, trained, HYPERNET_EVAL_DIR / f"{name}-{init}-alm.csv",
-                                   params.transfer, runtime, HYPERNET_EVAL_CHECKPOINT_DIR / f"{name}-{init}")
+                                   params.transfer.model_copy(update={"loss": "alm"}), runtime,
+                                   HYPERNET_EVAL_CHECKPOINT_DIR / f"{name}-{init}")
                     scores[f"{name}.{init}_alm"] = score(f"{name}.{init}_alm", trained)
         result = HypernetScores(scores)
         result.write(HYPERNET_EVAL_METRICS)

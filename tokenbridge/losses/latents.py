@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokenbridge.losses.alm import chunk_extent
-from tokenbridge.losses.base import Mean
+from tokenbridge.losses.base import Alignment, LossOutput, Mean, StudentView, TeacherView
 
 
 def hidden_state_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, teacher_chunks: torch.Tensor,
@@ -37,3 +37,15 @@ def hidden_state_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor
     target = at_ends(teacher_hidden, teacher_last).detach()
     scale = target.square().mean(0) + 1e-8
     return Mean(((at_ends(student_hidden, student_last) - target).square() / scale).mean(), int(valid.sum()))
+
+
+class HiddenStateTerm(torch.nn.Module):
+    """`hidden_state_loss` as a training term beside a registered loss (the transfer stage's byte targets): the
+    live teacher's final hidden states against the student's, at the aligned chunks' ends."""
+
+    needs_student_boundary = False
+
+    def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:
+        assert teacher.hidden is not None, "the hidden-state loss reads the live teacher's hidden states"
+        return LossOutput((hidden_state_loss(teacher.hidden, student.hidden, alignment.teacher_chunks,
+                                             alignment.student_chunks),))

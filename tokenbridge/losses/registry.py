@@ -22,10 +22,15 @@ def cross_tokenizer_losses() -> list[str]:
     return [name for name, cls in LOSSES.items() if cls.reads_teacher() and not cls.same_tokenizer_only]
 
 
-def params_sections() -> dict[str, type[BaseModel]]:
-    """`distill.<section>` -> its options model, one per section (losses may share one)."""
-    return {section: cls.params_model for cls in LOSSES.values()
-            if (section := cls.section()) is not None and cls.params_model is not None}
+def transfer_losses() -> list[str]:
+    """The losses the transfer stage trains with: every cross-tokenizer loss, and `sft` (next-token alone)."""
+    return [*cross_tokenizer_losses(), "sft"]
+
+
+def params_sections(names: list[str]) -> dict[str, type[BaseModel]]:
+    """`<section>` -> its options model for these losses, one per section (losses may share one)."""
+    return {section: cls.params_model for name in names
+            if (section := (cls := LOSSES[name]).section()) is not None and cls.params_model is not None}
 
 
 def build_losses(names: list[str], distill: BaseModel, setup: LossSetup) -> dict[str, DistillLoss]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -32,7 +31,7 @@ from tokenbridge.config import TeacherLogitsParams
 from tokenbridge.contracts import MANIFEST, MODEL_CARD, DistillMetrics, ModelCard, PreparedManifest
 from tokenbridge.data.chat import Encoded
 from tokenbridge.io import atomic_path, read_jsonl, sha256_file, write_text
-from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
+from tokenbridge.losses.base import LossSetup
 from tokenbridge.losses.registry import build_losses, teacher_fields
 from tokenbridge.models import load_model, load_tokenizer, model_identity
 from tokenbridge.models.gguf import default_cache_dir
@@ -43,7 +42,7 @@ from tokenbridge.sampling import generation_end_ids
 from tokenbridge.stopping import safe_points
 from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.token_bytes import boundary_mask
-from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
+from tokenbridge.training.batching import batch_indices, make_batch, split
 from tokenbridge.training.checkpoint import Checkpoint, code_version
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
@@ -51,21 +50,7 @@ from tokenbridge.training.parallel import TrainingModule, gathered, parallelize,
 from tokenbridge.training.ranks import Ranks
 from tokenbridge.training.schedules import alpha_at, learning_rate, term_weights
 from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
-from tokenbridge.training.views import student_view
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-
-def student_forward(student: PreTrainedModel, losses: torch.nn.ModuleDict, vocab_size: int,
-                    boundary: torch.Tensor, chunk_size: int):
-    """The distill forward: the student's view of a micro-batch and each named loss term on it."""
-    def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
-        needs_boundary = any(losses[name].needs_student_boundary for name in names)
-        view = student_view(student, batch, vocab_size, boundary if needs_boundary else None, chunk_size, counts_only)
-        return {name: losses[name](view, teacher, batch.alignment) for name in names}
-
-    return forward
+from tokenbridge.training.views import student_forward
 
 
 def train(

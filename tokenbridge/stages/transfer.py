@@ -7,10 +7,12 @@
    docs/algorithms/hypernetwork.md). Input embeddings and (when untied) the output head are initialised alike.
    The result is saved on its own (`<out>-fvt` or `<out>-hypernet`), so evaluation can compare the
    initialisation alone with it followed by ALM.
-2. ALM self-distillation (`train_transfer`): the original model with its own tokenizer is the frozen teacher;
-   the initialised model with the new tokenizer is the student, on the same texts, aligned on common bytes. An
-   embeddings-only phase (`embedding_steps`), then LoRA adapters (peft) or every parameter (`steps`), with
-   the embeddings still training. A byte-level target adds the hidden-state loss at chunk ends.
+2. Self-distillation (`train_transfer`) with `transfer.loss` (ALM by default; any registered cross-tokenizer loss,
+   or `sft`, next-token training alone): the original model with its own tokenizer is the frozen teacher; the
+   initialised model with the new tokenizer is the student, on the same texts (every token of them a target),
+   aligned on common bytes. An embeddings-only phase (`embedding_steps`), then LoRA adapters (peft) or every
+   parameter (`steps`), with the embeddings still training. A byte-level target adds the hidden-state loss at
+   chunk ends.
 
 Inputs: the prepared train split's texts (`data/prepared/train.jsonl`), each source model (materialised
 like the `models` stage's), the target tokenizer. Outputs per source: `models/transferred/<name>/` and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -33,9 +36,9 @@ from tokenbridge.config import TeacherTruncation
 from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
-from tokenbridge.losses.alm import AlmLoss
-from tokenbridge.losses.base import LossOutput, LossSetup, TeacherView
-from tokenbridge.losses.latents import hidden_state_loss
+from tokenbridge.losses.base import LossSetup
+from tokenbridge.losses.latents import HiddenStateTerm
+from tokenbridge.losses.registry import build_losses
 from tokenbridge.models import (
     copy_tokenizer_files,
     input_embeddings,
@@ -50,7 +53,7 @@ from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.stopping import safe_points
 from tokenbridge.token_bytes import boundary_mask, vocab_bytes
-from tokenbridge.training.batching import Batch, batch_indices, make_batch, split
+from tokenbridge.training.batching import batch_indices, make_batch, split
 from tokenbridge.training.checkpoint import Checkpoint, code_version
 from tokenbridge.training.engine import Engine
 from tokenbridge.training.history import history_csv, median
@@ -58,7 +61,7 @@ from tokenbridge.training.parallel import TrainingModule
 from tokenbridge.training.ranks import Ranks
 from tokenbridge.training.schedules import learning_rate
 from tokenbridge.training.teachers import LiveTeacher, Teacher
-from tokenbridge.training.views import student_view
+from tokenbridge.training.views import student_forward
 
 BYTE = "byte"
 CHUNK_SIZE = 128  # positions per slice of a vocabulary projection
@@ -80,12 +83,18 @@ def init_path(out_dir: Path, init: Init) -> Path:
     return out_dir.with_name(f"{out_dir.name}-{init}")
 
 
+def _whole_text(encoded: Encoded) -> Encoded:
+    """Every token a training target (but the first, which nothing predicts): self-distillation learns the whole
+    text, the question's too, whatever the loss."""
+    return replace(encoded, loss_mask=[index > 0 for index in range(len(encoded.input_ids))])
+
+
 def _encoded_pairs(records: list[dict], teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
                    max_length: int) -> tuple[list[Encoded], list[Encoded]]:
     tables = vocab_bytes(teacher), vocab_bytes(student)
     teachers, students = [], []
     for record in records:
-        pair = [encode_example(tok, record["question"], record["answer"], table)
+        pair = [_whole_text(encode_example(tok, record["question"], record["answer"], table))
                 for tok, table in zip((teacher, student), tables)]
         if all(len(encoded.input_ids) <= max_length for encoded in pair):
             teachers.append(pair[0])
@@ -112,27 +121,11 @@ def _with_lora(model: PreTrainedModel, params: TransferParams) -> PreTrainedMode
     return cast(PreTrainedModel, get_peft_model(model, config))  # a PeftModel forwards the HF model's methods
 
 
-def transfer_forward(student: PreTrainedModel, vocab_size: int, boundary: torch.Tensor, alm: AlmLoss):
-    """The transfer forward: ALM between the FVT student and its original (the live teacher), plus the hidden-state
-    loss at chunk ends when it is weighted (byte targets)."""
-    def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
-        view = student_view(student, batch, vocab_size, boundary, CHUNK_SIZE, counts_only)
-        outputs = {"alm": alm(view, teacher, batch.alignment)}
-        if "hidden_state" in names:
-            assert teacher.hidden is not None, "the live teacher always returns its hidden states"
-            outputs["hidden_state"] = LossOutput((hidden_state_loss(teacher.hidden, view.hidden,
-                                                                    batch.alignment.teacher_chunks,
-                                                                    batch.alignment.student_chunks),))
-        return outputs
-
-    return forward
-
-
 def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_dir: Path, history_path: Path,
                    params: TransferParams, runtime: Runtime, checkpoint_dir: Path) -> TransferTraining:
-    """ALM self-distillation from the original model (teacher, own tokenizer) into the moved model in `start_dir`
-    (FVT or hypernetwork rows); saves the result (LoRA merged) at `out_dir`. A finished output of the same
-    configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every
+    """Self-distillation with `params.loss` from the original model (teacher, own tokenizer) into the moved model
+    in `start_dir` (FVT or hypernetwork rows); saves the result (LoRA merged) at `out_dir`. A finished output of
+    the same configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
     stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
@@ -155,9 +148,10 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     byte_level = start_card.byte_level
     boundaries = {"teacher": boundary_mask(teacher_tokenizer, output_embeddings(teacher.teacher.model).shape[0]),
                   "student": boundary_mask(student_tokenizer, output_embeddings(student).shape[0])}
-    alm = AlmLoss(params.alm, LossSetup(source_dir, start_dir, same_tokenizer=False, cache_dir=default_cache_dir()))
-    hidden_weight = params.hidden_state_weight if byte_level else 0.0
-    weights = {"alm": 1.0, "hidden_state": hidden_weight}
+    setup = LossSetup(source_dir, start_dir, same_tokenizer=False, cache_dir=default_cache_dir())
+    losses = torch.nn.ModuleDict({**build_losses([params.loss], params, setup), "hidden_state": HiddenStateTerm()})
+    losses.to(runtime.device)
+    weights = {params.loss: 1.0, "hidden_state": params.hidden_state_weight if byte_level else 0.0}
 
     history: list[dict] = []
     phases = [("embeddings", params.embedding_steps, params.embedding_learning_rate),
@@ -174,9 +168,10 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
                 parameter.requires_grad_("lora_" in name)
         for weight in _embedding_parameters(student):
             weight.requires_grad_(True)
-        trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
-        module = TrainingModule(student, torch.nn.ModuleDict(), transfer_forward(
-            student, len(student_tokenizer), boundaries["student"].to(runtime.device), alm))
+        trainable = [parameter for parameter in [*student.parameters(), *losses.parameters()]
+                     if parameter.requires_grad]  # and a loss's own (DSKD's projectors)
+        module = TrainingModule(student, losses, student_forward(
+            student, losses, len(student_tokenizer), boundaries["student"].to(runtime.device), CHUNK_SIZE))
         optimizer = torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0)
         engine = Engine(module, optimizer, runtime, Ranks(), params.max_grad_norm)
         checkpoint = Checkpoint(checkpoint_dir / phase, identity, module, optimizer, Ranks())
@@ -194,7 +189,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
                 result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
                                      f"transfer step {step}")
                 history.append({"step": step + 1, "phase": phase, "loss": result.loss,
-                                "alm_loss": result.values["alm"],
+                                f"{params.loss}_loss": result.values[params.loss],
                                 "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
                                 "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
                 done = phase_step + 1
@@ -212,7 +207,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
         copy_tokenizer_files(start_dir, temporary)
         start_card.model_copy(update={"name": f"{start_card.transferred_from}-transferred", "fingerprint": key,
                                     "training": summary, "transfer": params.model_dump()}).write(temporary / MODEL_CARD)
-    write_text(history_path, history_csv(history, ("step", "phase", "loss", "alm_loss", "hidden_state_loss",
+    write_text(history_path, history_csv(history, ("step", "phase", "loss", f"{params.loss}_loss", "hidden_state_loss",
                                                    "learning_rate", "grad_norm", "seconds")))
     return summary
 
@@ -220,7 +215,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
 def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
                  params: TransferParams, runtime: Runtime, checkpoint_dir: Path,
                  hypernet_dir: Path | None = None) -> SourceTransfer:
-    """`params.init` (FVT or the hypernetwork) then ALM self-distillation for one source; writes
+    """`params.init` (FVT or the hypernetwork) then self-distillation for one source; writes
     `<out_dir>-<init>` and `out_dir`, checkpointing under `checkpoint_dir`."""
     start_dir = init_path(out_dir, params.init)
     counts = retokenized_model(source_dir, target_dir, start_dir, params.init, params.seed, hypernet_dir)

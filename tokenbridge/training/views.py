@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokenbridge.losses.base import StudentView
+from tokenbridge.losses.base import LossOutput, StudentView, TeacherView
 from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
 from tokenbridge.training.batching import Batch
 
@@ -31,3 +31,15 @@ def student_view(student: PreTrainedModel, batch: Batch, vocab_size: int, bounda
         token_rows, boundary_rows = stats.token_logprobs, stats.boundary_logprobs
     return StudentView(student, hidden, head, vocab_size, batch.student_ids, batch.student_attention,
                        batch.student_loss_mask, token_rows, boundary_rows, chunk_size)
+
+
+def student_forward(student: PreTrainedModel, losses: torch.nn.ModuleDict, vocab_size: int,
+                    boundary: torch.Tensor, chunk_size: int):
+    """The training forward (distill's and transfer's): the student's view of a micro-batch and each named loss
+    term on it, with the student's boundary log-probs only when a term needs them."""
+    def forward(batch: Batch, teacher: TeacherView, names: list[str], counts_only: bool) -> dict[str, LossOutput]:
+        needs_boundary = any(losses[name].needs_student_boundary for name in names)
+        view = student_view(student, batch, vocab_size, boundary if needs_boundary else None, chunk_size, counts_only)
+        return {name: losses[name](view, teacher, batch.alignment) for name in names}
+
+    return forward
