@@ -32,8 +32,26 @@ def test_every_arm_of_a_claim_is_params_that_validate_and_differ_from_the_others
             _apply(raw, override)
         arms[arm] = resolve(raw, "default")
         assert isinstance(arms[arm], PipelineParams)
-    assert len({params.distill.model_dump_json() for params in arms.values()}) == len(arms)
+    assert len({params.model_dump_json() for params in arms.values()}) == len(arms)
     assert {CLAIMS[name].claimed, *CLAIMS[name].rivals} <= set(arms)
+
+
+def test_a_claims_pinned_params_hold_in_the_active_profile_whose_own_mappings_would_merge_over_them(tmp_path):
+    from tokenbridge.flows.claim import MOVED, _student_moved
+
+    params_path = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params_path.write_text(yaml.safe_dump({**raw, "profile": "tiny"}, sort_keys=False))
+    before = resolve(yaml.safe_load(params_path.read_text()))
+    assert set(before.transfer.sources) == {"gemma", "qwen"}  # the tiny profile's own sources
+    _student_moved(CLAIMS["alm-transfer-bytes"], before, params_path)
+    after = resolve(yaml.safe_load(params_path.read_text()))
+    assert after.profile == "tiny" and after.transfer.tokenizer == "byte"
+    assert after.transfer.sources == {MOVED: before.models.student} and after.ensemble.members == [MOVED]
+    assert resolve(yaml.safe_load(params_path.read_text()), "default").transfer.sources == after.transfer.sources, \
+        "pinned at the top level too"
+    assert "ensemble" not in yaml.safe_load(params_path.read_text())["profiles"]["tiny"], \
+        "a key the profile does not set stays out of it (dvc.yaml tracks the profile's keys as they are)"
 
 
 CLAIM = Claim("demo", "a paper", "A beats B and C.", claimed="a", rivals=("b", "c"), metric="bits_per_byte",
@@ -66,7 +84,7 @@ def test_a_claims_page_states_its_verdict_and_the_index_lists_every_claim(tmp_pa
     assert (tmp_path / "claims" / "plots" / "claim-demo-budget.png").stat().st_size > 0  # two budgets: a learning curve
     index = render_index(tmp_path).read_text()
     assert all(f"| {name} |" in index for name in CLAIMS)
-    assert "blocked: the transfer stage trains with ALM alone" in index
+    assert "not run yet" in index  # the claims without a page
 
 
 def test_the_distillation_sweep_also_answers_the_multilevel_ot_claim_and_nothing_unlike_it():
@@ -74,3 +92,16 @@ def test_the_distillation_sweep_also_answers_the_multilevel_ot_claim_and_nothing
 
     sweep = CLAIMS["alm-distillation"]
     assert [name for name, claim in CLAIMS.items() if claim is not sweep and _within(claim, sweep)] == ["multilevel-ot"]
+
+
+def test_an_arms_override_is_set_where_the_active_profile_reads_it(tmp_path):
+    from tokenbridge.experiments import aimed_at_the_profile
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump({**raw, "profile": "tiny"}))
+    assert raw["profiles"]["tiny"]["transfer"]["steps"] != raw["transfer"]["steps"]  # the profile's value wins
+    assert aimed_at_the_profile("transfer.steps=5", params_path) == "profiles.tiny.transfer.steps=5"
+    assert aimed_at_the_profile("transfer.loss=uld", params_path) == "transfer.loss=uld"  # the profile leaves it
+    params_path.write_text(yaml.safe_dump({**raw, "profile": "default"}))
+    assert aimed_at_the_profile("transfer.steps=5", params_path) == "transfer.steps=5"

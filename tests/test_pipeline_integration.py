@@ -3,6 +3,7 @@ a temporary git + DVC repo, Prefect's temporary local API, MLflow on sqlite, lm-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -247,18 +248,39 @@ def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_sid
     assert sum(name.startswith("cmp-") for name in experiments) == 2
 
 
-def test_a_claim_writes_its_page_with_the_verdict_its_numbers_give_and_the_index_links_it(repo):
-    """alm-ensemble reads one pipeline run (evaluate_transfer), so after the comparison it reruns nothing upstream."""
+TWO_ARMS = """
+import dataclasses, sys
+from tokenbridge.flows.claim import main
+from tokenbridge.reporting import claims
+claim = claims.CLAIMS["alm-transfer-bytes"]
+arms = {arm: claim.arms[arm] for arm in ("alm", "sft")}
+claims.CLAIMS[claim.name] = dataclasses.replace(claim, rivals=("sft",), arms=arms)
+main(sys.argv[1:])
+"""
+
+
+def test_a_transfer_claim_moves_the_student_once_per_arm_and_restores_params(repo):
+    """alm-transfer-bytes with two of its arms (the five run the same path, at CI's cost): the student becomes the
+    transfer stage's one source, moved onto bytes; each arm is an experiment up to evaluate_transfer."""
     from tokenbridge.reporting.claims import CLAIMS, verdict
 
     path, env, _ = repo
-    output = _run([sys.executable, "-m", "tokenbridge", "claim", "--name", "alm-ensemble", "--out", "results"],
-                  path, env)
-    assert _stages_run(output) <= {"distill", "evaluate@student_after", "report"}, output
-    record = json.loads((path / "results/claims/alm-ensemble.json").read_text())
-    assert record["verdict"] == verdict(CLAIMS["alm-ensemble"], record["budgets"]["0"])[0]
-    assert f"Verdict at this budget: {record['verdict']}" in (path / "results/claims/alm-ensemble.md").read_text()
-    assert "[claims/alm-ensemble.md](claims/alm-ensemble.md)" in (path / "results/claims.md").read_text()
+    params_before = (path / "params.yaml").read_text()
+    output = _run([sys.executable, "-c", TWO_ARMS, "--name", "alm-transfer-bytes", "--out", "results"], path, env)
+    assert {"transfer", "evaluate_transfer"} <= _stages_run(output), output
+    assert not _stages_run(output) & {"distill", "teacher_logits", "hypernet"}, output
+    assert (path / "params.yaml").read_text() == params_before
+    record = json.loads((path / "results/claims/alm-transfer-bytes.json").read_text())
+    arms = record["budgets"]["2"]
+    assert set(arms) == {"alm", "sft"} and {"original", "start"} == set(record["references"])
+    assert arms["alm"]["bits_per_byte"] != arms["sft"]["bits_per_byte"], "the arms trained differently"
+    assert all(arm["steps"] == 3 and len(arm["runs"]["1234"]["history"]["loss"]) == 3 for arm in arms.values())
+    claim = CLAIMS["alm-transfer-bytes"]
+    assert record["verdict"] == verdict(dataclasses.replace(claim, rivals=("sft",)), arms)[0]
+    experiments = _run(["dvc", "exp", "list", "--name-only"], path, env).split()
+    assert sum(name.startswith("claim-alm-transfer-bytes-") for name in experiments) == 2
+    assert f"Verdict at this budget: {record['verdict']}" in (path / "results/claims/alm-transfer-bytes.md").read_text()
+    assert "[claims/alm-transfer-bytes.md](claims/alm-transfer-bytes.md)" in (path / "results/claims.md").read_text()
 
 
 def test_params_asking_for_two_processes_make_dvc_repro_train_under_torchrun(repo):

@@ -79,7 +79,7 @@ class Contract(FileContract, Record):
 # ---------------------------------------------------------------------------------------------- model card
 
 class TransferTraining(Record):
-    """The transfer stage's ALM self-distillation of one source (also in metrics/transfer.json)."""
+    """The transfer stage's self-distillation of one source (also in metrics/transfer.json)."""
 
     steps: int
     final_loss: float | None = Field(None, json_schema_extra={"better": "lower"})  # None: no steps
@@ -387,7 +387,7 @@ class SourceTransfer(TransferTraining):
 
 
 class TransferMetrics(FileContract, RootModel[dict[str, SourceTransfer]]):
-    """metrics/transfer.json (DVC metrics): each transfer source's FVT counts and ALM self-distillation."""
+    """metrics/transfer.json (DVC metrics): each transfer source's FVT counts and self-distillation."""
 
     WRITTEN_BY: ClassVar[str] = "transfer"
 

@@ -11,9 +11,11 @@ import contextlib
 import csv
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tokenbridge.contracts import DistillMetrics, EvalMetrics
 from tokenbridge.paths import DISTILL_HISTORY, DISTILL_METRICS, EVAL_METRICS_DIR
@@ -35,29 +37,51 @@ def params_restored(params_file: Path) -> Iterator[None]:
         Path(params_file).write_text(saved)
 
 
-def _losses(history_csv: Path) -> dict[str, list[float]]:
-    """The distill history's step and total-loss columns: one arm's training curve."""
+def loss_curve(history_csv: Path) -> dict[str, list[float]]:
+    """A training history's step and total-loss columns: one arm's training curve."""
     with open(history_csv, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return {"step": [float(row["step"]) for row in rows], "loss": [float(row["loss"]) for row in rows]}
 
 
-def run_arms(arms: Mapping[str, Sequence[str]], seeds: Sequence[int], prefix: str,
-             targets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """arm -> its distilled student's scores (every number of metrics/eval/student_after.json, the distill summary,
-    the experiment's seconds) over its seeds (`across_seeds`), with `runs` (seed -> that run's, and its training
-    curve under `history`). `targets`: the stages each experiment brings up to date (default: all)."""
+def distilled() -> dict[str, Any]:
+    """The distilled student's scores (every number of metrics/eval/student_after.json), the distill summary and its
+    training curve (`history`): what an arm of a distillation sweep yields."""
+    return {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").numbers(),
+            **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
+            "history": loss_curve(DISTILL_HISTORY)}
+
+
+def aimed_at_the_profile(override: str, params_file: Path = Path("params.yaml")) -> str:
+    """`key=value` as `dvc exp run -S` must set it to take effect: `profiles.<active>.<key>` when the active
+    profile sets that key (its value wins over the top level's), else the top-level key."""
+    key, _ = override.split("=", 1)
+    raw = yaml.safe_load(params_file.read_text())
+    profile = raw.get("profile", "default")
+    node: Any = raw.get("profiles", {}).get(profile, {}) if profile != "default" else {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return override
+        node = node[part]
+    return f"profiles.{profile}.{override}"
+
+
+def run_arms(arms: Mapping[str, Sequence[str]], seeds: Sequence[int], prefix: str, targets: Sequence[str] = (),
+             read: Callable[[], dict[str, Any]] = distilled,
+             seed_key: str = "distill.seed") -> dict[str, dict[str, Any]]:
+    """arm -> what `read` finds after its experiment (default: the distilled student's scores) with the experiment's
+    seconds, over its seeds (`across_seeds`), with `runs` (seed -> that run's). `targets`: the stages each
+    experiment brings up to date (default: all); `seed_key`: the param each seed sets. Each override is set where
+    the active profile reads it (`aimed_at_the_profile`)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict[str, Any]] = {}
     for arm, overrides in arms.items():
         runs = {}
         for seed in seeds:
-            sets = [*overrides, f"distill.seed={seed}"]
+            sets = [aimed_at_the_profile(item) for item in (*overrides, f"{seed_key}={seed}")]
             name = f"{prefix}-{arm.replace('_', '-')}-s{seed}-{stamp}"
             started = time.perf_counter()
             run(["dvc", "exp", "run", "-n", name, *(arg for item in sets for arg in ("-S", item)), *targets])
-            runs[seed] = {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").numbers(),
-                          **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
-                          "experiment_seconds": time.perf_counter() - started, "history": _losses(DISTILL_HISTORY)}
+            runs[seed] = {**read(), "experiment_seconds": time.perf_counter() - started}
         results[arm] = {**across_seeds(runs), "runs": runs}
     return results

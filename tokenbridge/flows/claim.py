@@ -5,12 +5,16 @@
   tokenbridge claim --name alm-distillation --steps 10 20 40  the learning curve: each arm at each budget (the
                                                               verdict at the largest)
   tokenbridge claim --name alm-ensemble                       reads one pipeline run (evaluate_transfer)
+  tokenbridge claim --name alm-transfer                       the student moved onto the teacher's tokenizer,
+                                                              once per transfer.loss (--steps: transfer.steps)
 
 The claims, their arms and the metric that decides each: tokenbridge/reporting/claims.py and
 docs/results/claims.md. First `dvc repro` brings the baseline's evaluations up to date (for a same-tokenizer
 claim, with the teacher moved onto the student's tokenizer by the transfer stage; for alm-ensemble, the whole
 pipeline); then each arm runs as `dvc exp run -n claim-<name>-<arm>-s<seed>-<time> -S ... evaluate@...`, sharing
-every stage upstream of distill, and stays in `dvc exp show`.
+every stage upstream of distill, and stays in `dvc exp show`. A transfer claim with arms (alm-transfer,
+alm-transfer-bytes) makes the student the transfer stage's one source (`moved`), moved onto its tokenizer, and
+runs each arm as an experiment up to `evaluate_transfer`.
 params.yaml is restored afterwards. Writes docs/results/claims/<name>.{md,html,json} (`--out` for another
 folder), its plots, and the index docs/results/claims.md; also the page of every other claim whose arms the sweep
 ran with the same overrides (alm-distillation's sweep answers multilevel-ot).
@@ -20,13 +24,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest, TransferScores
-from tokenbridge.experiments import params_restored, run, run_arms
+from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest, TransferMetrics, TransferScores
+from tokenbridge.experiments import distilled, loss_curve, params_restored, run, run_arms
 from tokenbridge.flows.common import stage_cli
 from tokenbridge.io import write_json
 from tokenbridge.params import PipelineParams, load_params
@@ -37,6 +42,8 @@ from tokenbridge.paths import (
     STUDENT_DIR,
     TEACHER_DIR,
     TRANSFER_EVAL_METRICS,
+    TRANSFER_HISTORY_DIR,
+    TRANSFER_METRICS,
     TRANSFERRED_DIR,
 )
 from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index
@@ -46,7 +53,31 @@ from tokenbridge.stages.evaluate import collect_metrics
 MOVED_TEACHER = "qwen"  # the transfer source a same-tokenizer claim's teacher is
 # What a distillation claim's experiments bring up to date: the three evaluations (and distill, before them), not the
 # transfer, hypernetwork or report stages, which no arm changes.
+
+
+MOVED = "moved"  # the transfer source a transfer claim with arms moves: the student
 EVALUATED = [f"evaluate@{model}" for model in EVAL_MODELS]
+
+
+def _pin(params_path: Path, values: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml for this sweep: at the top level, and in the active profile where it sets the
+    same key, so the profile's own value (a mapping merges over the top level's) cannot add to or override it. A key
+    the profile does not set stays out of it: DVC tracks a profile's keys as they are in dvc.yaml."""
+    raw = yaml.safe_load(params_path.read_text())
+    profile = raw.get("profile", "default")
+    overrides = raw.get("profiles", {}).get(profile, {}) if profile != "default" else {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        node = overrides
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = value
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def _teacher_on_the_students_tokenizer(claim: Claim, params: PipelineParams, params_path: Path) -> str:
@@ -60,37 +91,61 @@ def _teacher_on_the_students_tokenizer(claim: Claim, params: PipelineParams, par
     kept = Path("checkpoints") / "claims" / claim.name / "teacher"
     shutil.rmtree(kept, ignore_errors=True)
     shutil.copytree(TRANSFERRED_DIR / MOVED_TEACHER, kept)
-    raw = yaml.safe_load(params_path.read_text())
-    raw["models"]["teacher"] = {"source": "hf", "path": str(kept)}
-    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _pin(params_path, {"models.teacher": {"source": "hf", "path": str(kept)}})
     return str(kept)
+
+
+def _student_moved(claim: Claim, params: PipelineParams, params_path: Path) -> None:
+    """Make the student the transfer stage's one source (`moved`), onto `claim.student_onto`, and the one ensemble
+    member, in params.yaml for this sweep."""
+    _pin(params_path, {"transfer.tokenizer": claim.student_onto,
+                       "transfer.sources": {MOVED: params.models.student.model_dump(mode="json")},
+                       "ensemble.members": [MOVED], "ensemble.weights": []})
+
+
+def _transferred() -> dict[str, Any]:
+    """The moved student's scores, its transfer summary and training curve: what an arm of a transfer claim yields."""
+    summary = TransferMetrics.read(TRANSFER_METRICS).root[MOVED]
+    return {**TransferScores.read(TRANSFER_EVAL_METRICS).root[f"{MOVED}.transferred"].numbers(),
+            **summary.model_dump(exclude={"fvt", "hypernet"}, exclude_none=True),
+            "history": loss_curve(TRANSFER_HISTORY_DIR / f"{MOVED}.csv")}
 
 
 @flow(name="claim", log_prints=True)
 def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seeds: list[int] | None = None,
           steps: list[int] | None = None, out: str = "docs/results") -> dict:
     chosen = CLAIMS[name]
-    if chosen.blocked:
-        raise SystemExit(f"claim {name} cannot run yet: {chosen.blocked}")
     params_path = Path(params_file)
     params = load_params(params_path)
-    seeds = seeds or [params.distill.seed]
-    budgets_asked = sorted(steps or [params.distill.steps])
+    seeds = seeds or [params.distill.seed if chosen.reads == "distill" else params.transfer.seed]
+    budgets_asked = sorted(steps or [params.distill.steps if chosen.reads == "distill" else params.transfer.steps])
     facts: dict = {}
     with params_restored(params_path):
+        references: dict[str, dict] = {}
         if chosen.teacher_on_student_tokenizer:
             facts["teacher (moved onto the student's tokenizer)"] = _teacher_on_the_students_tokenizer(
                 chosen, params, params_path)
-        run(["dvc", "repro", *(EVALUATED if chosen.reads == "distill" else [])])
-        if chosen.reads == "distill":
-            references = {model: scores.numbers() for model, scores in
-                          collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
-            budgets = {n: run_arms({arm: (*overrides, f"distill.steps={n}") for arm, overrides in chosen.arms.items()},
-                                   seeds, f"claim-{name}", EVALUATED) for n in budgets_asked}
+        if chosen.student_onto:
+            _student_moved(chosen, params, params_path)
+            facts["moved"] = f"the student, onto transfer.tokenizer {chosen.student_onto}"
+        if chosen.arms:
+            targets = EVALUATED if chosen.reads == "distill" else ["evaluate_transfer"]
+            run(["dvc", "repro", *targets])
+            if chosen.reads == "distill":
+                references = {model: scores.numbers() for model, scores in
+                              collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
+            else:  # every arm starts from the same model; the baseline run's scores of it and of the original
+                moved = TransferScores.read(TRANSFER_EVAL_METRICS).root
+                references = {"original": moved[f"{MOVED}.original"].numbers(),
+                              "start": moved[f"{MOVED}.{params.transfer.init}"].numbers()}
+            budgets = {n: run_arms({arm: (*overrides, f"{chosen.budget_key}={n}")
+                                    for arm, overrides in chosen.arms.items()}, seeds, f"claim-{name}", targets,
+                                   distilled if chosen.reads == "distill" else _transferred, chosen.seed_key)
+                       for n in budgets_asked}
             budget = f"{budgets_asked[-1]} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
         else:
+            run(["dvc", "repro"])
             scores = TransferScores.read(TRANSFER_EVAL_METRICS).root
-            references = {}
             budgets = {0: {label: scores[label].numbers() for label in (chosen.claimed, *chosen.rivals)}}
             budget = f"one pipeline run (transfer: {params.transfer.embedding_steps} + {params.transfer.steps} steps)"
         context = {
@@ -98,9 +153,12 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             "profile": params.profile, **tracking.revision_tags(),
             "machine": machine(resolve_device(params.runtime.device)),
             "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
-            "budget": budget, "steps (budgets)": budgets_asked if chosen.reads == "distill" else "–",
-            "seeds": seeds if chosen.reads == "distill" else "–",
-            "batch_size": params.distill.batch_size, "learning_rate": params.distill.learning_rate,
+            "budget": budget, "steps (budgets)": f"{chosen.budget_key}: {budgets_asked}" if chosen.arms else "–",
+            "seeds": f"{chosen.seed_key}: {seeds}" if chosen.arms else "–",
+            **({"batch_size": params.distill.batch_size, "learning_rate": params.distill.learning_rate}
+               if chosen.reads == "distill" else
+               {"transfer": {key: getattr(params.transfer, key) for key in (
+                   "embedding_steps", "train", "batch_size", "learning_rate", "embedding_learning_rate")}}),
             "evaluate": {"tasks": params.evaluate.tasks, "limit": params.evaluate.limit,
                          "choice_limit": params.evaluate.choice_limit, "bpb_examples": params.evaluate.bpb_examples,
                          "teacher_answers": params.evaluate.teacher_answers},
@@ -125,7 +183,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
 
 def _within(other: Claim, sweep: Claim) -> bool:
     """Whether the sweep's runs answer `other` too: each of its arms ran, with the same overrides and setup."""
-    return (not other.blocked and other.reads == "distill" == sweep.reads and bool(other.arms)
+    return (other.reads == "distill" == sweep.reads and bool(other.arms)
             and other.teacher_on_student_tokenizer == sweep.teacher_on_student_tokenizer
             and all(sweep.arms.get(arm) == overrides for arm, overrides in other.arms.items()))
 
@@ -135,8 +193,9 @@ def main(argv: list[str]) -> None:
               name={"choices": list(CLAIMS), "required": True,
                     "help": "which claim (docs/results/claims.md lists them)"},
               seeds={"nargs": "+", "type": int, "metavar": "SEED",
-                     "help": "run each arm once per distill.seed (default: params' distill.seed, once)"},
+                     "help": "run each arm once per seed (distill.seed, or transfer.seed for a transfer claim; "
+                             "default: params' value, once)"},
               steps={"nargs": "+", "type": int, "metavar": "N",
-                     "help": "distill.steps budgets: each arm at each, a learning curve (default: params' "
-                             "distill.steps)"},
+                     "help": "training budgets (distill.steps, or transfer.steps for a transfer claim): each arm "
+                             "at each, a learning curve (default: params' value)"},
               out={"default": "docs/results", "help": "folder for the pages (default: docs/results)"})
