@@ -1,7 +1,8 @@
 """Stage `evaluate_transfer`: the transfer and ensemble models on the evaluate stage's terms (`evaluate.*`,
 `runtime.*`): each source as it was (`<name>.original`), after its initialisation alone (`<name>.fvt` or
-`<name>.hypernet`: `transfer.init`) and after that then ALM (`<name>.transferred`), and the ensemble. Members
-that are the student or the teacher take the evaluate stage's scores. The report stage puts them side by side.
+`<name>.hypernet`: `transfer.init`) and after that then self-distillation (`<name>.transferred`), and the
+ensemble. Members that are the student or the teacher take the evaluate stage's scores. The report stage puts
+them side by side.
 
 Evaluation plan (docs/evaluation.md): every model here gets held-out bits-per-byte, which is cheap (one
 forward pass over the answers) and tells the variants apart; GSM generation, the pipeline's dominant cost,

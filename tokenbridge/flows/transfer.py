@@ -1,11 +1,12 @@
 """Stage `transfer`: move each `transfer.sources` model onto `transfer.tokenizer` (a role's tokenizer, a
-local one, or bytes): FVT initialisation, then ALM self-distillation with the original model as the frozen
+local one, or bytes): FVT initialisation, then self-distillation with `transfer.loss` (ALM by default; any
+registered cross-tokenizer loss, or `sft`, next-token training alone) and the original model as the frozen
 teacher (an embeddings-only phase, then LoRA or every parameter). Byte-level targets add the hidden-state
 loss. docs/transfer.md.
 
 Inputs: data/prepared (the training texts), models/student and models/teacher (when the target names a
 role); params `transfer.*`. Outputs: models/sources/<name>/ (each source as materialised),
-models/transferred/<name>/ (FVT then ALM) and models/transferred/<name>-fvt/ (FVT alone),
+models/transferred/<name>/ (FVT then self-distillation) and models/transferred/<name>-fvt/ (FVT alone),
 metrics/transfer/<name>.csv (per-step history), metrics/transfer.json.
 Run alone: tokenbridge transfer   (or: dvc repro transfer)
 """

@@ -91,7 +91,8 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
 
     blocks: list[Block] = [Paragraph(
         "Each source model moved onto the target tokenizer: as it was (original, its own tokenizer), after its "
-        "initialisation alone (FVT or the hypernetwork), and after that then ALM self-distillation; the "
+        "initialisation alone (FVT or the hypernetwork), and after that then self-distillation (`transfer.loss`, "
+        "ALM by default); the "
         "hypernetwork against FVT on tokenizers it never trained on; then the ensemble next to each of its "
         "members. All on the same held-out questions and answers.")]
     for source in sources:
