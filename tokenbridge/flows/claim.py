@@ -9,15 +9,16 @@
                                                               once per transfer.loss (--steps: transfer.steps)
 
 The claims, their arms and the metric that decides each: tokenbridge/reporting/claims.py and
-docs/results/claims.md. First `dvc repro` brings the baseline's evaluations up to date (for a same-tokenizer
-claim, with the teacher moved onto the student's tokenizer by the transfer stage; for alm-ensemble, the whole
-pipeline); then each arm runs as `dvc exp run -n claim-<name>-<arm>-s<seed>-<time> -S ... evaluate@...`, sharing
-every stage upstream of distill, and stays in `dvc exp show`. A transfer claim with arms (alm-transfer,
-alm-transfer-bytes) makes the student the transfer stage's one source (`moved`), moved onto its tokenizer, and
-runs each arm as an experiment up to `evaluate_transfer`.
-params.yaml is restored afterwards. Writes docs/results/claims/<name>.{md,html,json} (`--out` for another
-folder), its plots, and the index docs/results/claims.md; also the page of every other claim whose arms the sweep
-ran with the same overrides (alm-distillation's sweep answers multilevel-ot).
+docs/results/claims.md. Each arm runs as `dvc exp run -n claim-<name>-<arm>-s<seed>-<time> -S ... evaluate@...`
+(for a same-tokenizer claim, after the transfer stage has moved the teacher onto the student's tokenizer),
+sharing every stage upstream of distill, and stays in `dvc exp show`; the teacher's and the untrained student's
+scores are read as the experiments left them. alm-ensemble reads one `dvc repro` of the whole pipeline. A
+transfer claim with arms (alm-transfer, alm-transfer-bytes) makes the student the transfer stage's one source
+(`moved`), moved onto its tokenizer, and runs each arm as an experiment up to `evaluate_transfer`; the original's
+and the start's scores are read as the experiments left them. params.yaml is restored afterwards.
+Writes docs/results/claims/<name>.{md,html,json} (`--out` for another folder), its plots, and the index
+docs/results/claims.md; also the page of every other claim whose arms the sweep ran with the same overrides
+(alm-distillation's sweep answers multilevel-ot).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
     budgets_asked = sorted(steps or [params.distill.steps if chosen.reads == "distill" else params.transfer.steps])
     facts: dict = {}
     with params_restored(params_path):
-        references: dict[str, dict] = {}
+        references: dict[str, dict] = {}  # the untrained and reference models beside the arms
         if chosen.teacher_on_student_tokenizer:
             facts["teacher (moved onto the student's tokenizer)"] = _teacher_on_the_students_tokenizer(
                 chosen, params, params_path)
@@ -130,18 +131,19 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             facts["moved"] = f"the student, onto transfer.tokenizer {chosen.student_onto}"
         if chosen.arms:
             targets = EVALUATED if chosen.reads == "distill" else ["evaluate_transfer"]
-            run(["dvc", "repro", *targets])
-            if chosen.reads == "distill":
-                references = {model: scores.numbers() for model, scores in
-                              collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
-            else:  # every arm starts from the same model; the baseline run's scores of it and of the original
-                moved = TransferScores.read(TRANSFER_EVAL_METRICS).root
-                references = {"original": moved[f"{MOVED}.original"].numbers(),
-                              "start": moved[f"{MOVED}.{params.transfer.init}"].numbers()}
             budgets = {n: run_arms({arm: (*overrides, f"{chosen.budget_key}={n}")
                                     for arm, overrides in chosen.arms.items()}, seeds, f"claim-{name}", targets,
                                    distilled if chosen.reads == "distill" else _transferred, chosen.seed_key)
                        for n in budgets_asked}
+            # What no arm changes, as the last experiment left it in the workspace: the teacher and the untrained
+            # student, or the moved model's original and its start (FVT's rows depend on transfer.seed alone).
+            if chosen.reads == "distill":
+                references = {model: scores.numbers() for model, scores in
+                              collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
+            else:
+                moved = TransferScores.read(TRANSFER_EVAL_METRICS).root
+                references = {"original": moved[f"{MOVED}.original"].numbers(),
+                              "start": moved[f"{MOVED}.{params.transfer.init}"].numbers()}
             budget = f"{budgets_asked[-1]} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
         else:
             run(["dvc", "repro"])
