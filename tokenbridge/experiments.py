@@ -52,18 +52,23 @@ def distilled() -> dict[str, Any]:
             "history": loss_curve(DISTILL_HISTORY)}
 
 
-def aimed_at_the_profile(override: str, params_file: Path = Path("params.yaml")) -> str:
-    """`key=value` as `dvc exp run -S` must set it to take effect: `profiles.<active>.<key>` when the active
-    profile sets that key (its value wins over the top level's), else the top-level key."""
-    key, _ = override.split("=", 1)
-    raw = yaml.safe_load(params_file.read_text())
+def profile_setting(raw: dict[str, Any], key: str) -> str | None:
+    """The active profile's name when it sets the dotted `key` (its value then wins over the top level's), else
+    None. `raw`: params.yaml as parsed."""
     profile = raw.get("profile", "default")
     node: Any = raw.get("profiles", {}).get(profile, {}) if profile != "default" else {}
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return override
+            return None
         node = node[part]
-    return f"profiles.{profile}.{override}"
+    return profile
+
+
+def aimed_at_the_profile(override: str, params_file: Path = Path("params.yaml")) -> str:
+    """`key=value` as `dvc exp run -S` must set it to take effect: `profiles.<active>.<key>` when the active
+    profile sets that key, else the top-level key."""
+    profile = profile_setting(yaml.safe_load(params_file.read_text()), override.split("=", 1)[0])
+    return override if profile is None else f"profiles.{profile}.{override}"
 
 
 def run_arms(arms: Mapping[str, Sequence[str]], seeds: Sequence[int], prefix: str, targets: Sequence[str] = (),

@@ -32,7 +32,7 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest, TransferMetrics, TransferScores
-from tokenbridge.experiments import distilled, loss_curve, params_restored, run, run_arms
+from tokenbridge.experiments import distilled, loss_curve, params_restored, profile_setting, run, run_arms
 from tokenbridge.flows.common import stage_cli
 from tokenbridge.io import write_json
 from tokenbridge.params import PipelineParams, load_params
@@ -52,11 +52,9 @@ from tokenbridge.runtime import machine, resolve_device
 from tokenbridge.stages.evaluate import collect_metrics
 
 MOVED_TEACHER = "qwen"  # the transfer source a same-tokenizer claim's teacher is
+MOVED = "moved"  # the transfer source a transfer claim with arms moves: the student
 # What a distillation claim's experiments bring up to date: the three evaluations (and distill, before them), not the
 # transfer, hypernetwork or report stages, which no arm changes.
-
-
-MOVED = "moved"  # the transfer source a transfer claim with arms moves: the student
 EVALUATED = [f"evaluate@{model}" for model in EVAL_MODELS]
 
 
@@ -65,18 +63,13 @@ def _pin(params_path: Path, values: dict[str, Any]) -> None:
     same key, so the profile's own value (a mapping merges over the top level's) cannot add to or override it. A key
     the profile does not set stays out of it: DVC tracks a profile's keys as they are in dvc.yaml."""
     raw = yaml.safe_load(params_path.read_text())
-    profile = raw.get("profile", "default")
-    overrides = raw.get("profiles", {}).get(profile, {}) if profile != "default" else {}
     for key, value in values.items():
+        profile = profile_setting(raw, key)
         *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-        node = overrides
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node:
+        for root in [raw, *([raw["profiles"][profile]] if profile is not None else [])]:
+            node = root
+            for part in parents:
+                node = node.setdefault(part, {})
             node[leaf] = value
     params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
