@@ -24,6 +24,7 @@ docs/results/claims.md; also the page of every other claim whose arms the sweep 
 from __future__ import annotations
 
 import shutil
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,8 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
     chosen = CLAIMS[name]
     params_path = Path(params_file)
     params = load_params(params_path)
-    seeds = seeds or [params.distill.seed if chosen.reads == "distill" else params.transfer.seed]
-    budgets_asked = sorted(steps or [params.distill.steps if chosen.reads == "distill" else params.transfer.steps])
+    seeds = seeds or [attrgetter(chosen.seed_key)(params)]
+    budgets_asked = sorted(steps or [attrgetter(chosen.budget_key)(params)])
     facts: dict = {}
     with params_restored(params_path):
         references: dict[str, dict] = {}  # the untrained and reference models beside the arms

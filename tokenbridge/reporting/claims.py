@@ -66,12 +66,12 @@ class Claim:
 
     @property
     def budget_key(self) -> str:
-        """The param `--steps` sets: the training steps of what the arms change."""
-        return "distill.steps" if self.reads == "distill" else "transfer.steps"
+        """The param `--steps` sets: the training steps of the stage the arms change (`reads` names its section)."""
+        return f"{self.reads}.steps"
 
     @property
     def seed_key(self) -> str:
-        return "distill.seed" if self.reads == "distill" else "transfer.seed"
+        return f"{self.reads}.seed"
 
 
 CLOSENESS = ("bits-per-byte on the teacher's own greedy answers (`teacher_answers_bits_per_byte`): how likely the "
