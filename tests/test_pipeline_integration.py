@@ -271,6 +271,7 @@ def test_a_transfer_claim_moves_the_student_once_per_arm_and_restores_params(rep
     record = json.loads((path / "results/claims/alm-transfer-bytes.json").read_text())
     arm = record["budgets"]["1"]["alm"]
     assert {"original", "start"} == set(record["references"])
+    assert record["context"]["pinned for every arm"] == {"transfer.max_length": 1536}, "long enough for byte texts"
     assert arm["bits_per_byte"] != record["references"]["start"]["bits_per_byte"], "the moved model trained"
     embedding_steps = yaml.safe_load(params_before)["profiles"]["tiny"]["transfer"]["embedding_steps"]
     assert arm["steps"] == embedding_steps + 1 == len(arm["runs"]["1234"]["history"]["loss"])

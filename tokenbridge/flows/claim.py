@@ -76,12 +76,14 @@ def _pin(params_path: Path, values: dict[str, Any]) -> None:
 
 
 def _teacher_on_the_students_tokenizer(claim: Claim, params: PipelineParams, params_path: Path) -> str:
-    """Run the transfer stage, keep its `qwen` (moved onto the student's tokenizer) outside every DVC output, and
-    make it the teacher in params.yaml for this sweep; returns the folder."""
+    """Run the transfer stage on its `qwen` source alone (moved onto the student's tokenizer), keep the result outside
+    every DVC output, and make it the teacher in params.yaml for this sweep; returns the folder."""
     if params.transfer.tokenizer != "student" or MOVED_TEACHER not in params.transfer.sources:
         raise SystemExit(f"claim {claim.name} needs the transfer stage to move source '{MOVED_TEACHER}' onto the "
                          "student's tokenizer: set transfer.tokenizer: student and keep transfer.sources."
                          f"{MOVED_TEACHER}")
+    _pin(params_path, {"transfer.sources": {MOVED_TEACHER: params.transfer.sources[MOVED_TEACHER].model_dump(
+        mode="json")}, "ensemble.members": ["student", MOVED_TEACHER], "ensemble.weights": []})
     run(["dvc", "repro", "transfer"])
     kept = Path("checkpoints") / "claims" / claim.name / "teacher"
     shutil.rmtree(kept, ignore_errors=True)
@@ -117,6 +119,9 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
     facts: dict = {}
     with params_restored(params_path):
         references: dict[str, dict] = {}  # the untrained and reference models beside the arms
+        if chosen.pinned:
+            _pin(params_path, dict(chosen.pinned))
+            facts["pinned for every arm"] = dict(chosen.pinned)
         if chosen.teacher_on_student_tokenizer:
             facts["teacher (moved onto the student's tokenizer)"] = _teacher_on_the_students_tokenizer(
                 chosen, params, params_path)
@@ -181,6 +186,7 @@ def _within(other: Claim, sweep: Claim) -> bool:
     """Whether the sweep's runs answer `other` too: each of its arms ran, with the same overrides and setup."""
     return (other.reads == "distill" == sweep.reads and bool(other.arms)
             and other.teacher_on_student_tokenizer == sweep.teacher_on_student_tokenizer
+            and other.pinned == sweep.pinned
             and all(sweep.arms.get(arm) == overrides for arm, overrides in other.arms.items()))
 
 

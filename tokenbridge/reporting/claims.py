@@ -63,6 +63,7 @@ class Claim:
     reads: Literal["distill", "transfer"] = "distill"
     teacher_on_student_tokenizer: bool = False  # the teacher is the transfer stage's `qwen` (same tokenizer)
     student_onto: str | None = None  # transfer arms: the student is the one source, moved onto this transfer.tokenizer
+    pinned: Mapping[str, Any] = field(default_factory=dict)  # params every arm shares for this sweep (dotted keys)
 
     @property
     def budget_key(self) -> str:
@@ -131,9 +132,12 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                        "tokenizers by counting bytes. Every arm starts from the same FVT model and trains the same "
                        "steps on the same texts; only `transfer.loss` differs.",
             arms={loss: (f"transfer.loss={loss}",) for loss in ("alm", "sft", "uld", "mined", "dskd")},
-            reads="transfer", student_onto=tokenizer)
-      for suffix, target, tokenizer in (("", "the Qwen2.5 tokenizer (the teacher's)", "teacher"),
-                                        ("-bytes", "bytes", "byte"))),
+            reads="transfer", student_onto=tokenizer, pinned=pinned)
+      for suffix, target, tokenizer, pinned in (
+          ("", "the Qwen2.5 tokenizer (the teacher's)", "teacher", {}),
+          # a byte is a token: the longest train text (1,045 bytes with its chat template) must fit, or the
+          # transfer trains on the few short ones alone (12 of 96 at the default 384)
+          ("-bytes", "bytes", "byte", {"transfer.max_length": 1536}))),
 )}
 
 
