@@ -275,6 +275,7 @@ def test_a_transfer_claim_moves_the_student_once_per_arm_and_restores_params(rep
     assert arm["bits_per_byte"] != record["references"]["start"]["bits_per_byte"], "the moved model trained"
     embedding_steps = yaml.safe_load(params_before)["profiles"]["tiny"]["transfer"]["embedding_steps"]
     assert arm["steps"] == embedding_steps + 1 == len(arm["runs"]["1234"]["history"]["loss"])
+    assert record["budget"] == f"{embedding_steps} embedding + 1 steps, 1 seed"
     experiments = _run(["dvc", "exp", "list", "--name-only"], path, env).split()
     assert sum(name.startswith("claim-alm-transfer-bytes-alm-") for name in experiments) == 1
     assert f"Verdict at this budget: {record['verdict']}" in (path / "results/claims/alm-transfer-bytes.md").read_text()

@@ -143,7 +143,8 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
                 moved = TransferScores.read(TRANSFER_EVAL_METRICS).root
                 references = {"original": moved[f"{MOVED}.original"].numbers(),
                               "start": moved[f"{MOVED}.{params.transfer.init}"].numbers()}
-            budget = f"{budgets_asked[-1]} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+            embedding = f"{params.transfer.embedding_steps} embedding + " if chosen.reads == "transfer" else ""
+            budget = f"{embedding}{budgets_asked[-1]} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
         else:
             run(["dvc", "repro"])
             scores = TransferScores.read(TRANSFER_EVAL_METRICS).root
