@@ -73,6 +73,19 @@ def test_the_verdict_needs_every_rival_beaten_outside_the_noise(b, c, expected):
     assert decision == expected and len(sentences) == 2
 
 
+def test_a_rival_inside_the_noise_gets_the_budget_at_which_a_proportionally_growing_gap_would_leave_it():
+    from tokenbridge.reporting.claims import _separating_budgets
+
+    # a is 0.02 below b after 40 steps; b's interval reaches 0.05 above and below: at 0.02 per 40 steps the gap
+    # passes 0.05 at 100 steps. c is outside the noise already, so it gets no estimate.
+    results = {"a": _scores(0.50, 0.03), "b": _scores(0.52, 0.05), "c": _scores(0.70, 0.01)}
+    assert "b at about 100 steps (a ahead)" in _separating_budgets(CLAIM, results, 40)
+    assert "c at about" not in _separating_budgets(CLAIM, results, 40)
+    behind = {**results, "b": _scores(0.48, 0.05)}
+    assert "b at about 100 steps (a behind)" in _separating_budgets(CLAIM, behind, 40)
+    assert _separating_budgets(CLAIM, {**results, "b": _scores(0.60, 0.01)}, 40) == "", "nothing inside the noise"
+
+
 def test_a_claims_page_states_its_verdict_and_the_index_lists_every_claim(tmp_path):
     run = {"history": {"step": [1, 2, 3, 4], "loss": [3.0, 2.0, 1.5, 1.4]}}
     results = {arm: {**_scores(value, 0.01), "final_loss": 1.4, "runs": {1: run}}

@@ -177,6 +177,33 @@ def _movement(metric: str, results: Mapping[str, Mapping[str, Any]], before: Map
             "apart, so a budget at which the arms move several interval widths is what could separate them.")
 
 
+def _separating_budgets(claim: Claim, results: Mapping[str, Mapping[str, Any]], budget: int) -> str:
+    """For each rival still inside the noise, the budget at which its gap to the claimed arm would leave the noise,
+    were the gap to grow in proportion to the training steps (every arm starts from the same model, so the gap is 0
+    at step 0) and the intervals to keep their width: a rough answer to which budget would likely separate them.
+    Counted in the arms' recorded optimizer steps (a transfer's embedding steps included), else in `budget`."""
+    mine, estimates = results[claim.claimed], []
+    steps = int(mine.get("steps") or budget)
+    for rival in claim.rivals:
+        theirs = results[rival]
+        my_bounds, their_bounds = interval(mine, claim.metric), interval(theirs, claim.metric)
+        if steps <= 0 or my_bounds is None or their_bounds is None or not inside_the_noise(claim.metric, mine, theirs):
+            continue
+        (my_low, my_high), (their_low, their_high) = my_bounds, their_bounds
+        gap = mine[claim.metric] - theirs[claim.metric]
+        # outside the noise: each value beyond the other's interval, on the side the gap points to
+        needed = (max(their_high - theirs[claim.metric], mine[claim.metric] - my_low) if gap > 0 else
+                  max(theirs[claim.metric] - their_low, my_high - mine[claim.metric]))
+        ahead = (gap < 0) == (EvalMetrics.better(claim.metric) == "lower")
+        estimates.append(f"{rival} at about {math.ceil(round(steps * needed / abs(gap), 6))} steps ({claim.claimed} "
+                         f"{'ahead' if ahead else 'behind'})" if gap else f"{rival} never (no gap)")
+    if not estimates:
+        return ""
+    return (f" Were each gap to grow in proportion to the training steps ({steps} now, from 0: every arm starts "
+            "from the same model) with intervals of today's width, it would leave the noise: "
+            + "; ".join(estimates) + ".")
+
+
 def _trend(history: Mapping[str, Sequence[float]]) -> float | None:
     """The training loss's change per 10 steps over the last quarter of the run (least squares): negative while
     it still falls."""
@@ -203,7 +230,8 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
         Paragraph(f"Claim ({claim.source}): {claim.statement}"),
         Paragraph(f"Verdict at this budget: {decision}. " + " ".join(sentences)
                   + _movement(claim.metric, results, next((references[name] for name in UNTRAINED
-                                                            if name in references), None))),
+                                                            if name in references), None))
+                  + _separating_budgets(claim, results, final)),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
                   "t-interval of the mean) with several seeds, else over the test answers; two values are inside "
                   "the noise when each lies inside the other's interval."),
