@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -50,5 +51,9 @@ def test_a_model_is_no_distance_from_itself_and_a_student_on_another_tokenizer_i
 
     itself, student = gap("teacher"), gap("student")
     assert itself["chunk_gap_bits_per_byte"] == 0.0
+    parts = json.loads((tmp_path / "student" / "per_example.json").read_text())  # what paired comparisons resample
+    assert set(parts) == {"bits_per_byte", "chunk_gap_bits_per_byte"}
+    bits, n_bytes = zip(*parts["chunk_gap_bits_per_byte"])
+    assert math.isclose(sum(bits) / sum(n_bytes), student["chunk_gap_bits_per_byte"])
     assert student["chunk_gap_bits_per_byte_low"] < student["chunk_gap_bits_per_byte"]
     assert 0 < student["chunk_gap_bits_per_byte"] < student["chunk_gap_bits_per_byte_high"]

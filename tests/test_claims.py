@@ -86,6 +86,37 @@ def test_a_rival_inside_the_noise_gets_the_budget_at_which_a_proportionally_grow
     assert _separating_budgets(CLAIM, {**results, "b": _scores(0.60, 0.01)}, 40) == "", "nothing inside the noise"
 
 
+def _scored(per_example: list[float], n_bytes: int = 100) -> dict:
+    """An arm's bits-per-byte from its answers' bits (each answer `n_bytes` long), its interval as wide as the
+    answers' spread, and the per-example parts a paired comparison reads."""
+    value = sum(per_example) / (n_bytes * len(per_example))
+    half = (max(per_example) - min(per_example)) / n_bytes / 2
+    return {**_scores(value, half), "per_example": {"bits_per_byte": [[bits, n_bytes] for bits in per_example]}}
+
+
+def test_arms_scored_on_the_same_answers_are_told_apart_by_their_paired_difference():
+    # The answers' difficulty varies far more than the arms differ (each interval holds the other's value), but a is
+    # 2 bits lower on every single answer: the paired difference leaves no doubt.
+    hard_and_easy = [40.0 + 4 * index for index in range(16)]
+    results = {"a": _scored([bits - 2 for bits in hard_and_easy]), "b": _scored(hard_and_easy),
+               "c": _scored([bits + 30 for bits in hard_and_easy])}
+    unpaired = {arm: {key: value for key, value in scores.items() if key != "per_example"}
+                for arm, scores in results.items()}
+    assert verdict(CLAIM, unpaired)[0] == "inside the noise"
+    decision, sentences = verdict(CLAIM, results)
+    assert decision == "reproduced" and "paired difference -0.0200 [-0.0200, -0.0200]" in sentences[0]
+
+
+def test_a_paired_comparison_needs_the_same_answers_and_holds_zero_when_the_arms_only_trade_places():
+    from tokenbridge.reporting.claims import paired_difference
+
+    first = _scored([10.0, 50.0, 30.0, 20.0])
+    assert paired_difference("bits_per_byte", first, _scored([10.0, 50.0, 30.0, 20.0], n_bytes=101)) is None, \
+        "other bytes: other answers"
+    low, high = paired_difference("bits_per_byte", first, _scored([12.0, 48.0, 32.0, 18.0]))
+    assert low < 0 < high
+
+
 def test_a_claims_page_states_its_verdict_and_the_index_lists_every_claim(tmp_path):
     run = {"history": {"step": [1, 2, 3, 4], "loss": [3.0, 2.0, 1.5, 1.4]}}
     results = {arm: {**_scores(value, 0.01), "final_loss": 1.4, "runs": {1: run}}

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from tokenbridge.contracts import DistillMetrics, EvalMetrics
-from tokenbridge.paths import DISTILL_HISTORY, DISTILL_METRICS, EVAL_METRICS_DIR
+from tokenbridge.io import read_json
+from tokenbridge.paths import DISTILL_HISTORY, DISTILL_METRICS, EVAL_DIR, EVAL_METRICS_DIR, PER_EXAMPLE
 from tokenbridge.reporting.comparison import across_seeds
 
 
@@ -45,11 +46,12 @@ def loss_curve(history_csv: Path) -> dict[str, list[float]]:
 
 
 def distilled() -> dict[str, Any]:
-    """The distilled student's scores (every number of metrics/eval/student_after.json), the distill summary and its
-    training curve (`history`): what an arm of a distillation sweep yields."""
+    """The distilled student's scores (every number of metrics/eval/student_after.json), the distill summary, its
+    training curve (`history`) and its scores' per-example parts (`per_example`, for paired comparisons): what an arm
+    of a distillation sweep yields."""
     return {**EvalMetrics.read(EVAL_METRICS_DIR / "student_after.json").numbers(),
             **DistillMetrics.read(DISTILL_METRICS).model_dump(exclude_none=True),
-            "history": loss_curve(DISTILL_HISTORY)}
+            "history": loss_curve(DISTILL_HISTORY), "per_example": read_json(EVAL_DIR / "student_after" / PER_EXAMPLE)}
 
 
 def profile_setting(raw: dict[str, Any], key: str) -> str | None:

@@ -16,6 +16,7 @@ DISTILL_METRICS = Path("metrics/distill.json")
 TEACHER_ANSWERS_DIR = Path("data/teacher_answers")  # answers.jsonl: the teacher's greedy answers to test questions
 EVAL_DIR = Path("data/eval")  # data/eval/<model>/: generated lm-eval task, per-question samples
 EVAL_METRICS_DIR = Path("metrics/eval")  # metrics/eval/<model>.json
+PER_EXAMPLE = "per_example.json"  # in data/eval/<model>/: each ratio score's [bits, bytes] per example
 # The models the evaluate stage compares, in report order: name -> directory.
 EVAL_MODELS = {"teacher": TEACHER_DIR, "student_before": STUDENT_DIR, "student_after": DISTILLED_DIR}
 ROLE_DIRS = {"student": STUDENT_DIR, "teacher": TEACHER_DIR}  # a params role name -> its model directory

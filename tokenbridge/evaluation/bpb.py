@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,7 @@ import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model t
 from tokenbridge.alignment import counted_chunks
 from tokenbridge.data.chat import Encoded
 from tokenbridge.data.padding import pad_batch
+from tokenbridge.evaluation.bootstrap import bootstrap_interval
 from tokenbridge.io import read_jsonl
 from tokenbridge.losses.positions import rows_to_tokens
 from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head
@@ -38,21 +39,6 @@ def _row_logprobs(model: PreTrainedModel, ids: torch.Tensor, attention: torch.Te
     return stats.token_logprobs
 
 
-BOOTSTRAP_RESAMPLES = 2000
-
-
-def bootstrap_interval(nats: list[float], n_bytes: list[int], resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = 0) -> tuple[float, float]:
-    """The 95 % percentile bootstrap interval of bits-per-byte over examples: whole examples resampled with
-    replacement, each resample's summed bits over its summed bytes (the metric is a ratio of sums, so examples
-    are the unit). Seeded, so the same scores give the same interval."""
-    picks = torch.randint(len(nats), (resamples, len(nats)), generator=torch.Generator().manual_seed(seed))
-    bits = torch.tensor(nats, dtype=torch.float64)[picks].sum(1) / math.log(2)
-    values = bits / torch.tensor(n_bytes, dtype=torch.float64)[picks].sum(1).clamp(min=1)
-    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return low, high
-
-
 @torch.no_grad()
 def token_logprobs(model_dir: Path, examples: list[Encoded], device: torch.device,
                    batch_size: int = 4) -> list[list[float]]:
@@ -69,14 +55,19 @@ def token_logprobs(model_dir: Path, examples: list[Encoded], device: torch.devic
     return out
 
 
-def _bits_per_byte_and_interval(name: str, nats: list[float], n_bytes: list[int]) -> dict[str, float]:
-    """`name` (bits per byte over all examples) and its 95 % bootstrap interval (`<name>_low`, `<name>_high`)."""
+EXAMPLES = "examples"  # the key under which a score's per-example [bits, bytes] travel (per_example.json)
+
+
+def _bits_per_byte_and_interval(name: str, nats: list[float], n_bytes: list[int]) -> dict[str, Any]:
+    """`name` (bits per byte over all examples), its 95 % bootstrap interval (`<name>_low`, `<name>_high`) and, under
+    `EXAMPLES`, each example's [bits, bytes] (for paired comparisons of models scored on the same examples)."""
     low, high = bootstrap_interval(nats, n_bytes)
-    return {name: math.fsum(nats) / math.log(2) / max(sum(n_bytes), 1), f"{name}_low": low, f"{name}_high": high}
+    return {name: math.fsum(nats) / math.log(2) / max(sum(n_bytes), 1), f"{name}_low": low, f"{name}_high": high,
+            EXAMPLES: {name: [[value / math.log(2), size] for value, size in zip(nats, n_bytes)]}}
 
 
 def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device: torch.device,
-                  batch_size: int = 4) -> dict[str, float]:
+                  batch_size: int = 4) -> dict[str, Any]:
     """Bits-per-byte over the first `n_examples` test answers, with its 95 % bootstrap interval over them
     (`bits_per_byte_low`, `bits_per_byte_high`)."""
     examples = [Encoded.from_json(record) for record in read_jsonl(encoded_jsonl)[:n_examples]]
@@ -84,9 +75,10 @@ def bits_per_byte(model_dir: Path, encoded_jsonl: Path, n_examples: int, device:
 
 
 def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]], name: str = "bits_per_byte",
-                     bytes_name: str = "bpb_bytes") -> dict[str, float]:
+                     bytes_name: str = "bpb_bytes") -> dict[str, Any]:
     """Bits-per-byte of the examples' targets (answer and end of turn) from their token log-probs, as `name`,
-    with its interval (`<name>_low`, `<name>_high`) and the bytes scored (`bytes_name`)."""
+    with its interval (`<name>_low`, `<name>_high`), the bytes scored (`bytes_name`) and the per-example parts
+    (`EXAMPLES`)."""
     nats = [0.0] * len(examples)
     n_bytes = [0] * len(examples)
     for index, example in enumerate(examples):
@@ -99,7 +91,7 @@ def bits_per_byte_of(examples: list[Encoded], logprobs: list[list[float]], name:
 
 
 def chunk_gap(teacher: list[Encoded], teacher_logprobs: list[list[float]], student: list[Encoded],
-              student_logprobs: list[list[float]], name: str = "chunk_gap_bits_per_byte") -> dict[str, float]:
+              student_logprobs: list[list[float]], name: str = "chunk_gap_bits_per_byte") -> dict[str, Any]:
     """How far the student's likelihoods are from the teacher's, comparable across tokenizers: over the answer's
     byte-exact target chunks (`alignment.counted_chunks`: minimal token spans of the two tokenizations covering
     the same bytes, as ALM trains on them), the absolute difference of the two chunk log-likelihoods, in bits per

@@ -35,11 +35,13 @@ from tokenbridge import tracking
 from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest, TransferMetrics, TransferScores
 from tokenbridge.experiments import distilled, loss_curve, params_restored, profile_setting, run, run_arms
 from tokenbridge.flows.common import stage_cli
-from tokenbridge.io import write_json
+from tokenbridge.io import read_json, write_json
 from tokenbridge.params import PipelineParams, load_params
 from tokenbridge.paths import (
+    EVAL_DIR,
     EVAL_METRICS_DIR,
     EVAL_MODELS,
+    PER_EXAMPLE,
     PREPARED_DIR,
     STUDENT_DIR,
     TEACHER_DIR,
@@ -101,11 +103,13 @@ def _student_moved(claim: Claim, params: PipelineParams, params_path: Path) -> N
 
 
 def _transferred() -> dict[str, Any]:
-    """The moved student's scores, its transfer summary and training curve: what an arm of a transfer claim yields."""
+    """The moved student's scores, its transfer summary, training curve and per-example parts: what an arm of a
+    transfer claim yields."""
     summary = TransferMetrics.read(TRANSFER_METRICS).root[MOVED]
     return {**TransferScores.read(TRANSFER_EVAL_METRICS).root[f"{MOVED}.transferred"].numbers(),
             **summary.model_dump(exclude={"fvt", "hypernet"}, exclude_none=True),
-            "history": loss_curve(TRANSFER_HISTORY_DIR / f"{MOVED}.csv")}
+            "history": loss_curve(TRANSFER_HISTORY_DIR / f"{MOVED}.csv"),
+            "per_example": read_json(EVAL_DIR / "transfer" / f"{MOVED}.transferred" / PER_EXAMPLE)}
 
 
 @flow(name="claim", log_prints=True)

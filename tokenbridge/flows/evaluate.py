@@ -11,7 +11,7 @@ Inputs: data/prepared, the model's directory (models/teacher, models/student or 
 data/teacher_answers;
 params `evaluate.*`, `runtime.*`. Outputs: metrics/eval/<model>.json (DVC metrics), data/eval/<model>/
 (generated lm-eval tasks, per-document samples, a student's own answers, lm-eval's record of each task's run,
-run.json: runtime and seconds).
+per_example.json: each bits-per-byte score's [bits, bytes] per answer, run.json: runtime and seconds).
 Run alone: tokenbridge evaluate --model student_after   (or: dvc repro evaluate@student_after)
 """
 

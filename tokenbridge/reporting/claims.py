@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tokenbridge.contracts import EvalMetrics, interval
+from tokenbridge.evaluation.bootstrap import paired_bootstrap_interval
 from tokenbridge.io import read_json
 from tokenbridge.reporting.document import (
     Block,
@@ -141,6 +142,37 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
 )}
 
 
+def paired_difference(metric: str, mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The 95 % paired-bootstrap interval of mine minus theirs on `metric`, where both arms hold the metric's
+    per-example parts (`per_example`: one seed each) on the same examples (the same bytes, example by example); else
+    None. The arms see the same test answers, so the answers' own difficulty, most of each arm's interval, cancels."""
+    first, second = (scores.get("per_example", {}).get(metric) for scores in (mine, theirs))
+    if not first or not second or [size for _, size in first] != [size for _, size in second]:
+        return None
+    return paired_bootstrap_interval(first, second)
+
+
+def _noise(metric: str, mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> tuple[bool, float | None, str]:
+    """Whether the two arms are inside each other's noise; how far their gap would have to reach (in absolute value)
+    to leave it, were the intervals to keep their width (None without intervals); and how that was judged. Paired
+    where both hold per-example parts of the same examples (the difference's interval holds 0), else each value
+    inside the other's interval."""
+    gap = mine[metric] - theirs[metric]
+    paired = paired_difference(metric, mine, theirs)
+    if paired is not None:
+        low, high = paired
+        return (low <= 0 <= high, gap - low if gap > 0 else high - gap,
+                f"paired difference {format_value(gap)} [{format_value(low)}, {format_value(high)}]")
+    my_bounds, their_bounds = interval(mine, metric), interval(theirs, metric)
+    if my_bounds is None or their_bounds is None:
+        return False, None, "no interval"
+    (my_low, my_high), (their_low, their_high) = my_bounds, their_bounds
+    # outside the noise: each value beyond the other's interval, on the side the gap points to
+    needed = (max(their_high - theirs[metric], mine[metric] - my_low) if gap > 0 else
+              max(theirs[metric] - their_low, my_high - mine[metric]))
+    return inside_the_noise(metric, mine, theirs), needed, "intervals compared"
+
+
 def verdict(claim: Claim, results: Mapping[str, Mapping[str, Any]]) -> tuple[Verdict, list[str]]:
     """The verdict, and one sentence per rival saying how the claimed arm compares with it."""
     metric, better = claim.metric, EvalMetrics.better(claim.metric)
@@ -148,7 +180,8 @@ def verdict(claim: Claim, results: Mapping[str, Mapping[str, Any]]) -> tuple[Ver
     outcomes, sentences = [], []
     for rival in claim.rivals:
         theirs = results[rival]
-        if inside_the_noise(metric, mine, theirs):
+        noise, _, judged = _noise(metric, mine, theirs)
+        if noise:
             outcome = "inside the noise"
         elif (mine[metric] < theirs[metric]) == (better == "lower"):
             outcome = "better"
@@ -156,15 +189,17 @@ def verdict(claim: Claim, results: Mapping[str, Mapping[str, Any]]) -> tuple[Ver
             outcome = "worse"
         outcomes.append(outcome)
         sentences.append(f"{claim.claimed} {format_value(mine[metric])} against {rival} "
-                         f"{format_value(theirs[metric])}: {outcome}.")
+                         f"{format_value(theirs[metric])}: {outcome} ({judged}).")
     if "worse" in outcomes:
         return "not reproduced", sentences
     return ("reproduced" if all(outcome == "better" for outcome in outcomes) else "inside the noise"), sentences
 
 
-def _movement(metric: str, results: Mapping[str, Mapping[str, Any]], before: Mapping[str, Any] | None) -> str:
+def _movement(metric: str, results: Mapping[str, Mapping[str, Any]], before: Mapping[str, Any] | None,
+              paired: bool) -> str:
     """How far training moved the deciding metric from the untrained model (student, or moved start), against the
-    intervals' width: where the arms moved less than the noise, a longer budget is what could separate them."""
+    intervals' width: where the arms moved less than the noise, a longer budget is what could separate them (unless
+    they were compared paired, which their own intervals do not bound)."""
     if before is None or metric not in before:
         return ""
     moves = [abs(scores[metric] - before[metric]) for scores in results.values() if metric in scores]
@@ -173,8 +208,9 @@ def _movement(metric: str, results: Mapping[str, Mapping[str, Any]], before: Map
         return ""
     return (f" Training moved {metric} by at most {format_value(max(moves))} from the untrained model "
             f"({format_value(before[metric])}), against 95 % intervals {format_value(min(widths))} to "
-            f"{format_value(max(widths))} wide: arms that move less than their intervals' width cannot be told "
-            "apart, so a budget at which the arms move several interval widths is what could separate them.")
+            f"{format_value(max(widths))} wide" + (
+                "." if paired else ": arms that move less than their intervals' width cannot be told apart, so a "
+                "budget at which the arms move several interval widths is what could separate them."))
 
 
 def _separating_budgets(claim: Claim, results: Mapping[str, Mapping[str, Any]], budget: int) -> str:
@@ -186,14 +222,10 @@ def _separating_budgets(claim: Claim, results: Mapping[str, Mapping[str, Any]], 
     steps = int(mine.get("steps") or budget)
     for rival in claim.rivals:
         theirs = results[rival]
-        my_bounds, their_bounds = interval(mine, claim.metric), interval(theirs, claim.metric)
-        if steps <= 0 or my_bounds is None or their_bounds is None or not inside_the_noise(claim.metric, mine, theirs):
+        noise, needed, _ = _noise(claim.metric, mine, theirs)
+        if steps <= 0 or not noise or needed is None:
             continue
-        (my_low, my_high), (their_low, their_high) = my_bounds, their_bounds
         gap = mine[claim.metric] - theirs[claim.metric]
-        # outside the noise: each value beyond the other's interval, on the side the gap points to
-        needed = (max(their_high - theirs[claim.metric], mine[claim.metric] - my_low) if gap > 0 else
-                  max(theirs[claim.metric] - their_low, my_high - mine[claim.metric]))
         ahead = (gap < 0) == (EvalMetrics.better(claim.metric) == "lower")
         estimates.append(f"{rival} at about {math.ceil(round(steps * needed / abs(gap), 6))} steps ({claim.claimed} "
                          f"{'ahead' if ahead else 'behind'})" if gap else f"{rival} never (no gap)")
@@ -230,11 +262,14 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
         Paragraph(f"Claim ({claim.source}): {claim.statement}"),
         Paragraph(f"Verdict at this budget: {decision}. " + " ".join(sentences)
                   + _movement(claim.metric, results, next((references[name] for name in UNTRAINED
-                                                            if name in references), None))
+                                                            if name in references), None),
+                              any("paired" in sentence for sentence in sentences))
                   + _separating_budgets(claim, results, final)),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
-                  "t-interval of the mean) with several seeds, else over the test answers; two values are inside "
-                  "the noise when each lies inside the other's interval."),
+                  "t-interval of the mean) with several seeds, else over the test answers. With one seed, two arms "
+                  "scored on the same answers are compared by a paired bootstrap (the same answers resampled for "
+                  "both): they are inside the noise when the 95 % interval of their difference holds 0. Otherwise, "
+                  "two values are inside the noise when each lies inside the other's interval."),
         Table(["arm", *metrics], rows, numbers=True),
     ]
     plots = {}

@@ -26,12 +26,13 @@ from tokenbridge.config import EvaluateParams
 from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
 from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.evaluation.answers import continuations, greedy_answers, spelled_by
-from tokenbridge.evaluation.bpb import bits_per_byte_of, chunk_gap, token_logprobs
+from tokenbridge.evaluation.bpb import EXAMPLES, bits_per_byte_of, chunk_gap, token_logprobs
 from tokenbridge.evaluation.gsm_lmeval import gsm_scores
 from tokenbridge.evaluation.harness import Task, document_samples, generates, run_harness, task_score
 from tokenbridge.evaluation.suite import resolve_tasks
 from tokenbridge.io import read_jsonl, write_json, write_jsonl
 from tokenbridge.models import load_tokenizer
+from tokenbridge.paths import PER_EXAMPLE
 from tokenbridge.runtime import Runtime
 from tokenbridge.token_bytes import vocab_bytes
 
@@ -65,6 +66,13 @@ def _own_answers_gap(model_dir: Path, teacher_dir: Path, questions: list[dict], 
     return {**gap, "own_answers_unreadable": len(own) - len(kept)}
 
 
+def _apart(part: dict[str, Any], examples: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """A scorer's numbers, its per-example parts moved into `examples` (they go to their own file, not to the
+    metrics file DVC and MLflow show)."""
+    examples.update(part.pop(EXAMPLES, {}))
+    return part
+
+
 def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
                  runtime: Runtime, limit: int | None = None, teacher_dir: Path | None = None,
                  teacher_answers: Path | None = None) -> EvalMetrics:
@@ -72,7 +80,8 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
     (the teacher_answers stage's answers.jsonl), bits-per-byte on those answers; with both, the chunk gap on the
     model's own greedy answers to those questions; then the `params.tasks` suite,
     generation tasks on `limit` documents each (default `params.limit`; 0: no task at all, bits-per-byte alone),
-    log-likelihood tasks on `params.choice_limit`. Writes the scores to `metrics_path` and returns them."""
+    log-likelihood tasks on `params.choice_limit`. Writes the scores to `metrics_path` (and each ratio score's parts
+    per example to out_dir/per_example.json) and returns them."""
     PreparedManifest.read(Path(prepared_dir) / MANIFEST)  # fails naming the stage to run when data is missing
     limit = params.limit if limit is None else limit
     # Each task loaded before any work, so a bad entry fails at once; generation tasks get `limit` documents.
@@ -80,24 +89,27 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
              for task in (resolve_tasks(params.tasks, out_dir / "task", prepared_dir) if limit > 0 else [])]
     answers = _test_answers(prepared_dir, model_dir, out_dir / "test.encoded.jsonl", params.bpb_examples)
     seconds: dict[str, float] = {}
+    examples: dict[str, list[list[float]]] = {}  # score -> per example [bits, bytes] (PER_EXAMPLE)
     with _timed("bpb", seconds):
         logprobs = token_logprobs(model_dir, answers, runtime.device)
-        scores: dict[str, Any] = {**bits_per_byte_of(answers, logprobs)}
+        scores: dict[str, Any] = _apart(bits_per_byte_of(answers, logprobs), examples)
     if teacher_dir is not None:
         with _timed("chunk_gap", seconds):
             teacher = _test_answers(prepared_dir, teacher_dir, out_dir / "teacher.encoded.jsonl", params.bpb_examples)
-            scores.update(chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), answers, logprobs))
+            scores.update(_apart(chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), answers,
+                                           logprobs), examples))
     if teacher_answers is not None:
         with _timed("teacher_answers", seconds):
-            examples = continuations(read_jsonl(teacher_answers), model_dir)
-            scores.update(bits_per_byte_of(examples, token_logprobs(model_dir, examples, runtime.device),
-                                           "teacher_answers_bits_per_byte", "teacher_answers_bytes"))
+            scored = continuations(read_jsonl(teacher_answers), model_dir)
+            scores.update(_apart(bits_per_byte_of(scored, token_logprobs(model_dir, scored, runtime.device),
+                                                  "teacher_answers_bits_per_byte", "teacher_answers_bytes"), examples))
     if teacher_dir is not None and teacher_answers is not None:
         with _timed("own_answers", seconds):
-            scores.update(_own_answers_gap(model_dir, teacher_dir, read_jsonl(teacher_answers), params, runtime,
-                                           out_dir / "own_answers.jsonl"))
+            scores.update(_apart(_own_answers_gap(model_dir, teacher_dir, read_jsonl(teacher_answers), params,
+                                                  runtime, out_dir / "own_answers.jsonl"), examples))
     if suite:
         scores.update(_benchmark_suite(suite, model_dir, out_dir, params, runtime, seconds))
+    write_json(out_dir / PER_EXAMPLE, examples)
     write_json(out_dir / "run.json", {"runtime": runtime.describe(), "batch_size": params.batch_size, **seconds})
     metrics = EvalMetrics(**scores)
     metrics.write(metrics_path)
