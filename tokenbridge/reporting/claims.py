@@ -263,7 +263,8 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
         Paragraph(f"Verdict at this budget: {decision}. " + " ".join(sentences)
                   + _movement(claim.metric, results, next((references[name] for name in UNTRAINED
                                                             if name in references), None),
-                              any("paired" in sentence for sentence in sentences))
+                              any(paired_difference(claim.metric, results[claim.claimed], results[rival]) is not None
+                                  for rival in claim.rivals))
                   + _separating_budgets(claim, results, final)),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
                   "t-interval of the mean) with several seeds, else over the test answers. With one seed, two arms "
