@@ -10,7 +10,8 @@ from tokenbridge.dvc_stages import PACKAGE, imported_names
 
 # Lowest first. A module may import its own layer or a lower one, and no stage imports another stage.
 LAYERS = [
-    {"io", "paths", "config", "contracts", "runtime", "logit_codec", "sampling", "stopping", "token_bytes"},
+    {"io", "paths", "config", "contracts", "runtime", "logit_codec", "sampling", "stopping", "token_bytes",
+     "intervals"},
     {"data"},
     {"models"},
     {"alignment", "stored_logits", "losses", "on_policy", "tracking", "reporting"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 
-from tokenbridge.evaluation.bootstrap import bootstrap_interval
+from tokenbridge.intervals import bootstrap_interval
 
 
 def _answers(count: int, seed: int) -> tuple[list[float], list[int]]:

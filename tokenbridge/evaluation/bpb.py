@@ -18,7 +18,7 @@ import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model t
 from tokenbridge.alignment import counted_chunks
 from tokenbridge.data.chat import Encoded
 from tokenbridge.data.padding import pad_batch
-from tokenbridge.evaluation.bootstrap import bootstrap_interval
+from tokenbridge.intervals import bootstrap_interval
 from tokenbridge.io import read_jsonl
 from tokenbridge.losses.positions import rows_to_tokens
 from tokenbridge.losses.token_stats import hidden_states, next_token_stats, output_head

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tokenbridge.contracts import EvalMetrics, interval
-from tokenbridge.evaluation.bootstrap import paired_bootstrap_interval
+from tokenbridge.intervals import paired_bootstrap_interval
 from tokenbridge.io import read_json
 from tokenbridge.reporting.document import (
     Block,

@@ -1,5 +1,6 @@
 """Bootstrap intervals of bits-per-byte-like scores (a ratio of sums over examples), for one model or for the
-difference between two scored on the same examples. Light: the claims' verdicts use it without loading models."""
+difference between two scored on the same examples. Low in the package: evaluation computes them, and the claims'
+verdicts use them without loading models."""
 
 from __future__ import annotations
 
