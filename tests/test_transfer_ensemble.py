@@ -286,3 +286,16 @@ def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tin
     assert not torch.equal(fvt.model.layers[0].self_attn.q_proj.weight, trained.model.layers[0].self_attn.q_proj.weight)
     assert not torch.equal(fvt.get_input_embeddings().weight, trained.get_input_embeddings().weight)
     assert torch.equal(fvt.model.norm.weight, trained.model.norm.weight), "outside LoRA and embeddings nothing moves"
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_a_moved_model_splits_text_as_its_new_tokenizer_does_whatever_its_config_model_type(tiny_dirs, tmp_path,
+                                                                                          model_type):
+    """transformers 5's AutoTokenizer rebuilds a qwen2 model's tokenizer from its own class, whatever tokenizer.json
+    says; load_tokenizer (and lm-eval, which gets its tokenizer) must not."""
+    moved = tmp_path / model_type
+    shutil.copytree(tiny_dirs["student"], moved)
+    (moved / "config.json").write_text(json.dumps({**read_json(moved / "config.json"), "model_type": model_type}))
+    text = "Tom has 3 apples.\n\nHe buys  12 more, so 15."
+    assert (load_tokenizer(moved)(text, add_special_tokens=False)["input_ids"]
+            == load_tokenizer(tiny_dirs["student"])(text, add_special_tokens=False)["input_ids"])

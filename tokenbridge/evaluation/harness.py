@@ -59,10 +59,12 @@ def run_harness(model_dir: Path, task: Task, limit: int, num_fewshot: int, batch
     import lm_eval
 
     import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
+    from tokenbridge.models import load_tokenizer
 
     return lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype},
+        # the tokenizer as tokenbridge loads it (lm-eval's own AutoTokenizer may re-split a moved model's text)
+        model_args={"pretrained": str(model_dir), "dtype": dtype, "tokenizer": load_tokenizer(model_dir)},
         device=device,
         tasks=[task.lm_eval_name],
         num_fewshot=num_fewshot,

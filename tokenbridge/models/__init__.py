@@ -12,7 +12,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from tokenbridge.config import GgufModelSpec, HfModelSpec, ModelSpec
 from tokenbridge.contracts import MODEL_CARD, ModelCard
@@ -83,7 +89,7 @@ def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> ModelCard:
 
             build_tiny_model(spec, temporary)
             name = f"tiny-{spec.tokenizer}-{spec.vocab_size}"
-        tokenizer = AutoTokenizer.from_pretrained(temporary)
+        tokenizer = load_tokenizer(temporary)
         card = ModelCard(name=name, spec=spec.model_dump(), tokenizer_sha256=sha256_file(temporary / "tokenizer.json"),
                          tokenizer_size=len(tokenizer), parameters=parameter_count(temporary),
                          eos_token=tokenizer.eos_token)
@@ -92,6 +98,11 @@ def materialize(spec: ModelSpec, out_dir: Path, cache_dir: Path) -> ModelCard:
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer exactly as its tokenizer.json defines it. AutoTokenizer in transformers 5 picks the class from
+    config.json's model type for some types (qwen2) and rebuilds the pre-tokenizer, so a model moved onto another
+    tokenizer (Qwen2.5 onto SmolLM2's) would split text unlike that tokenizer: "\n\n" as one token, not two."""
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
     return AutoTokenizer.from_pretrained(model_dir)
 
 
