@@ -61,10 +61,10 @@ def run_harness(model_dir: Path, task: Task, limit: int, num_fewshot: int, batch
     import tokenbridge.models.ensemble  # noqa: F401  registers the ensemble model type, so an ensemble loads like any model
     from tokenbridge.models import load_tokenizer
 
-    return lm_eval.simple_evaluate(
+    tokenizer = load_tokenizer(model_dir)  # as tokenbridge reads it: lm-eval's AutoTokenizer may re-split a moved model
+    results = lm_eval.simple_evaluate(
         model="hf",
-        # the tokenizer as tokenbridge loads it (lm-eval's own AutoTokenizer may re-split a moved model's text)
-        model_args={"pretrained": str(model_dir), "dtype": dtype, "tokenizer": load_tokenizer(model_dir)},
+        model_args={"pretrained": str(model_dir), "dtype": dtype, "tokenizer": tokenizer},
         device=device,
         tasks=[task.lm_eval_name],
         num_fewshot=num_fewshot,
@@ -76,6 +76,9 @@ def run_harness(model_dir: Path, task: Task, limit: int, num_fewshot: int, batch
         task_manager=task.manager,
         log_samples=True,
     )
+    # the run's record names the tokenizer's class, so it stays JSON (lm_eval_config.json)
+    results["config"]["model_args"] = {**results["config"]["model_args"], "tokenizer": type(tokenizer).__name__}
+    return results
 
 
 def task_score(results: dict, task: Task) -> TaskScore:

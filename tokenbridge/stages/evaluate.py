@@ -126,9 +126,7 @@ def _benchmark_suite(suite: list[tuple[Task, int]], model_dir: Path, out_dir: Pa
         with _timed(task.name, seconds):
             results = run_harness(model_dir, task, documents, params.num_fewshot, params.batch_size,
                                   params.max_gen_toks, runtime.inference_dtype_name, str(runtime.device))
-        config = results["config"]
-        config["model_args"] = {**config["model_args"], "tokenizer": type(config["model_args"]["tokenizer"]).__name__}
-        scores["tasks"][task.name], configs[task.name] = task_score(results, task), config
+        scores["tasks"][task.name], configs[task.name] = task_score(results, task), results["config"]
         seconds[f"{task.name}_seconds_per_document"] = round(seconds[f"{task.name}_seconds"]
                                                              / max(scores["tasks"][task.name].n, 1), 2)
         if task.name == "gsm":
