@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from tokenbridge.io import atomic_path, read_json, remembered_sha256, sha256_file, write_json
-from tokenbridge.models import save_tokenizer
+from tokenbridge.models import load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,9 @@ def _sentencepiece_bpe_tokenizer(proto: sentencepiece_model_pb2.ModelProto, eos_
 
 
 def _check_tokenizer(out_dir: Path, spec: GgufModel, reference: list[list[int]], add_bos: bool) -> None:
-    """The saved tokenizer, as transformers reloads it, matches its reference and has the fixes applied."""
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    """The saved tokenizer, as tokenbridge reloads it (`load_tokenizer`), matches its reference and has the fixes
+    applied."""
+    tokenizer = load_tokenizer(out_dir)
     problems = []
     for text, expected in zip(CHECK_TEXTS, reference):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
