@@ -146,6 +146,21 @@ def test_a_second_repro_is_a_no_op(repo):
     assert _stages_run(output) == set(), output
 
 
+def test_the_ensemble_claim_reads_the_pipeline_run_and_pairs_its_members_on_the_same_answers(repo):
+    """alm-ensemble reads evaluate_transfer's scores as the pipeline left them, each label with its per-example
+    parts (the student's from the evaluate stage), so its verdicts are paired differences."""
+    path, env, _ = repo
+    output = _run([sys.executable, "-m", "tokenbridge", "claim", "--name", "alm-ensemble", "--out", "ensemble-claim"],
+                  path, env)
+    assert _stages_run(output) == set(), output
+    record = json.loads((path / "ensemble-claim/claims/alm-ensemble.json").read_text())
+    arms = record["budgets"]["0"]
+    assert set(arms) == {"ensemble", "student", "gemma.transferred", "qwen.transferred"}
+    assert all(arm["per_example"]["bits_per_byte"] for arm in arms.values())
+    page = (path / "ensemble-claim/claims/alm-ensemble.md").read_text()
+    assert page.count("(paired difference") == 3, page
+
+
 def test_a_fresh_clone_that_pulls_from_a_local_remote_reproduces_nothing(repo, tmp_path):
     """Every output travels through the remote (none is `cache: false`), so a clone plus `dvc pull` is up to
     date: checkpoints, metrics and models included. Runs on a copy; the fixture's repo stays uncommitted."""

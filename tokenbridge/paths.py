@@ -27,6 +27,9 @@ TRANSFER_HISTORY_DIR = Path("metrics/transfer")  # <name>.csv: per-step transfer
 TRANSFER_METRICS = Path("metrics/transfer.json")
 ENSEMBLE_DIR = Path("models/ensemble")
 TRANSFER_EVAL_METRICS = Path("metrics/eval/transfer.json")  # every transfer/ensemble model's scores
+TRANSFER_EVAL_DIR = EVAL_DIR / "transfer"  # <label>/: each transfer and ensemble model's evaluation
+# Ensemble members evaluate_transfer takes as the evaluate stage scored them: role -> their name there (EVAL_MODELS).
+EVALUATED_ROLES = {"student": "student_before", "teacher": "teacher"}
 HYPERNET_DIR = Path("models/hypernet")  # hypernet.pt, hypernet.json, pool/<name>/, heldout_tokenizer/
 HYPERNET_HELDOUT = HYPERNET_DIR / "heldout_tokenizer"  # the trained tokenizer it never trained on
 HYPERNET_HISTORY = Path("metrics/hypernet.csv")

@@ -41,10 +41,12 @@ from tokenbridge.paths import (
     EVAL_DIR,
     EVAL_METRICS_DIR,
     EVAL_MODELS,
+    EVALUATED_ROLES,
     PER_EXAMPLE,
     PREPARED_DIR,
     STUDENT_DIR,
     TEACHER_DIR,
+    TRANSFER_EVAL_DIR,
     TRANSFER_EVAL_METRICS,
     TRANSFER_HISTORY_DIR,
     TRANSFER_METRICS,
@@ -102,14 +104,20 @@ def _student_moved(claim: Claim, params: PipelineParams, params_path: Path) -> N
                        "ensemble.members": [MOVED], "ensemble.weights": []})
 
 
+def _evaluated(label: str) -> dict[str, Any]:
+    """An evaluate_transfer label's scores with their per-example parts (for paired comparisons), read where the
+    label was evaluated: a member the evaluate stage scored, there."""
+    folder = EVAL_DIR / EVALUATED_ROLES[label] if label in EVALUATED_ROLES else TRANSFER_EVAL_DIR / label
+    return {**TransferScores.read(TRANSFER_EVAL_METRICS).root[label].numbers(),
+            "per_example": read_json(folder / PER_EXAMPLE)}
+
+
 def _transferred() -> dict[str, Any]:
     """The moved student's scores, its transfer summary, training curve and per-example parts: what an arm of a
     transfer claim yields."""
     summary = TransferMetrics.read(TRANSFER_METRICS).root[MOVED]
-    return {**TransferScores.read(TRANSFER_EVAL_METRICS).root[f"{MOVED}.transferred"].numbers(),
-            **summary.model_dump(exclude={"fvt", "hypernet"}, exclude_none=True),
-            "history": loss_curve(TRANSFER_HISTORY_DIR / f"{MOVED}.csv"),
-            "per_example": read_json(EVAL_DIR / "transfer" / f"{MOVED}.transferred" / PER_EXAMPLE)}
+    return {**_evaluated(f"{MOVED}.transferred"), **summary.model_dump(exclude={"fvt", "hypernet"}, exclude_none=True),
+            "history": loss_curve(TRANSFER_HISTORY_DIR / f"{MOVED}.csv")}
 
 
 @flow(name="claim", log_prints=True)
@@ -151,8 +159,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             budget = f"{embedding}{budgets_asked[-1]} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
         else:
             run(["dvc", "repro"])
-            scores = TransferScores.read(TRANSFER_EVAL_METRICS).root
-            budgets = {0: {label: scores[label].numbers() for label in (chosen.claimed, *chosen.rivals)}}
+            budgets = {0: {label: _evaluated(label) for label in (chosen.claimed, *chosen.rivals)}}
             budget = f"one pipeline run (transfer: {params.transfer.embedding_steps} + {params.transfer.steps} steps)"
         context = {
             "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(STUDENT_DIR).name, **facts,

@@ -24,18 +24,17 @@ from tokenbridge.contracts import ModelCard, TransferScores
 from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.paths import (
     ENSEMBLE_DIR,
-    EVAL_DIR,
     EVAL_METRICS_DIR,
+    EVALUATED_ROLES,
     PREPARED_DIR,
     SOURCES_DIR,
+    TRANSFER_EVAL_DIR,
     TRANSFER_EVAL_METRICS,
     TRANSFERRED_DIR,
 )
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.evaluate import collect_metrics, run_evaluate
 from tokenbridge.stages.transfer import init_path
-
-EVALUATED_ROLES = {"student": "student_before", "teacher": "teacher"}  # members the evaluate stage scored
 
 
 @flow(name="evaluate_transfer", log_prints=True)
@@ -53,8 +52,8 @@ def evaluate_transfer(params_file: str = "params.yaml") -> TransferScores:
         scores = {}
         for label, directory in models.items():
             print(f"evaluate_transfer: {label} ({ModelCard.of(directory).name}) on {runtime.device}")
-            scores[label] = run_evaluate(PREPARED_DIR, directory, EVAL_DIR / "transfer" / label,
-                                         EVAL_DIR / "transfer" / label / "metrics.json", params.evaluate, runtime,
+            scores[label] = run_evaluate(PREPARED_DIR, directory, TRANSFER_EVAL_DIR / label,
+                                         TRANSFER_EVAL_DIR / label / "metrics.json", params.evaluate, runtime,
                                          limit=params.evaluate.transfer_limit)
             tracking.log_metrics({f"{label}.{key}": value for key, value in scores[label].numbers().items()})
         roles = [member for member in params.ensemble.members if member in EVALUATED_ROLES]
