@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tokenbridge.contracts import HELDOUT_CURVE
 from tokenbridge.params import PipelineParams, resolve
 from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index, verdict
+from tokenbridge.training.history import history_csv
 
 ROOT = Path(__file__).parents[1]
 
@@ -59,8 +61,8 @@ CLAIM = Claim("demo", "a paper", "A beats B and C.", claimed="a", rivals=("b", "
                                                  "c": ("distill.loss=mined",)})
 
 
-def _scores(value: float, half: float) -> dict:
-    return {"bits_per_byte": value, "bits_per_byte_low": value - half, "bits_per_byte_high": value + half}
+def _scores(value: float, half: float, name: str = "bits_per_byte") -> dict:
+    return {name: value, f"{name}_low": value - half, f"{name}_high": value + half}
 
 
 @pytest.mark.parametrize(("b", "c", "expected"), [
@@ -129,6 +131,27 @@ def test_a_claims_page_states_its_verdict_and_the_index_lists_every_claim(tmp_pa
     index = render_index(tmp_path).read_text()
     assert all(f"| {name} |" in index for name in CLAIMS)
     assert "not run yet" in index  # the claims without a page
+
+
+def test_an_arm_whose_history_holds_held_out_points_gets_the_in_run_learning_curve_from_the_untrained_model(
+        tmp_path):
+    from tokenbridge.experiments import loss_curve
+    from tokenbridge.reporting.claims import _heldout_curves
+
+    history = tmp_path / "history.csv"
+    history.write_text(history_csv(
+        [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, **_scores(0.8, 0.05, HELDOUT_CURVE)},
+         {"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.4, **_scores(0.7, 0.05, HELDOUT_CURVE)}],
+        ("step", "loss", HELDOUT_CURVE, f"{HELDOUT_CURVE}_low", f"{HELDOUT_CURVE}_high")))
+    run = {"history": loss_curve(history)}
+    assert run["history"]["heldout"]["step"] == [2, 4] and run["history"]["loss"] == [3.0, 2.0, 1.5, 1.4]
+    results = {arm: {**_scores(value, 0.01), "runs": {1: run}} for arm, value in (("a", 0.5), ("b", 0.6), ("c", 0.7))}
+    start = _scores(0.9, 0.05)
+    curves = _heldout_curves(CLAIM, results, start)
+    assert curves["a"][0] == start and curves["a"][4] == _scores(0.7, 0.05), "step 0 is the untrained model"
+    render_claim(CLAIM, {4: results}, {"start": start}, {"machine": "x"}, tmp_path)
+    assert (tmp_path / "claims" / "plots" / "claim-demo-heldout.png").stat().st_size > 0
+    assert "learning curve inside each arm's run" in (tmp_path / "claims" / "demo.md").read_text()
 
 
 def test_the_distillation_sweep_also_answers_the_multilevel_ot_claim_and_nothing_unlike_it():

@@ -10,6 +10,7 @@ by log-likelihood and by generation; members with different tokenizers are refus
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -19,8 +20,9 @@ import torch
 import yaml
 
 from tokenbridge.config import RuntimeParams
-from tokenbridge.contracts import ModelCard
+from tokenbridge.contracts import HELDOUT_CURVE, ModelCard
 from tokenbridge.data.gsm import generate_gsm_symbolic
+from tokenbridge.evaluation.bpb import bits_per_byte
 from tokenbridge.io import read_json, write_jsonl
 from tokenbridge.losses.latents import hidden_state_loss
 from tokenbridge.losses.registry import cross_tokenizer_losses, transfer_losses
@@ -30,6 +32,7 @@ from tokenbridge.models.vocabulary import fvt_rows
 from tokenbridge.params import TransferParams
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.ensemble import build_ensemble
+from tokenbridge.stages.evaluate import tokenize_test_set
 from tokenbridge.stages.transfer import init_path, run_transfer, train_transfer
 from tokenbridge.token_bytes import special_ids, vocab_bytes
 
@@ -39,8 +42,9 @@ FP32 = Runtime.resolve(RuntimeParams(precision="fp32"))  # the tiny models in ex
 @pytest.fixture(scope="module")
 def prepared_texts(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("texts")
-    train, _ = generate_gsm_symbolic(8, 2, 0.2, seed=7)
+    train, test = generate_gsm_symbolic(8, 2, 0.2, seed=7)
     write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "test.jsonl", test)
     return root
 
 
@@ -274,10 +278,16 @@ def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tin
                                                                              tmp_path):
     out = tmp_path / "lora"
     run_transfer(prepared_texts, tiny_dirs["teacher"], tiny_dirs["student"], out, tmp_path / "history.csv",
-                 _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4), FP32,
-                 tmp_path / "checkpoints")
-    phases = [line.split(",")[1] for line in (tmp_path / "history.csv").read_text().splitlines()[1:]]
-    assert phases == ["embeddings", "lora", "lora"]
+                 _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4,
+                         heldout_every=2), FP32, tmp_path / "checkpoints")
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [row["phase"] for row in rows] == ["embeddings", "lora", "lora"]
+    curve = {int(row["step"]): float(row[HELDOUT_CURVE]) for row in rows if row[HELDOUT_CURVE]}
+    assert list(curve) == [2, 3], "the held-out curve every heldout_every steps, both phases counted, and at the last"
+    answers = tokenize_test_set(prepared_texts / "test.jsonl", out, tmp_path / "answers.jsonl")
+    assert curve[3] == pytest.approx(bits_per_byte(out, answers, 32, FP32.device)["bits_per_byte"], rel=1e-4), \
+        "the curve's last point is the evaluation's bits-per-byte of the saved model (LoRA merged)"
+    assert curve[2] != curve[3]
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:

@@ -39,18 +39,23 @@ def _row_logprobs(model: PreTrainedModel, ids: torch.Tensor, attention: torch.Te
     return stats.token_logprobs
 
 
-@torch.no_grad()
 def token_logprobs(model_dir: Path, examples: list[Encoded], device: torch.device,
                    batch_size: int = 4) -> list[list[float]]:
     """Per example, log p(token | the tokens before it) at each position (0.0 at position 0, which nothing
     predicts), in fp32."""
-    tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, torch.float32).eval().to(device)
+    return model_token_logprobs(model, examples, len(load_tokenizer(model_dir)), device, batch_size)
+
+
+@torch.no_grad()
+def model_token_logprobs(model: PreTrainedModel, examples: list[Encoded], vocab_size: int, device: torch.device,
+                         batch_size: int = 4) -> list[list[float]]:
+    """`token_logprobs` of a model in memory (in eval mode, fp32 weights; a model in training scores itself)."""
     out = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         ids, attention = pad_batch([example.input_ids for example in batch])
-        rows = rows_to_tokens(_row_logprobs(model, ids.to(device), attention.to(device), len(tokenizer))).cpu()
+        rows = rows_to_tokens(_row_logprobs(model, ids.to(device), attention.to(device), vocab_size)).cpu()
         out += [rows[row, : len(example.input_ids)].tolist() for row, example in enumerate(batch)]
     return out
 

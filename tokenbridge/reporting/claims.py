@@ -253,6 +253,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
     largest budget."""
     final = max(budgets)
     results = budgets[final]
+    untrained = next((references[name] for name in UNTRAINED if name in references), None)
     decision, sentences = verdict(claim, results)
     metrics = [claim.metric, *(name for name in SHOWN if name != claim.metric
                                and any(name in scores for scores in results.values()))]
@@ -261,8 +262,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
     blocks: list[Block] = [
         Paragraph(f"Claim ({claim.source}): {claim.statement}"),
         Paragraph(f"Verdict at this budget: {decision}. " + " ".join(sentences)
-                  + _movement(claim.metric, results, next((references[name] for name in UNTRAINED
-                                                            if name in references), None),
+                  + _movement(claim.metric, results, untrained,
                               any(paired_difference(claim.metric, results[claim.claimed], results[rival]) is not None
                                   for rival in claim.rivals))
                   + _separating_budgets(claim, results, final)),
@@ -286,6 +286,15 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
                     {arm: _mean_history(scores)["loss"] for arm, scores in results.items()}, "", plots[stem])
         blocks.append(Image(stem, "Each arm's own training loss per step (mean over seeds): the losses differ by "
                                   "arm, so compare shapes, not heights."))
+    if curves := _heldout_curves(claim, results, untrained):
+        stem = f"claim-{claim.name}-heldout"
+        plots[stem] = out_dir / "claims" / "plots" / f"{stem}.png"
+        plot_learning_curves(curves, claim.metric, plots[stem], f"held-out {claim.metric} during training")
+        blocks.append(Image(stem, f"The learning curve inside each arm's run: held-out {claim.metric} on the same "
+                                  "test answers as the verdict, every transfer.heldout_every steps, with its 95 % "
+                                  "interval, from the untrained model at step 0. A run's learning rate decays to its "
+                                  "last step, so a point shows where that run was, not what a run of that budget "
+                                  "would reach."))
     if len(budgets) > 1:
         stem = f"claim-{claim.name}-budget"
         plots[stem] = out_dir / "claims" / "plots" / f"{stem}.png"
@@ -296,6 +305,25 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
     blocks += [Heading("Run"), key_values(context, ["fact", "value"])]
     write_document(out_dir / "claims", claim.name, f"Claim: {claim.name}", blocks, plots)
     return decision
+
+
+def _heldout_curves(claim: Claim, results: Mapping[str, Mapping[str, Any]],
+                    untrained: Mapping[str, Any] | None) -> dict[str, dict[int, Mapping[str, Any]]]:
+    """arm -> step -> held-out scores inside its run (`experiments.loss_curve`'s `heldout`), the untrained model at
+    step 0: one seed's points with their intervals, several seeds' mean alone. Empty where no arm has a curve of the
+    deciding metric."""
+    curves: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for arm, scores in results.items():
+        runs = [run["history"]["heldout"] for run in scores.get("runs", {}).values()
+                if "heldout" in run.get("history", {}) and claim.metric in run["history"]["heldout"]]
+        if not runs:
+            continue
+        points: dict[int, Mapping[str, Any]] = {0: untrained} if untrained else {}
+        for index, step in enumerate(runs[0]["step"]):
+            points[step] = ({key: runs[0][key][index] for key in runs[0] if key != "step"} if len(runs) == 1
+                            else {claim.metric: statistics.fmean(run[claim.metric][index] for run in runs)})
+        curves[arm] = points
+    return curves
 
 
 def _mean_history(scores: Mapping[str, Any]) -> dict[str, list[float]]:

@@ -126,9 +126,11 @@ def plot_metrics(models: Mapping[str, Mapping], scores: Sequence[str], primary: 
     _save_png(figure, path)
 
 
-def plot_learning_curves(curves: Mapping[str, Mapping[int, Mapping]], metric: str, path: Path) -> None:
-    """`metric` of each arm (arm -> training steps -> its scores) by training budget, a line per arm with its 95 %
-    intervals: where the arms separate, and whether they still move."""
+def plot_learning_curves(curves: Mapping[str, Mapping[int, Mapping]], metric: str, path: Path,
+                         title: str | None = None) -> None:
+    """`metric` of each arm (arm -> training steps -> its scores) by training budget (or at steps inside one run:
+    `title` says which), a line per arm with its 95 % intervals: where the arms separate, and whether they still
+    move."""
     figure = Figure(figsize=(7.5, 4.2), layout="constrained")
     axes = figure.add_subplot()
     spans: list[float] = []
@@ -144,7 +146,7 @@ def plot_learning_curves(curves: Mapping[str, Mapping[int, Mapping]], metric: st
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("training steps")
     axes.set_ylabel(metric)
-    axes.set_title(f"{metric} by budget ({EvalMetrics.better(metric)} is better)")
+    axes.set_title(f"{title or f'{metric} by budget'} ({EvalMetrics.better(metric)} is better)")
     axes.grid(alpha=0.3)
     if curves:
         axes.legend()

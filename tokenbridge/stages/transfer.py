@@ -14,10 +14,11 @@
    parameter (`steps`), with the embeddings still training. A byte-level target adds the hidden-state loss at
    chunk ends.
 
-Inputs: the prepared train split's texts (`data/prepared/train.jsonl`), each source model (materialised
-like the `models` stage's), the target tokenizer. Outputs per source: `models/transferred/<name>/` and
-`models/transferred/<name>-<init>/` (HF directories with the target tokenizer and a model card),
-`metrics/transfer/<name>.csv` (per-step history).
+Inputs: the prepared train split's texts (`data/prepared/train.jsonl`), the test answers for the held-out
+learning curve (`data/prepared/test.jsonl`), each source model (materialised like the `models` stage's), the
+target tokenizer. Outputs per source: `models/transferred/<name>/` and `models/transferred/<name>-<init>/` (HF
+directories with the target tokenizer and a model card), `metrics/transfer/<name>.csv` (per-step history, with
+held-out bits-per-byte and its interval every `transfer.heldout_every` steps).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenbridge.config import TeacherTruncation
-from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
+from tokenbridge.contracts import HELDOUT_CURVE, MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.evaluation.bpb import bits_per_byte_of, model_token_logprobs
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.base import LossSetup
 from tokenbridge.losses.latents import HiddenStateTerm
@@ -104,6 +106,23 @@ def _encoded_pairs(records: list[dict], teacher: PreTrainedTokenizerBase, studen
     return teachers, students
 
 
+def _heldout_answers(records: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """The test answers in the moved model's tokenization, scored as the evaluate stage scores them (the answer
+    and its end of turn are the targets)."""
+    table = vocab_bytes(tokenizer)
+    return [encode_example(tokenizer, record["question"], record["answer"], table) for record in records]
+
+
+def _heldout_point(student: PreTrainedModel, answers: list[Encoded], vocab_size: int,
+                   device: torch.device) -> dict[str, float]:
+    """Held-out bits-per-byte of the model as it trains (fp32, eval mode, then back to training), with its 95 %
+    bootstrap interval: one point of the learning curve."""
+    student.eval()
+    scores = bits_per_byte_of(answers, model_token_logprobs(student, answers, vocab_size, device), HELDOUT_CURVE)
+    student.train()
+    return {key: scores[key] for key in (HELDOUT_CURVE, f"{HELDOUT_CURVE}_low", f"{HELDOUT_CURVE}_high")}
+
+
 def _embedding_parameters(model: PreTrainedModel) -> list[torch.Tensor]:
     found = [input_embeddings(model), output_embeddings(model)]
     unique = {id(parameter): parameter for parameter in found}
@@ -122,15 +141,19 @@ def _with_lora(model: PreTrainedModel, params: TransferParams) -> PreTrainedMode
 
 
 def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_dir: Path, history_path: Path,
-                   params: TransferParams, runtime: Runtime, checkpoint_dir: Path) -> TransferTraining:
+                   params: TransferParams, runtime: Runtime, checkpoint_dir: Path,
+                   heldout: list[dict] | None = None) -> TransferTraining:
     """Self-distillation with `params.loss` from the original model (teacher, own tokenizer) into the moved model
-    in `start_dir` (FVT or hypernetwork rows); saves the result (LoRA merged) at `out_dir`. A finished output of
-    the same configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every
+    in `start_dir` (FVT or hypernetwork rows); saves the result (LoRA merged) at `out_dir`. With `heldout` (test
+    records), the history gets the held-out learning curve (`HELDOUT_CURVE`) every `heldout_every` steps and at the
+    last: points inside one run, whose learning rate decays to its last step. A finished output of the same
+    configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
     stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
+    heldout = heldout[: params.heldout_examples] if heldout and params.heldout_every else []
     identity = {"params": params.model_dump(), "start": model_identity(start_dir), "source": model_identity(source_dir),
-                "records": fingerprint(records), "code": code_version(__file__)}
+                "records": fingerprint(records), "heldout": fingerprint(heldout), "code": code_version(__file__)}
     key = fingerprint(identity)
     try:
         finished: ModelCard | None = ModelCard.of(out_dir)
@@ -142,6 +165,8 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     torch.manual_seed(params.seed)
     teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(start_dir)
     teachers, students = _encoded_pairs(records, teacher_tokenizer, student_tokenizer, params.max_length)
+    answers = _heldout_answers(heldout, student_tokenizer)
+    total_steps = params.embedding_steps + params.steps
     teacher = LiveTeacher(Teacher.load(source_dir, runtime.inference_dtype, runtime.device), teachers,
                           TeacherTruncation(), 1.0, CHUNK_SIZE)
     student = runtime.prepare_student(load_model(start_dir, torch.float32).train())
@@ -192,6 +217,8 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
                                 f"{params.loss}_loss": result.values[params.loss],
                                 "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
                                 "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
+                if answers and (step + 1 == total_steps or (step + 1) % params.heldout_every == 0):
+                    history[-1] |= _heldout_point(student, answers, len(student_tokenizer), runtime.device)
                 done = phase_step + 1
                 # A phase's final state is kept too, so a later phase can resume after it.
                 checkpoint.at_step_end(done, history, due=done == steps or done % params.checkpoint_every == 0)
@@ -208,7 +235,8 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
         start_card.model_copy(update={"name": f"{start_card.transferred_from}-transferred", "fingerprint": key,
                                     "training": summary, "transfer": params.model_dump()}).write(temporary / MODEL_CARD)
     write_text(history_path, history_csv(history, ("step", "phase", "loss", f"{params.loss}_loss", "hidden_state_loss",
-                                                   "learning_rate", "grad_norm", "seconds")))
+                                                   "learning_rate", "grad_norm", "seconds", HELDOUT_CURVE,
+                                                   f"{HELDOUT_CURVE}_low", f"{HELDOUT_CURVE}_high")))
     return summary
 
 
@@ -220,5 +248,6 @@ def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, 
     start_dir = init_path(out_dir, params.init)
     counts = retokenized_model(source_dir, target_dir, start_dir, params.init, params.seed, hypernet_dir)
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
-    summary = train_transfer(records, source_dir, start_dir, out_dir, history_path, params, runtime, checkpoint_dir)
+    summary = train_transfer(records, source_dir, start_dir, out_dir, history_path, params, runtime, checkpoint_dir,
+                             read_jsonl(Path(prepared_dir) / "test.jsonl"))
     return SourceTransfer(**{params.init: counts}, **summary.model_dump())
