@@ -3,6 +3,7 @@ module its command imports, and every profile's overrides of the params a stage 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,27 @@ def test_a_profile_override_added_after_dvc_yaml_was_generated_stops_a_stage_nam
     error = capsys.readouterr().err
     assert stopped.value.code == 2
     assert "report: params profiles.tiny.tracking" in error and f"`{REGENERATE}`" in error, error
+
+
+def test_a_stage_run_before_with_the_same_inputs_is_restored_from_dvcs_run_cache(tmp_path, monkeypatch):
+    """What makes a rerun of an experiment (an arm of a claim run before, a sweep restarted after a crash) free:
+    every stage a changed param made stale, set back to params it ran with, is restored from DVC's run cache.
+    DVC turns the run cache off for a stage with a `persist` output, so training checkpoints are none; only
+    teacher_logits keeps one (its shards: an interrupted extraction resumes), and runs again."""
+    import subprocess
+    import sys
+
+    repo = _repo_with_every_stage_up_to_date(tmp_path, monkeypatch)  # `dvc commit` filled the run cache
+    params_text = (repo / "params.yaml").read_text()
+    edited = yaml.safe_load(params_text)
+    edited["profile"] = "gpu"  # every stage reads it: each is committed again, run with other params
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "commit", "--force", "-q"], cwd=repo, check=True)
+    (repo / "params.yaml").write_text(params_text)
+    output = subprocess.run([*dvc, "repro", "--dry"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    stale = set(re.findall(r"Running stage '([^']+)'", output))
+    restored = set(re.findall(r"Stage '([^']+)' is cached - skipping run", output))
+    every = {name for stage in STAGES for name in _addresses(stage)}
+    assert stale == every, output
+    assert restored == every - {"teacher_logits"}, output

@@ -279,7 +279,7 @@ def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tin
     out = tmp_path / "lora"
     run_transfer(prepared_texts, tiny_dirs["teacher"], tiny_dirs["student"], out, tmp_path / "history.csv",
                  _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4,
-                         heldout_every=2), FP32, tmp_path / "checkpoints")
+                         heldout_every=2), FP32, tmp_path / "checkpoints", heldout_examples=32)
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [row["phase"] for row in rows] == ["embeddings", "lora", "lora"]
     curve = {int(row["step"]): float(row[HELDOUT_CURVE]) for row in rows if row[HELDOUT_CURVE]}

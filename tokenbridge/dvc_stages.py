@@ -21,7 +21,6 @@ import yaml
 from tokenbridge.config import DEFAULT_PARAMS, is_task_folder
 from tokenbridge.params import resolve
 from tokenbridge.paths import (
-    CHECKPOINT_DIR,
     DISTILL_HISTORY,
     DISTILL_METRICS,
     DISTILLED_DIR,
@@ -29,9 +28,7 @@ from tokenbridge.paths import (
     EVAL_DIR,
     EVAL_METRICS_DIR,
     EVAL_MODELS,
-    HYPERNET_CHECKPOINT_DIR,
     HYPERNET_DIR,
-    HYPERNET_EVAL_CHECKPOINT_DIR,
     HYPERNET_EVAL_DIR,
     HYPERNET_EVAL_METRICS,
     HYPERNET_HISTORY,
@@ -43,7 +40,6 @@ from tokenbridge.paths import (
     TEACHER_ANSWERS_DIR,
     TEACHER_DIR,
     TEACHER_LOGITS_DIR,
-    TRANSFER_CHECKPOINT_DIR,
     TRANSFER_EVAL_DIR,
     TRANSFER_EVAL_METRICS,
     TRANSFER_HISTORY_DIR,
@@ -70,6 +66,9 @@ HEADER = f"""\
 # evaluate_hypernet.tokenizers), so a change in their contents reruns it.
 # Every output is cached (none is `cache: false`), so `dvc push` / `dvc pull` carry the whole state: README
 # "Remote storage (DVC)".
+# Training checkpoints (checkpoints/, gitignored) are no stage's output: they stay between runs, so a stopped
+# stage resumes, and the stages that write them keep DVC's run cache, which a `persist` output turns off: a run
+# of params seen before (an experiment rerun, a claim's arm) is restored from the cache, not trained again.
 """
 
 
@@ -109,8 +108,7 @@ STAGES = (
     Stage("distill",
           params=("runtime", "distill", "teacher_logits.temperature", "teacher_logits.examples_per_shard"),
           deps=(PREPARED_DIR, TEACHER_LOGITS_DIR, STUDENT_DIR, TEACHER_DIR),
-          outs=(DISTILLED_DIR, Persist(CHECKPOINT_DIR, "a rerun resumes from the last checkpoint of the same "
-                                                       "configuration")),
+          outs=(DISTILLED_DIR,),
           metrics=(DISTILL_METRICS,), plots={DISTILL_HISTORY: {"x": "step", "y": "loss"}}),
     Stage("teacher_answers", params=("evaluate.teacher_answers", "evaluate.max_gen_toks", "evaluate.batch_size",
                                      "runtime.device", "runtime.precision"),
@@ -127,21 +125,19 @@ STAGES = (
                 "Every model is also scored on the teacher's answers (data/teacher_answers).")),
     Stage("hypernet", params=("runtime", "hypernet", "tracking.registered_hypernet"),
           deps=(PREPARED_DIR / "train.jsonl", PREPARED_DIR / "test.jsonl", STUDENT_DIR, TEACHER_DIR),
-          outs=(HYPERNET_DIR, Persist(HYPERNET_CHECKPOINT_DIR, "a rerun resumes each phase from its last checkpoint")),
+          outs=(HYPERNET_DIR,),
           metrics=(HYPERNET_METRICS,), plots={HYPERNET_HISTORY: {"x": "step", "y": "loss"}},
           comment="an embedding hypernetwork for hypernet.base's model, trained with ALM (ZeTT)"),
     Stage("evaluate_hypernet",
           params=("evaluate_hypernet", "hypernet.base", "evaluate", "transfer", "runtime.device", "runtime.precision"),
           deps=(PREPARED_DIR, STUDENT_DIR, TEACHER_DIR, HYPERNET_DIR),
-          outs=(HYPERNET_EVAL_DIR, EVAL_DIR / "hypernet",
-                Persist(HYPERNET_EVAL_CHECKPOINT_DIR, "a rerun resumes each ALM run from its last checkpoint")),
+          outs=(HYPERNET_EVAL_DIR, EVAL_DIR / "hypernet"),
           metrics=(HYPERNET_EVAL_METRICS,),
           comment="the base model moved by FVT and by the hypernetwork onto unseen tokenizers: bits-per-byte"),
-    Stage("transfer", params=("runtime", "transfer"),
+    Stage("transfer", params=("runtime", "transfer", "evaluate.bpb_examples"),
           deps=(PREPARED_DIR / "train.jsonl", PREPARED_DIR / "test.jsonl", STUDENT_DIR / "tokenizer.json",
                 TEACHER_DIR / "tokenizer.json", HYPERNET_DIR),
-          outs=(SOURCES_DIR, TRANSFERRED_DIR, TRANSFER_HISTORY_DIR,
-                Persist(TRANSFER_CHECKPOINT_DIR, "a rerun resumes each source from its last checkpoint")),
+          outs=(SOURCES_DIR, TRANSFERRED_DIR, TRANSFER_HISTORY_DIR),
           metrics=(TRANSFER_METRICS,),
           comment="each transfer.sources model onto transfer.tokenizer: FVT, then ALM self-distillation"),
     Stage("ensemble", params=("ensemble",), deps=(STUDENT_DIR, TEACHER_DIR, TRANSFERRED_DIR), outs=(ENSEMBLE_DIR,),

@@ -199,10 +199,8 @@ class TransferCommonParams(Strict):
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (each phase also keeps its "
                                                          "last); a rerun resumes from the last one")
     heldout_every: int = Field(4, ge=0, description="the held-out learning curve: every this many steps (both phases "
-                                                    "counted) and at the last, bits-per-byte on the first "
-                                                    "`heldout_examples` test answers; 0: never")
-    heldout_examples: int = Field(32, ge=1, description="test answers the curve scores (evaluate.bpb_examples' "
-                                                        "default, so its last point is the evaluation's)")
+                                                    "counted) and at the last, bits-per-byte on the test answers "
+                                                    "the evaluation scores (evaluate.bpb_examples); 0: never")
     seed: int = 1234
 
     @field_validator("loss")

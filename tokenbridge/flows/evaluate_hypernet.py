@@ -66,7 +66,6 @@ def evaluate_hypernet(params_file: str = "params.yaml") -> HypernetScores:
             return metrics
 
         scores = {"base": score("base", base_dir)}
-        HYPERNET_EVAL_CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even without ALM runs
         for name, spec in params.evaluate_hypernet.tokenizers.items():
             tokenizer_dir = compared_tokenizer(spec)
             for init in INITS:

@@ -4,7 +4,7 @@ and register it as `tracking.registered_hypernet`. docs/hypernet.md.
 
 Inputs: data/prepared (texts), models/<hypernet.base>; params `hypernet.*`, `runtime.*`. Outputs: models/hypernet/
 (hypernet.pt, hypernet.json, pool/<name>/, heldout_tokenizer/), metrics/hypernet.csv, metrics/hypernet.json,
-checkpoints/hypernet/<phase>/ (persisted: a rerun resumes).
+and, beside them (no DVC output), checkpoints/hypernet/<phase>/: a rerun resumes.
 Run alone: tokenbridge hypernet   (or: dvc repro hypernet)
 
 Apply it (seconds; no training):
@@ -47,7 +47,6 @@ def hypernet(params_file: str = "params.yaml") -> HypernetMetrics:
         base_dir = ROLE_DIRS[params.hypernet.base]
         runtime = Runtime.resolve(params.runtime)
         print(f"hypernet: for {base_dir} on {runtime.device}")
-        HYPERNET_CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even when no phase trains
         card = train_hypernet(PREPARED_DIR, base_dir, HYPERNET_DIR, HYPERNET_HISTORY, params.hypernet, runtime,
                               HYPERNET_CHECKPOINT_DIR)
         metrics = hypernet_metrics(card)

@@ -4,10 +4,11 @@ registered cross-tokenizer loss, or `sft`, next-token training alone) and the or
 teacher (an embeddings-only phase, then LoRA or every parameter). Byte-level targets add the hidden-state
 loss. docs/transfer.md.
 
-Inputs: data/prepared (the training texts), models/student and models/teacher (when the target names a
-role); params `transfer.*`. Outputs: models/sources/<name>/ (each source as materialised),
-models/transferred/<name>/ (FVT then self-distillation) and models/transferred/<name>-fvt/ (FVT alone),
-metrics/transfer/<name>.csv (per-step history), metrics/transfer.json.
+Inputs: data/prepared (the training texts; the test answers of the held-out learning curve), models/student and
+models/teacher (when the target names a role); params `transfer.*`, `evaluate.bpb_examples` (the curve's answers).
+Outputs: models/sources/<name>/ (each source as materialised), models/transferred/<name>/ (FVT then
+self-distillation) and models/transferred/<name>-fvt/ (FVT alone), metrics/transfer/<name>.csv (per-step history,
+with the held-out curve every `transfer.heldout_every` steps), metrics/transfer.json.
 Run alone: tokenbridge transfer   (or: dvc repro transfer)
 """
 
@@ -36,7 +37,6 @@ from tokenbridge.stages.transfer import run_transfer, target_directory
 def transfer(params_file: str = "params.yaml") -> TransferMetrics:
     with tracked_stage("transfer", params_file, ("transfer", "runtime")) as params:
         target = target_directory(params.transfer.tokenizer, ROLE_DIRS)
-        TRANSFER_CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even when no source trains
         summaries = {}
         for name, spec in params.transfer.sources.items():
             source_dir = SOURCES_DIR / name
@@ -45,7 +45,8 @@ def transfer(params_file: str = "params.yaml") -> TransferMetrics:
             history = TRANSFER_HISTORY_DIR / f"{name}.csv"
             summaries[name] = run_transfer(PREPARED_DIR, source_dir, target, TRANSFERRED_DIR / name, history,
                                            params.transfer, Runtime.resolve(params.runtime),
-                                           TRANSFER_CHECKPOINT_DIR / name, HYPERNET_DIR)
+                                           TRANSFER_CHECKPOINT_DIR / name, HYPERNET_DIR,
+                                           params.evaluate.bpb_examples)
             tracking.log_metrics({f"{name}.{key}": value for key, value in summaries[name].model_dump().items()
                                   if isinstance(value, (int, float))})
             tracking.log_artifact(history, "transfer")

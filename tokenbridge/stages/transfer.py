@@ -151,7 +151,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
     stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
-    heldout = heldout[: params.heldout_examples] if heldout and params.heldout_every else []
+    heldout = heldout if heldout and params.heldout_every else []
     identity = {"params": params.model_dump(), "start": model_identity(start_dir), "source": model_identity(source_dir),
                 "records": fingerprint(records), "heldout": fingerprint(heldout), "code": code_version(__file__)}
     key = fingerprint(identity)
@@ -242,12 +242,14 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
 
 def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
                  params: TransferParams, runtime: Runtime, checkpoint_dir: Path,
-                 hypernet_dir: Path | None = None) -> SourceTransfer:
+                 hypernet_dir: Path | None = None, heldout_examples: int = 0) -> SourceTransfer:
     """`params.init` (FVT or the hypernetwork) then self-distillation for one source; writes
-    `<out_dir>-<init>` and `out_dir`, checkpointing under `checkpoint_dir`."""
+    `<out_dir>-<init>` and `out_dir`, checkpointing under `checkpoint_dir`. The first `heldout_examples` test answers
+    score the held-out learning curve (the evaluation's: `evaluate.bpb_examples`)."""
     start_dir = init_path(out_dir, params.init)
     counts = retokenized_model(source_dir, target_dir, start_dir, params.init, params.seed, hypernet_dir)
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
+    heldout = read_jsonl(Path(prepared_dir) / "test.jsonl")[:heldout_examples] if heldout_examples else []
     summary = train_transfer(records, source_dir, start_dir, out_dir, history_path, params, runtime, checkpoint_dir,
-                             read_jsonl(Path(prepared_dir) / "test.jsonl"))
+                             heldout)
     return SourceTransfer(**{params.init: counts}, **summary.model_dump())
