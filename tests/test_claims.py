@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tokenbridge.contracts import HELDOUT_CURVE
+from tokenbridge.contracts import HELDOUT
 from tokenbridge.params import PipelineParams, resolve
 from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index, verdict
 from tokenbridge.training.history import history_csv
@@ -139,12 +139,16 @@ def test_an_arm_whose_history_holds_held_out_points_gets_the_in_run_learning_cur
     from tokenbridge.reporting.claims import _heldout_curves
 
     history = tmp_path / "history.csv"
+    scores = [f"{HELDOUT}bits_per_byte", f"{HELDOUT}teacher_answers_bits_per_byte"]
     history.write_text(history_csv(
-        [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, **_scores(0.8, 0.05, HELDOUT_CURVE)},
-         {"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.4, **_scores(0.7, 0.05, HELDOUT_CURVE)}],
-        ("step", "loss", HELDOUT_CURVE, f"{HELDOUT_CURVE}_low", f"{HELDOUT_CURVE}_high")))
+        [{"step": 1, "loss": 3.0},
+         {"step": 2, "loss": 2.0, **_scores(0.8, 0.05, scores[0]), **_scores(0.9, 0.05, scores[1])},
+         {"step": 3, "loss": 1.5},
+         {"step": 4, "loss": 1.4, **_scores(0.7, 0.05, scores[0]), **_scores(0.6, 0.05, scores[1])}],
+        ("step", "loss", *(f"{score}{end}" for score in scores for end in ("", "_low", "_high")))))
     run = {"history": loss_curve(history)}
     assert run["history"]["heldout"]["step"] == [2, 4] and run["history"]["loss"] == [3.0, 2.0, 1.5, 1.4]
+    assert run["history"]["heldout"]["teacher_answers_bits_per_byte"] == [0.9, 0.6], "each score under its own name"
     results = {arm: {**_scores(value, 0.01), "runs": {1: run}} for arm, value in (("a", 0.5), ("b", 0.6), ("c", 0.7))}
     start = _scores(0.9, 0.05)
     curves = _heldout_curves(CLAIM, results, start)

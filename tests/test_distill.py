@@ -170,8 +170,8 @@ def test_a_finished_run_is_rewritten_from_its_final_checkpoint_without_training(
     assert summary.resumed_from_step == 4 and summary.steps == 4
     assert all(torch.equal(again[name], tensor) for name, tensor in reference.items())
     state = torch.load(inputs / "final" / "checkpoints" / "state.pt", weights_only=True)
-    assert set(state["identity"]) == {"params", "prepared", "student", "teacher", "stored_logits",
-                                      "teacher_temperature", "code"}, "keyed on everything that shaped the run"
+    parts = {"params", "prepared", "student", "teacher", "stored_logits", "teacher_temperature", "heldout", "code"}
+    assert set(state["identity"]) == parts, "keyed on everything that shaped the run"
 
 
 def test_weights_that_stop_being_finite_are_never_checkpointed(inputs, tiny_params, tiny_dirs, monkeypatch):
@@ -213,3 +213,35 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(inputs, tiny_
     assert not marker.exists(), "loading the checkpoint ran its code"
     assert summary.resumed_from_step == 0
     assert "cannot be read as plain tensors" in capsys.readouterr().err
+
+
+def test_the_held_out_curve_ends_at_the_evaluations_numbers_of_the_saved_student(inputs, tiny_params, tiny_dirs,
+                                                                                  tmp_path):
+    """The in-run learning curve a claim's budget is read from: every heldout_every steps and at the last, on the
+    test answers and on the teacher's answers; its last point is what the evaluate stage measures on the saved
+    student, interval included."""
+    from tokenbridge.contracts import HELDOUT
+    from tokenbridge.evaluation.answers import spelled_by
+    from tokenbridge.io import read_jsonl, write_jsonl
+    from tokenbridge.stages.evaluate import run_evaluate
+
+    test = read_jsonl(inputs / "prepared" / "test.jsonl")
+    answers = tmp_path / "answers.jsonl"
+    write_jsonl(answers, spelled_by([{"question": record["question"], "answer": record["answer"][: 20 + 9 * index],
+                                      "ended": index % 2 == 0} for index, record in enumerate(test[:4])],
+                                    [tiny_dirs["student"]]))
+    runtime = Runtime.resolve(tiny_params.runtime)
+    params = tiny_params.distill.model_copy(update={"steps": 5, "checkpoint_every": 5, "heldout_every": 2})
+    train(inputs / "prepared", tiny_dirs["student"], tmp_path / "model", tmp_path / "checkpoints",
+          tmp_path / "history.csv", params, tiny_params.teacher_logits, tiny_dirs["teacher"], inputs / "logits",
+          runtime=runtime, heldout_examples=6, teacher_answers=answers)
+    with open(tmp_path / "history.csv") as handle:
+        curve = {int(row["step"]): row for row in csv.DictReader(handle) if row[f"{HELDOUT}bits_per_byte"]}
+    assert list(curve) == [2, 4, 5], "every heldout_every steps and at the last"
+    evaluated = run_evaluate(inputs / "prepared", tmp_path / "model", tmp_path / "eval", tmp_path / "metrics.json",
+                             tiny_params.evaluate.model_copy(update={"bpb_examples": 6}), runtime, limit=0,
+                             teacher_answers=answers).numbers()
+    for score in ("bits_per_byte", "teacher_answers_bits_per_byte"):
+        for end in ("", "_low", "_high"):
+            assert float(curve[5][f"{HELDOUT}{score}{end}"]) == pytest.approx(evaluated[f"{score}{end}"], rel=1e-4)
+        assert curve[2][f"{HELDOUT}{score}"] != curve[5][f"{HELDOUT}{score}"], "the points move as the student trains"

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from tokenbridge import stopping
 from tokenbridge.config import RuntimeParams, TeacherLogitsParams
+from tokenbridge.contracts import HELDOUT
 from tokenbridge.io import read_jsonl
 from tokenbridge.params import DistillParams
 from tokenbridge.runtime import Runtime
@@ -51,7 +52,7 @@ def _train(run: dict) -> None:
         train(Path(run["prepared"]), Path(run["student"]), out / "model", out / "checkpoints", out / "history.csv",
               DistillParams.model_validate(run["params"]), TeacherLogitsParams.model_validate(run["teacher_params"]),
               Path(run["teacher"]), Path(run["logits"]), log_metrics=stop,
-              runtime=Runtime.resolve(RuntimeParams.model_validate(run["runtime"])))
+              runtime=Runtime.resolve(RuntimeParams.model_validate(run["runtime"])), heldout_examples=4)
     except Stopped:
         assert "stop_after" in run, "stopped without being asked to"
     finally:
@@ -62,7 +63,9 @@ def _train(run: dict) -> None:
 def _history(out: Path) -> list[dict[str, float]]:
     with open(out / "history.csv") as handle:
         rows = list(csv.DictReader(handle))
-    return [{key: float(value) for key, value in row.items() if key.endswith("loss")} for row in rows]
+    """Per step, each loss term and the held-out curve's point where it has one."""
+    return [{key: float(value) for key, value in row.items()
+             if key.endswith("loss") or (key.startswith(HELDOUT) and value)} for row in rows]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -80,6 +83,7 @@ def _targets_per_rank(prepared: Path, params: DistillParams, teacher_params: Tea
 
 
 def _assert_same_training(reference: Path, other: Path, label: str) -> None:
+    assert f"{HELDOUT}bits_per_byte" in _history(reference)[-1], "the curve's last point (every rank scores it)"
     for single, double in zip(_history(reference), _history(other), strict=True):
         assert double == pytest.approx(single, rel=1e-5, abs=1e-7), label
     weights = _weights(reference)

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from tokenbridge.config import RuntimeParams
-from tokenbridge.contracts import HELDOUT_CURVE, ModelCard
+from tokenbridge.contracts import HELDOUT, ModelCard
 from tokenbridge.data.gsm import generate_gsm_symbolic
 from tokenbridge.evaluation.bpb import bits_per_byte
 from tokenbridge.io import read_json, write_jsonl
@@ -282,7 +282,8 @@ def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tin
                          heldout_every=2), FP32, tmp_path / "checkpoints", heldout_examples=32)
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [row["phase"] for row in rows] == ["embeddings", "lora", "lora"]
-    curve = {int(row["step"]): float(row[HELDOUT_CURVE]) for row in rows if row[HELDOUT_CURVE]}
+    column = f"{HELDOUT}bits_per_byte"
+    curve = {int(row["step"]): float(row[column]) for row in rows if row[column]}
     assert list(curve) == [2, 3], "the held-out curve every heldout_every steps, both phases counted, and at the last"
     answers = tokenize_test_set(prepared_texts / "test.jsonl", out, tmp_path / "answers.jsonl")
     assert curve[3] == pytest.approx(bits_per_byte(out, answers, 32, FP32.device)["bits_per_byte"], rel=1e-4), \

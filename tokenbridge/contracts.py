@@ -20,9 +20,10 @@ from tokenbridge.io import write_json
 
 MODEL_CARD = "tokenbridge.json"  # in every model directory
 MANIFEST = "manifest.json"  # in data/prepared and data/teacher_logits
-# A training history's held-out learning curve: bits-per-byte on test answers at some steps, with `_low` and `_high`
-# (its 95 % bootstrap interval); empty at the other steps.
-HELDOUT_CURVE = "heldout_bits_per_byte"
+# A training history's held-out learning curve: columns `heldout_<score>` (an evaluation score: bits_per_byte,
+# teacher_answers_bits_per_byte) at some steps, with `_low` and `_high` (its 95 % bootstrap interval); empty at the
+# other steps (tokenbridge/evaluation/curve.py).
+HELDOUT = "heldout_"
 TEACHER_LOGITS_FORMAT: Literal["tokenbridge.teacher_logits/v2"] = "tokenbridge.teacher_logits/v2"
 Better = Literal["lower", "higher"]
 

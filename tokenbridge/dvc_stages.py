@@ -106,8 +106,9 @@ STAGES = (
           outs=(Persist(TEACHER_LOGITS_DIR, "finished shards survive an interruption; a rerun extracts only the "
                                             "missing ones"),)),
     Stage("distill",
-          params=("runtime", "distill", "teacher_logits.temperature", "teacher_logits.examples_per_shard"),
-          deps=(PREPARED_DIR, TEACHER_LOGITS_DIR, STUDENT_DIR, TEACHER_DIR),
+          params=("runtime", "distill", "teacher_logits.temperature", "teacher_logits.examples_per_shard",
+                  "evaluate.bpb_examples", "evaluate.teacher_answers"),
+          deps=(PREPARED_DIR, TEACHER_LOGITS_DIR, STUDENT_DIR, TEACHER_DIR, TEACHER_ANSWERS_DIR),
           outs=(DISTILLED_DIR,),
           metrics=(DISTILL_METRICS,), plots={DISTILL_HISTORY: {"x": "step", "y": "loss"}}),
     Stage("teacher_answers", params=("evaluate.teacher_answers", "evaluate.max_gen_toks", "evaluate.batch_size",

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tokenbridge.contracts import HELDOUT_CURVE, DistillMetrics, EvalMetrics
+from tokenbridge.contracts import HELDOUT, DistillMetrics, EvalMetrics
 from tokenbridge.io import read_json
 from tokenbridge.paths import DISTILL_HISTORY, DISTILL_METRICS, EVAL_DIR, EVAL_METRICS_DIR, PER_EXAMPLE
 from tokenbridge.reporting.comparison import across_seeds
@@ -40,15 +40,18 @@ def params_restored(params_file: Path) -> Iterator[None]:
 
 def loss_curve(history_csv: Path) -> dict[str, Any]:
     """A training history's step and total-loss columns (one arm's training curve) and, where the history has one,
-    its held-out learning curve (`heldout`: the steps it was measured at, `bits_per_byte` there and its interval)."""
+    its held-out learning curve (`heldout`: the steps it was measured at, and each score there with its interval,
+    under the evaluation's names: `bits_per_byte`, `bits_per_byte_low`, ...)."""
     with open(history_csv, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        columns = [column for column in reader.fieldnames or [] if column.startswith(HELDOUT)]
     curve: dict[str, Any] = {"step": [float(row["step"]) for row in rows], "loss": [float(row["loss"]) for row in rows]}
-    measured = [row for row in rows if row.get(HELDOUT_CURVE)]
+    measured = [row for row in rows if columns and row[columns[0]]]
     if measured:
         curve["heldout"] = {"step": [int(row["step"]) for row in measured],
-                            **{f"bits_per_byte{end}": [float(row[f"{HELDOUT_CURVE}{end}"]) for row in measured]
-                               for end in ("", "_low", "_high")}}
+                            **{column.removeprefix(HELDOUT): [float(row[column]) for row in measured]
+                               for column in columns}}
     return curve
 
 

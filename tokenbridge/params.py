@@ -87,6 +87,10 @@ class DistillCommonParams(Strict):
     teacher: TeacherTruncation = TeacherTruncation()
     on_policy: OnPolicyParams = OnPolicyParams()
     checkpoint_every: int = Field(ge=1)
+    heldout_every: int = Field(10, ge=0, description="the held-out learning curve: every this many steps and at the "
+                                                     "last, bits-per-byte on the test answers and the teacher's "
+                                                     "answers the evaluation scores (evaluate.bpb_examples, "
+                                                     "evaluate.teacher_answers); 0: never")
     logits_chunk_size: int = Field(128, ge=1, description="positions per chunk of the vocabulary projection")
     seed: int = 1234
 

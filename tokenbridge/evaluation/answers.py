@@ -69,10 +69,9 @@ def spelled_by(records: list[dict], model_dirs: list[Path]) -> list[dict]:
     return [record for record in records if readable(record)]
 
 
-def continuations(records: list[dict], model_dir: Path) -> list[Encoded]:
-    """Answers (`question`, `answer`, `ended`) as `model_dir`'s tokenizer reads another model's answer after its own
-    prompt: the answer's text, then its end-of-turn token where the answer ended."""
-    tokenizer = load_tokenizer(model_dir)
+def continuations(records: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Answers (`question`, `answer`, `ended`) as `tokenizer` reads another model's answer after its own prompt: the
+    answer's text, then its end-of-turn token where the answer ended."""
     table = vocab_bytes(tokenizer)
     return [encode_continuation(tokenizer, record["question"], record["answer"], record["ended"], table)
             for record in records]

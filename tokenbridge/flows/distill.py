@@ -5,9 +5,10 @@ teacher (online). With `distill.on_policy.fraction` > 0 (GKD's lambda; online te
 trains on answers the student samples, scored by the teacher with its own tokenizer. Checkpoints every
 `distill.checkpoint_every` steps; a rerun resumes from the last one.
 
-Inputs: data/prepared, data/teacher_logits (offline) or models/teacher (online), models/student;
-params `distill.*`. Outputs: models/distilled/ (HF directory), metrics/distill_history.csv (loss curves),
-metrics/distill.json, checkpoints/distill/. Loss curves also go to MLflow.
+Inputs: data/prepared, data/teacher_logits (offline) or models/teacher (online), models/student,
+data/teacher_answers (the held-out curve); params `distill.*`, `evaluate.bpb_examples` (the curve's test answers).
+Outputs: models/distilled/ (HF directory), metrics/distill_history.csv (loss curves, and the held-out learning curve
+every `distill.heldout_every` steps), metrics/distill.json, checkpoints/distill/. Both curves also go to MLflow.
 Run alone: tokenbridge distill   (or: dvc repro distill)
 Device, precision, micro-batches (gradient accumulation), gradient checkpointing, compile: params `runtime.*`.
 Several processes: set runtime.processes_per_node (and runtime.nodes, runtime.strategy: ddp | fsdp); this command
@@ -35,11 +36,13 @@ from tokenbridge.paths import (
     DISTILLED_DIR,
     PREPARED_DIR,
     STUDENT_DIR,
+    TEACHER_ANSWERS_DIR,
     TEACHER_DIR,
     TEACHER_LOGITS_DIR,
 )
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.distill import train
+from tokenbridge.stages.teacher_answers import ANSWERS
 from tokenbridge.training.ranks import process_group
 
 
@@ -47,7 +50,8 @@ def _train(params: PipelineParams, log_metrics: Callable[[dict[str, float], int]
            ) -> DistillMetrics:
     return train(PREPARED_DIR, STUDENT_DIR, DISTILLED_DIR, CHECKPOINT_DIR, DISTILL_HISTORY, params.distill,
                  params.teacher_logits, TEACHER_DIR, TEACHER_LOGITS_DIR, log_metrics=log_metrics,
-                 runtime=Runtime.resolve(params.runtime))
+                 runtime=Runtime.resolve(params.runtime), heldout_examples=params.evaluate.bpb_examples,
+                 teacher_answers=TEACHER_ANSWERS_DIR / ANSWERS if params.evaluate.teacher_answers else None)
 
 
 @flow(name="distill", log_prints=True)

@@ -291,7 +291,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
         plots[stem] = out_dir / "claims" / "plots" / f"{stem}.png"
         plot_learning_curves(curves, claim.metric, plots[stem], f"held-out {claim.metric} during training")
         blocks.append(Image(stem, f"The learning curve inside each arm's run: held-out {claim.metric} on the same "
-                                  "test answers as the verdict, every transfer.heldout_every steps, with its 95 % "
+                                  "answers as the verdict, every heldout_every steps of its stage, with its 95 % "
                                   "interval, from the untrained model at step 0. A run's learning rate decays to its "
                                   "last step, so a point shows where that run was, not what a run of that budget "
                                   "would reach."))
@@ -319,8 +319,9 @@ def _heldout_curves(claim: Claim, results: Mapping[str, Mapping[str, Any]],
         if not runs:
             continue
         points: dict[int, Mapping[str, Any]] = {0: untrained} if untrained else {}
+        bounded = (claim.metric, f"{claim.metric}_low", f"{claim.metric}_high")
         for index, step in enumerate(runs[0]["step"]):
-            points[step] = ({key: runs[0][key][index] for key in runs[0] if key != "step"} if len(runs) == 1
+            points[step] = ({key: runs[0][key][index] for key in bounded} if len(runs) == 1
                             else {claim.metric: statistics.fmean(run[claim.metric][index] for run in runs)})
         curves[arm] = points
     return curves

@@ -3,7 +3,8 @@ cross-entropy, across tokenizers (or within one).
 
 Inputs: `data/prepared/` (both models' tokenizations of the training set), the teacher either as stored
 logits (`data/teacher_logits/`, offline) or as a model run at every step (online), the student directory.
-Outputs: the distilled student as a HF directory, a per-step history CSV, and checkpoints that let an
+Outputs: the distilled student as a HF directory, a per-step history CSV (with the held-out learning curve every
+`distill.heldout_every` steps: `tokenbridge.evaluation.curve`), and checkpoints that let an
 interrupted run resume at its last checkpoint (the final state is one too, so a run that fails after training, in
 a tracking call say, is rewritten from it without training again). SIGTERM or SIGINT stops the run after its
 current step, with a checkpoint (`tokenbridge.stopping`).
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from tokenbridge.config import TeacherLogitsParams
 from tokenbridge.contracts import MANIFEST, MODEL_CARD, DistillMetrics, ModelCard, PreparedManifest
 from tokenbridge.data.chat import Encoded
-from tokenbridge.io import atomic_path, read_jsonl, sha256_file, write_text
+from tokenbridge.evaluation.curve import heldout_columns, heldout_point, heldout_sets, is_curve_step
+from tokenbridge.io import atomic_path, fingerprint, read_jsonl, sha256_file, write_text
 from tokenbridge.losses.base import LossSetup
 from tokenbridge.losses.registry import build_losses, teacher_fields
 from tokenbridge.models import load_model, load_tokenizer, model_identity
@@ -57,9 +59,11 @@ def train(
     prepared_dir: Path, student_dir: Path, out_dir: Path, checkpoint_dir: Path, history_path: Path,
     params: DistillParams, teacher_params: TeacherLogitsParams, teacher_dir: Path, teacher_logits_dir: Path | None,
     log_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
-    *, runtime: Runtime,
+    *, runtime: Runtime, heldout_examples: int = 0, teacher_answers: Path | None = None,
 ) -> DistillMetrics:
-    """Train the student; every rank of a `process_group` runs this, on its share of each step's batch."""
+    """Train the student; every rank of a `process_group` runs this, on its share of each step's batch. With
+    `heldout_examples`, the history gets the held-out learning curve on the first that many test answers and on
+    `teacher_answers` (the teacher_answers stage's records) where given."""
     ranks = Ranks.current()  # params validation guarantees every rank at least one example a step
     torch.manual_seed(params.seed)
     prepared = PreparedManifest.read(Path(prepared_dir) / MANIFEST).splits.train
@@ -81,6 +85,10 @@ def train(
                               params.teacher, teacher_params.temperature, params.logits_chunk_size)
 
     tokenizer, teacher_tokenizer = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
+    heldout = ({"test": read_jsonl(prepared_dir / "test.jsonl")[:heldout_examples],
+                "teacher_answers": read_jsonl(teacher_answers) if teacher_answers else []}
+               if heldout_examples and params.heldout_every else {})
+    answers = heldout_sets(tokenizer, heldout["test"], heldout["teacher_answers"]) if heldout else {}
     student = runtime.prepare_student(load_model(student_dir, torch.float32).train())
     losses.to(runtime.device)
     boundary = boundary_mask(tokenizer, student.get_output_embeddings().weight.shape[0])
@@ -102,11 +110,11 @@ def train(
     identity = {"params": params.model_dump(), "prepared": prepared.sha256.model_dump(),
                 "student": model_identity(student_dir), "teacher": model_identity(teacher_dir),
                 "stored_logits": logits_manifest, "teacher_temperature": teacher.temperature,
-                "code": code_version(__file__)}
+                "heldout": fingerprint(heldout), "code": code_version(__file__)}
     checkpoint = Checkpoint(checkpoint_dir, identity, model, optimizer, ranks)
     start_step, history = checkpoint.resume()
     history_fields = ("step", "loss", *(f"{name}_loss" for name in term_names), "alpha", "learning_rate", "on_policy",
-                      "completion_tokens", "generation_seconds", "update_seconds", "seconds")
+                      "completion_tokens", "generation_seconds", "update_seconds", "seconds", *heldout_columns(answers))
 
     bar = tqdm(range(start_step, params.steps), desc=f"distill ({'+'.join(params.losses)})", unit="step",
                initial=start_step, total=params.steps, disable=not ranks.main)
@@ -147,6 +155,9 @@ def train(
                        "on_policy": int(on_policy), "completion_tokens": completion_tokens,
                        "generation_seconds": generation_seconds, "update_seconds": seconds - generation_seconds,
                        "seconds": seconds}
+            if answers and is_curve_step(step + 1, params.steps, params.heldout_every):
+                with gathered(model):  # every rank scores (a collective under FSDP); the ranks' points are equal
+                    metrics |= heldout_point(student, answers, len(tokenizer), runtime.device)
             history.append({"step": step + 1, **{field: metrics.get(field, "") for field in history_fields[1:]}})
             if ranks.main:
                 log_metrics(metrics, step + 1)

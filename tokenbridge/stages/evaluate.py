@@ -60,7 +60,8 @@ def _own_answers_gap(model_dir: Path, teacher_dir: Path, questions: list[dict], 
                          params.batch_size, runtime)
     write_jsonl(out_path, own)
     kept = spelled_by(own, [model_dir, teacher_dir])
-    teacher, student = continuations(kept, teacher_dir), continuations(kept, model_dir)
+    teacher, student = (continuations(kept, load_tokenizer(teacher_dir)),
+                        continuations(kept, load_tokenizer(model_dir)))
     gap = chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), student,
                     token_logprobs(model_dir, student, runtime.device), "own_answers_chunk_gap_bits_per_byte")
     return {**gap, "own_answers_unreadable": len(own) - len(kept)}
@@ -100,7 +101,7 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
                                            logprobs), examples))
     if teacher_answers is not None:
         with _timed("teacher_answers", seconds):
-            scored = continuations(read_jsonl(teacher_answers), model_dir)
+            scored = continuations(read_jsonl(teacher_answers), load_tokenizer(model_dir))
             scores.update(_apart(bits_per_byte_of(scored, token_logprobs(model_dir, scored, runtime.device),
                                                   "teacher_answers_bits_per_byte", "teacher_answers_bytes"), examples))
     if teacher_dir is not None and teacher_answers is not None:

@@ -34,9 +34,9 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenbridge.config import TeacherTruncation
-from tokenbridge.contracts import HELDOUT_CURVE, MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
+from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.data.chat import Encoded, encode_example
-from tokenbridge.evaluation.bpb import bits_per_byte_of, model_token_logprobs
+from tokenbridge.evaluation.curve import heldout_columns, heldout_point, heldout_sets, is_curve_step
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.base import LossSetup
 from tokenbridge.losses.latents import HiddenStateTerm
@@ -106,23 +106,6 @@ def _encoded_pairs(records: list[dict], teacher: PreTrainedTokenizerBase, studen
     return teachers, students
 
 
-def _heldout_answers(records: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
-    """The test answers in the moved model's tokenization, scored as the evaluate stage scores them (the answer
-    and its end of turn are the targets)."""
-    table = vocab_bytes(tokenizer)
-    return [encode_example(tokenizer, record["question"], record["answer"], table) for record in records]
-
-
-def _heldout_point(student: PreTrainedModel, answers: list[Encoded], vocab_size: int,
-                   device: torch.device) -> dict[str, float]:
-    """Held-out bits-per-byte of the model as it trains (fp32, eval mode, then back to training), with its 95 %
-    bootstrap interval: one point of the learning curve."""
-    student.eval()
-    scores = bits_per_byte_of(answers, model_token_logprobs(student, answers, vocab_size, device), HELDOUT_CURVE)
-    student.train()
-    return {key: scores[key] for key in (HELDOUT_CURVE, f"{HELDOUT_CURVE}_low", f"{HELDOUT_CURVE}_high")}
-
-
 def _embedding_parameters(model: PreTrainedModel) -> list[torch.Tensor]:
     found = [input_embeddings(model), output_embeddings(model)]
     unique = {id(parameter): parameter for parameter in found}
@@ -145,7 +128,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
                    heldout: list[dict] | None = None) -> TransferTraining:
     """Self-distillation with `params.loss` from the original model (teacher, own tokenizer) into the moved model
     in `start_dir` (FVT or hypernetwork rows); saves the result (LoRA merged) at `out_dir`. With `heldout` (test
-    records), the history gets the held-out learning curve (`HELDOUT_CURVE`) every `heldout_every` steps and at the
+    records), the history gets the held-out learning curve (`evaluation.curve`) every `heldout_every` steps and at the
     last: points inside one run, whose learning rate decays to its last step. A finished output of the same
     configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
@@ -165,7 +148,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     torch.manual_seed(params.seed)
     teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(start_dir)
     teachers, students = _encoded_pairs(records, teacher_tokenizer, student_tokenizer, params.max_length)
-    answers = _heldout_answers(heldout, student_tokenizer)
+    answers = heldout_sets(student_tokenizer, heldout)
     total_steps = params.embedding_steps + params.steps
     teacher = LiveTeacher(Teacher.load(source_dir, runtime.inference_dtype, runtime.device), teachers,
                           TeacherTruncation(), 1.0, CHUNK_SIZE)
@@ -217,8 +200,8 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
                                 f"{params.loss}_loss": result.values[params.loss],
                                 "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,
                                 "grad_norm": result.grad_norm, "seconds": time.perf_counter() - started})
-                if answers and (step + 1 == total_steps or (step + 1) % params.heldout_every == 0):
-                    history[-1] |= _heldout_point(student, answers, len(student_tokenizer), runtime.device)
+                if answers and is_curve_step(step + 1, total_steps, params.heldout_every):
+                    history[-1] |= heldout_point(student, answers, len(student_tokenizer), runtime.device)
                 done = phase_step + 1
                 # A phase's final state is kept too, so a later phase can resume after it.
                 checkpoint.at_step_end(done, history, due=done == steps or done % params.checkpoint_every == 0)
@@ -235,8 +218,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
         start_card.model_copy(update={"name": f"{start_card.transferred_from}-transferred", "fingerprint": key,
                                     "training": summary, "transfer": params.model_dump()}).write(temporary / MODEL_CARD)
     write_text(history_path, history_csv(history, ("step", "phase", "loss", f"{params.loss}_loss", "hidden_state_loss",
-                                                   "learning_rate", "grad_norm", "seconds", HELDOUT_CURVE,
-                                                   f"{HELDOUT_CURVE}_low", f"{HELDOUT_CURVE}_high")))
+                                                   "learning_rate", "grad_norm", "seconds", *heldout_columns(answers))))
     return summary
 
 
