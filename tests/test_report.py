@@ -307,3 +307,23 @@ def test_the_benchmarks_table_has_a_row_per_model_and_a_column_per_task_with_its
                           "arithmetic: acc (higher is better)"]
         assert rows == [["teacher", "0.2000 [0.0040, 0.3960]", "0.5000 [0.4020, 0.5980]"],
                         ["student_after", MISSING, "0.5000 [0.4020, 0.5980]"]]
+
+
+def test_a_history_with_the_held_out_curve_gets_its_plot_from_the_untrained_student_at_step_0(tmp_path):
+    from tokenbridge.stages.report import _heldout_curves, _read_history
+
+    curve = ",heldout_bits_per_byte,heldout_bits_per_byte_low,heldout_bits_per_byte_high"
+    path = tmp_path / "curve.csv"
+    path.write_text("\n".join([HEADER + curve, "1,5.2,4.6,0.6,5e-05,1.5,,,", "2,2.1,1.8,0.3,5e-05,1.2,1.25,1.2,1.3",
+                               "3,0.9,0.7,0.2,5e-05,1.0,,,", "4,0.4,0.3,0.1,5e-05,1.0,1.1172,1.08,1.15"]) + "\n")
+    before = {**METRICS["models"]["student_before"], "bits_per_byte_low": 1.27, "bits_per_byte_high": 1.36}
+    curves = _heldout_curves(_read_history(path), before)
+    assert list(curves) == ["reference answers"], "the teacher's answers have no column here"
+    assert sorted(curves["reference answers"]) == [0, 2, 4]
+    assert curves["reference answers"][0] == {"bits_per_byte": 1.3125, "bits_per_byte_low": 1.27,
+                                              "bits_per_byte_high": 1.36}, "step 0: the untrained student"
+    assert curves["reference answers"][4] == {"bits_per_byte": 1.1172, "bits_per_byte_low": 1.08,
+                                              "bits_per_byte_high": 1.15}
+    paths = render_report(METRICS, path, CONTEXT, tmp_path / "r")
+    assert paths["heldout_curve"].read_bytes().startswith(PNG_MAGIC)
+    assert "held-out bits-per-byte as it trains" in paths["markdown"].read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.contracts import UNCERTAINTY_SUFFIXES, EvalMetrics, TaskScore, interval
+from tokenbridge.contracts import HELDOUT, UNCERTAINTY_SUFFIXES, EvalMetrics, TaskScore, interval
 from tokenbridge.reporting.comparison import COMPARED
 from tokenbridge.reporting.document import (
     MISSING,
@@ -32,7 +32,7 @@ from tokenbridge.reporting.document import (
     key_values,
     with_interval,
 )
-from tokenbridge.reporting.plots import plot_losses, plot_metrics
+from tokenbridge.reporting.plots import plot_learning_curves, plot_losses, plot_metrics
 from tokenbridge.reporting.render import write_document
 
 PRIMARY_MARK = "★"
@@ -42,6 +42,8 @@ TOTAL_LOSS = "loss"  # the history's total; each term has a `<name>_loss` column
 AFTER, BEFORE, TEACHER = "student_after", "student_before", "teacher"
 # Context entries with a section of their own instead of a row in the run's key/value table.
 SECTIONS = {"registry": "Model Registry", "params": "Parameters"}
+# The distill history's held-out curves (`heldout_<score>` columns) and what each is measured on.
+HELDOUT_SERIES = {"bits_per_byte": "reference answers", "teacher_answers_bits_per_byte": "teacher's answers"}
 
 
 def render_report(eval_metrics: dict, history_csv: Path, context: dict, out_dir: Path) -> dict[str, Path]:
@@ -63,8 +65,12 @@ def render_report(eval_metrics: dict, history_csv: Path, context: dict, out_dir:
     plot_losses(history["step"], {_loss_label(name): values for name, values in _logged(history).items()},
                 _loss_label(TOTAL_LOSS), plots["loss_curves"])
     plot_metrics(models, scores, primary, plots["metrics_by_model"])
+    if curves := _heldout_curves(history, models.get(BEFORE, {})):
+        plots["heldout_curve"] = out_dir / "plots" / "heldout_curve.png"
+        plot_learning_curves(curves, "bits_per_byte", plots["heldout_curve"], "held-out bits-per-byte in training")
 
-    blocks = _document(models, metrics, scores, primary, history, context, eval_metrics.get("tasks") or {})
+    blocks = _document(models, metrics, scores, primary, history, context, eval_metrics.get("tasks") or {},
+                       bool(curves))
     paths = write_document(out_dir, "report", _title(context), blocks, plots)
     return {**paths, **plots}
 
@@ -236,6 +242,25 @@ def _read_history(path: Path) -> dict[str, list[float]]:
             for column in columns}
 
 
+def _heldout_curves(history: Mapping[str, list[float]], before: Mapping[str, Any]
+                    ) -> dict[str, dict[int, dict[str, float]]]:
+    """series -> step -> bits-per-byte with its interval: the student's held-out learning curve during distillation,
+    from the untrained student (`before`, the evaluation's scores) at step 0. Empty without a curve."""
+    curves = {}
+    for score, label in HELDOUT_SERIES.items():
+        columns = {f"bits_per_byte{end}": f"{HELDOUT}{score}{end}" for end in ("", "_low", "_high")}
+        if columns["bits_per_byte"] not in history:
+            continue
+        points = {int(step): {name: history[column][row] for name, column in columns.items()}
+                  for row, step in enumerate(history["step"]) if math.isfinite(history[columns["bits_per_byte"]][row])}
+        if points and is_finite(before.get(score)):
+            points[0] = {f"bits_per_byte{end}": before[f"{score}{end}"] for end in ("", "_low", "_high")
+                         if f"{score}{end}" in before}
+        if points:
+            curves[label] = points
+    return curves
+
+
 def _logged(history: Mapping[str, list[float]]) -> dict[str, list[float]]:
     """The loss series (total, then each term) with at least one number (a term is empty while its weight is 0)."""
     names = [name for name in history if name == TOTAL_LOSS or name.endswith("_loss")]
@@ -292,7 +317,7 @@ def _benchmarks(tasks: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[Bl
 
 def _document(models: Mapping[str, Mapping], metrics: Sequence[str], scores: Sequence[str], primary: str | None,
               history: Mapping[str, list[float]], context: Mapping[str, Any],
-              tasks: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[Block]:
+              tasks: Mapping[str, Mapping[str, Mapping[str, Any]]], heldout_curve: bool) -> list[Block]:
     """The report's content once, as blocks that both the Markdown and the HTML writer render."""
     marked = metrics.index(primary) + 1 if primary in metrics else None
     header = ["model", *(f"{name} {PRIMARY_MARK}" if name == primary else name for name in metrics)]
@@ -314,6 +339,12 @@ def _document(models: Mapping[str, Mapping], metrics: Sequence[str], scores: Seq
                Paragraph(f"Do the methods do what their papers claim? Each claim is measured as its own sweep, with "
                          f"a verdict, in {CLAIMS_PAGE} of the project (`tokenbridge claim --name <claim>` runs one)."),
                Heading("Training"), *_training(history), Image("loss_curves", "Distillation losses per step.")]
+    if heldout_curve:
+        blocks.append(Image("heldout_curve", "The student's held-out bits-per-byte as it trains (on the evaluation's "
+                                             "reference answers and the teacher's answers, every "
+                                             "distill.heldout_every steps, with its 95 % interval), from the "
+                                             "untrained student at step 0; the last point is the distilled student's "
+                                             "evaluation."))
     facts = {key: value for key, value in context.items() if not (key in SECTIONS and isinstance(value, Mapping))}
     if facts:
         blocks += [Heading("Run"), key_values(facts, ["fact", "value"])]
