@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"  # in data/prepared and data/teacher_logits
 # teacher_answers_bits_per_byte) at some steps, with `_low` and `_high` (its 95 % bootstrap interval); empty at the
 # other steps (tokenbridge/evaluation/curve.py).
 HELDOUT = "heldout_"
+SCORE_AND_INTERVAL = ("", "_low", "_high")  # the suffixes of a score, then of its 95 % interval's ends
 TEACHER_LOGITS_FORMAT: Literal["tokenbridge.teacher_logits/v2"] = "tokenbridge.teacher_logits/v2"
 Better = Literal["lower", "higher"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tokenbridge.data.chat import Encoded, UnalignableExample, encode_continuation
+from tokenbridge.data.chat import Encoded, UnalignableExample, encode_continuation, encode_example
 from tokenbridge.data.padding import left_pad
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.on_policy import valid_text
@@ -67,6 +67,13 @@ def spelled_by(records: list[dict], model_dirs: list[Path]) -> list[dict]:
         return True
 
     return [record for record in records if readable(record)]
+
+
+def references(records: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Test records (`question`, `answer`) in `tokenizer`'s chat template, on the common byte stream (as `prepare`
+    writes them): the reference answer and its end of turn are the targets."""
+    table = vocab_bytes(tokenizer)
+    return [encode_example(tokenizer, record["question"], record["answer"], table) for record in records]
 
 
 def continuations(records: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:

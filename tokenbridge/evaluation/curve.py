@@ -11,29 +11,24 @@ from collections.abc import Mapping
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenbridge.contracts import HELDOUT
-from tokenbridge.data.chat import Encoded, encode_example
-from tokenbridge.evaluation.answers import continuations
+from tokenbridge.contracts import HELDOUT, SCORE_AND_INTERVAL
+from tokenbridge.data.chat import Encoded
+from tokenbridge.evaluation.answers import continuations, references
 from tokenbridge.evaluation.bpb import bits_per_byte_of, model_token_logprobs
-from tokenbridge.token_bytes import vocab_bytes
-
-_ENDS = ("", "_low", "_high")
 
 
 def heldout_sets(tokenizer: PreTrainedTokenizerBase, test_records: list[dict],
                  teacher_answers: list[dict] | None = None) -> dict[str, list[Encoded]]:
     """score -> the answers it is measured on, in `tokenizer`'s encoding: `bits_per_byte` on the test records'
     reference answers, `teacher_answers_bits_per_byte` on the teacher_answers stage's records (where given)."""
-    table = vocab_bytes(tokenizer)
-    sets = {"bits_per_byte": [encode_example(tokenizer, record["question"], record["answer"], table)
-                              for record in test_records],
+    sets = {"bits_per_byte": references(test_records, tokenizer),
             "teacher_answers_bits_per_byte": continuations(teacher_answers or [], tokenizer)}
     return {score: answers for score, answers in sets.items() if answers}
 
 
 def heldout_columns(sets: Mapping[str, list[Encoded]]) -> tuple[str, ...]:
     """The history columns of a curve of these sets."""
-    return tuple(f"{HELDOUT}{score}{end}" for score in sets for end in _ENDS)
+    return tuple(f"{HELDOUT}{score}{end}" for score in sets for end in SCORE_AND_INTERVAL)
 
 
 def is_curve_step(step: int, total_steps: int, every: int) -> bool:
@@ -50,7 +45,7 @@ def heldout_point(model: PreTrainedModel, sets: Mapping[str, list[Encoded]], voc
         point: dict[str, float] = {}
         for score, answers in sets.items():
             scores = bits_per_byte_of(answers, model_token_logprobs(model, answers, vocab_size, device), score)
-            point |= {f"{HELDOUT}{score}{end}": scores[f"{score}{end}"] for end in _ENDS}
+            point |= {f"{HELDOUT}{score}{end}": scores[f"{score}{end}"] for end in SCORE_AND_INTERVAL}
     finally:
         model.train()
     return point

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tokenbridge.contracts import EvalMetrics, interval
+from tokenbridge.contracts import SCORE_AND_INTERVAL, EvalMetrics, interval
 from tokenbridge.intervals import paired_bootstrap_interval
 from tokenbridge.io import read_json
 from tokenbridge.reporting.document import (
@@ -319,7 +319,7 @@ def _heldout_curves(claim: Claim, results: Mapping[str, Mapping[str, Any]],
         if not runs:
             continue
         points: dict[int, Mapping[str, Any]] = {0: untrained} if untrained else {}
-        bounded = (claim.metric, f"{claim.metric}_low", f"{claim.metric}_high")
+        bounded = [f"{claim.metric}{end}" for end in SCORE_AND_INTERVAL]
         for index, step in enumerate(runs[0]["step"]):
             points[step] = ({key: runs[0][key][index] for key in bounded} if len(runs) == 1
                             else {claim.metric: statistics.fmean(run[claim.metric][index] for run in runs)})

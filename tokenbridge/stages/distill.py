@@ -85,10 +85,10 @@ def train(
                               params.teacher, teacher_params.temperature, params.logits_chunk_size)
 
     tokenizer, teacher_tokenizer = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
-    heldout = ({"test": read_jsonl(prepared_dir / "test.jsonl")[:heldout_examples],
-                "teacher_answers": read_jsonl(teacher_answers) if teacher_answers else []}
-               if heldout_examples and params.heldout_every else {})
-    answers = heldout_sets(tokenizer, heldout["test"], heldout["teacher_answers"]) if heldout else {}
+    curve = bool(heldout_examples and params.heldout_every)
+    heldout = {"test": read_jsonl(prepared_dir / "test.jsonl")[:heldout_examples] if curve else [],
+               "teacher_answers": read_jsonl(teacher_answers) if curve and teacher_answers else []}
+    answers = heldout_sets(tokenizer, heldout["test"], heldout["teacher_answers"])
     student = runtime.prepare_student(load_model(student_dir, torch.float32).train())
     losses.to(runtime.device)
     boundary = boundary_mask(tokenizer, student.get_output_embeddings().weight.shape[0])

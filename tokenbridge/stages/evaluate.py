@@ -24,8 +24,8 @@ from typing import Any
 
 from tokenbridge.config import EvaluateParams
 from tokenbridge.contracts import MANIFEST, EvalMetrics, PreparedManifest
-from tokenbridge.data.chat import Encoded, encode_example
-from tokenbridge.evaluation.answers import continuations, greedy_answers, spelled_by
+from tokenbridge.data.chat import Encoded
+from tokenbridge.evaluation.answers import continuations, greedy_answers, references, spelled_by
 from tokenbridge.evaluation.bpb import EXAMPLES, bits_per_byte_of, chunk_gap, token_logprobs
 from tokenbridge.evaluation.gsm_lmeval import gsm_scores
 from tokenbridge.evaluation.harness import Task, document_samples, generates, run_harness, task_score
@@ -34,15 +34,12 @@ from tokenbridge.io import read_jsonl, write_json, write_jsonl
 from tokenbridge.models import load_tokenizer
 from tokenbridge.paths import PER_EXAMPLE
 from tokenbridge.runtime import Runtime
-from tokenbridge.token_bytes import vocab_bytes
 
 
 def tokenize_test_set(test_jsonl: Path, model_dir: Path, out_path: Path) -> Path:
     """The test records in the model's own tokenization, on the common byte stream (as `prepare` writes)."""
-    tokenizer = load_tokenizer(model_dir)
-    table = vocab_bytes(tokenizer)
-    write_jsonl(out_path, (encode_example(tokenizer, r["question"], r["answer"], table).to_json()
-                           for r in read_jsonl(test_jsonl)))
+    encoded = references(read_jsonl(test_jsonl), load_tokenizer(model_dir))
+    write_jsonl(out_path, (example.to_json() for example in encoded))
     return out_path
 
 

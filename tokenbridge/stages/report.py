@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.contracts import HELDOUT, UNCERTAINTY_SUFFIXES, EvalMetrics, TaskScore, interval
+from tokenbridge.contracts import HELDOUT, SCORE_AND_INTERVAL, UNCERTAINTY_SUFFIXES, EvalMetrics, TaskScore, interval
 from tokenbridge.reporting.comparison import COMPARED
 from tokenbridge.reporting.document import (
     MISSING,
@@ -248,13 +248,13 @@ def _heldout_curves(history: Mapping[str, list[float]], before: Mapping[str, Any
     from the untrained student (`before`, the evaluation's scores) at step 0. Empty without a curve."""
     curves = {}
     for score, label in HELDOUT_SERIES.items():
-        columns = {f"bits_per_byte{end}": f"{HELDOUT}{score}{end}" for end in ("", "_low", "_high")}
+        columns = {f"bits_per_byte{end}": f"{HELDOUT}{score}{end}" for end in SCORE_AND_INTERVAL}
         if columns["bits_per_byte"] not in history:
             continue
         points = {int(step): {name: history[column][row] for name, column in columns.items()}
                   for row, step in enumerate(history["step"]) if math.isfinite(history[columns["bits_per_byte"]][row])}
         if points and is_finite(before.get(score)):
-            points[0] = {f"bits_per_byte{end}": before[f"{score}{end}"] for end in ("", "_low", "_high")
+            points[0] = {f"bits_per_byte{end}": before[f"{score}{end}"] for end in SCORE_AND_INTERVAL
                          if f"{score}{end}" in before}
         if points:
             curves[label] = points
