@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenbridge.contracts import MANIFEST, TeacherAnswersManifest
+from tokenbridge.contracts import ANSWERS, MANIFEST, TeacherAnswersManifest
+from tokenbridge.evaluation.answers import greedy_answers, write_greedy_answers
 from tokenbridge.io import read_jsonl
 from tokenbridge.on_policy import valid_text
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.evaluate import run_evaluate
 from tokenbridge.stages.prepare import run_prepare
-from tokenbridge.stages.teacher_answers import ANSWERS, greedy_answers, run_teacher_answers
 from tokenbridge.token_bytes import special_ids, vocab_bytes
 
 
@@ -49,8 +49,8 @@ def test_batched_greedy_answers_are_what_transformers_generate_one_question_at_a
 def test_every_model_is_scored_on_the_same_bytes_of_the_teachers_answers_and_on_its_own_answers(tiny_params, tiny_dirs,
                                                                                                prepared, tmp_path):
     runtime = Runtime.resolve(tiny_params.runtime)
-    manifest = run_teacher_answers(prepared / "test.jsonl", tiny_dirs["teacher"], tiny_dirs["student"],
-                                   tmp_path / "answers", count=3, max_new_tokens=16, batch_size=2, runtime=runtime)
+    manifest = write_greedy_answers(prepared / "test.jsonl", tiny_dirs["teacher"], tiny_dirs["student"],
+                                    tmp_path / "answers", count=3, max_new_tokens=16, batch_size=2, runtime=runtime)
     assert TeacherAnswersManifest.read(tmp_path / "answers" / MANIFEST) == manifest
     assert manifest.examples + manifest.unreadable == 3 and manifest.examples > 0
     scored = {role: run_evaluate(prepared, directory, tmp_path / role, tmp_path / f"{role}.json", tiny_params.evaluate,

@@ -20,10 +20,11 @@ import torch
 import yaml
 
 from tokenbridge.config import RuntimeParams
-from tokenbridge.contracts import HELDOUT, ModelCard
+from tokenbridge.contracts import ANSWERS, HELDOUT, MANIFEST, ModelCard, TeacherAnswersManifest
 from tokenbridge.data.gsm import generate_gsm_symbolic
-from tokenbridge.evaluation.bpb import bits_per_byte
-from tokenbridge.io import read_json, write_jsonl
+from tokenbridge.evaluation.answers import continuations
+from tokenbridge.evaluation.bpb import bits_per_byte, bits_per_byte_of, token_logprobs
+from tokenbridge.io import read_json, read_jsonl, write_jsonl
 from tokenbridge.losses.latents import hidden_state_loss
 from tokenbridge.losses.registry import cross_tokenizer_losses, transfer_losses
 from tokenbridge.models import load_model, load_tokenizer
@@ -277,18 +278,29 @@ def test_ensembling_models_with_different_tokenizers_is_refused_naming_both(tiny
 def test_the_lora_phase_trains_adapters_that_are_merged_into_the_saved_model(tiny_params, tiny_dirs, prepared_texts,
                                                                              tmp_path):
     out = tmp_path / "lora"
+    heldout = tiny_params.evaluate.model_copy(update={"bpb_examples": 32, "teacher_answers": 2})
     run_transfer(prepared_texts, tiny_dirs["teacher"], tiny_dirs["student"], out, tmp_path / "history.csv",
                  _params(tiny_params, embedding_steps=1, steps=2, train="lora", lora_rank=4, lora_alpha=4,
-                         heldout_every=2), FP32, tmp_path / "checkpoints", heldout_examples=32)
+                         heldout_every=2), FP32, tmp_path / "checkpoints", heldout=heldout,
+                 answers_dir=tmp_path / "original_answers")
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [row["phase"] for row in rows] == ["embeddings", "lora", "lora"]
-    column = f"{HELDOUT}bits_per_byte"
-    curve = {int(row["step"]): float(row[column]) for row in rows if row[column]}
-    assert list(curve) == [2, 3], "the held-out curve every heldout_every steps, both phases counted, and at the last"
-    answers = tokenize_test_set(prepared_texts / "test.jsonl", out, tmp_path / "answers.jsonl")
-    assert curve[3] == pytest.approx(bits_per_byte(out, answers, 32, FP32.device)["bits_per_byte"], rel=1e-4), \
-        "the curve's last point is the evaluation's bits-per-byte of the saved model (LoRA merged)"
-    assert curve[2] != curve[3]
+    answered = read_jsonl(tmp_path / "original_answers" / ANSWERS)
+    manifest = TeacherAnswersManifest.read(tmp_path / "original_answers" / MANIFEST)
+    assert manifest.teacher == ModelCard.of(tiny_dirs["teacher"]).name and len(answered) == manifest.examples > 0
+    assert manifest.examples + manifest.unreadable == 2, "the original answers the first teacher_answers questions"
+    references = tokenize_test_set(prepared_texts / "test.jsonl", out, tmp_path / "answers.jsonl")
+    originals = continuations(answered, load_tokenizer(out))
+    evaluated = {"bits_per_byte": bits_per_byte(out, references, 32, FP32.device)["bits_per_byte"],
+                 "original_answers_bits_per_byte": bits_per_byte_of(
+                     originals, token_logprobs(out, originals, FP32.device))["bits_per_byte"]}
+    for score, value in evaluated.items():
+        column = f"{HELDOUT}{score}"
+        curve = {int(row["step"]): float(row[column]) for row in rows if row[column]}
+        assert list(curve) == [2, 3], "every heldout_every steps, both phases counted, and at the last"
+        assert curve[3] == pytest.approx(value, rel=1e-4), \
+            "the curve's last point is the evaluation's score of the saved model (LoRA merged)"
+        assert curve[2] != curve[3]
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:

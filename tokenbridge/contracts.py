@@ -20,6 +20,7 @@ from tokenbridge.io import write_json
 
 MODEL_CARD = "tokenbridge.json"  # in every model directory
 MANIFEST = "manifest.json"  # in data/prepared and data/teacher_logits
+ANSWERS = "answers.jsonl"  # in data/teacher_answers and data/original_answers/<source>: greedy answers
 # A training history's held-out learning curve: columns `heldout_<score>` (an evaluation score: bits_per_byte,
 # teacher_answers_bits_per_byte) at some steps, with `_low` and `_high` (its 95 % bootstrap interval); empty at the
 # other steps (tokenbridge/evaluation/curve.py).
@@ -312,6 +313,12 @@ class EvalMetrics(Contract):
     teacher_answers_bits_per_byte_low: float | None = None
     teacher_answers_bits_per_byte_high: float | None = None
     teacher_answers_bytes: int | None = None
+    # evaluate_transfer: bits-per-byte on the original model's own greedy answers (a moved model's closeness to the
+    # model it was moved from; written by the transfer stage, data/original_answers/<source>)
+    original_answers_bits_per_byte: float | None = Field(None, json_schema_extra={"better": "lower"})
+    original_answers_bits_per_byte_low: float | None = None
+    original_answers_bits_per_byte_high: float | None = None
+    original_answers_bytes: int | None = None
     # The chunk gap on the student's own greedy answers to those questions (GKD's on-policy distribution)
     own_answers_chunk_gap_bits_per_byte: float | None = Field(None, json_schema_extra={"better": "lower"})
     own_answers_chunk_gap_bits_per_byte_low: float | None = None

@@ -14,6 +14,7 @@ HYPERNET_EVAL_CHECKPOINT_DIR = Path("checkpoints/evaluate_hypernet")  # <name>-<
 DISTILL_HISTORY = Path("metrics/distill_history.csv")
 DISTILL_METRICS = Path("metrics/distill.json")
 TEACHER_ANSWERS_DIR = Path("data/teacher_answers")  # answers.jsonl: the teacher's greedy answers to test questions
+ORIGINAL_ANSWERS_DIR = Path("data/original_answers")  # <source>/answers.jsonl: each transfer source's own answers
 EVAL_DIR = Path("data/eval")  # data/eval/<model>/: generated lm-eval task, per-question samples
 EVAL_METRICS_DIR = Path("metrics/eval")  # metrics/eval/<model>.json
 PER_EXAMPLE = "per_example.json"  # in data/eval/<model>/: each ratio score's [bits, bytes] per example

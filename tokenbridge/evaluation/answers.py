@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tokenbridge.contracts import ANSWERS, MANIFEST, ModelCard, TeacherAnswersManifest
 from tokenbridge.data.chat import Encoded, UnalignableExample, encode_continuation, encode_example
 from tokenbridge.data.padding import left_pad
+from tokenbridge.io import atomic_path, read_jsonl, write_jsonl
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.on_policy import valid_text
 from tokenbridge.runtime import Runtime
@@ -82,3 +84,23 @@ def continuations(records: list[dict], tokenizer: PreTrainedTokenizerBase) -> li
     table = vocab_bytes(tokenizer)
     return [encode_continuation(tokenizer, record["question"], record["answer"], record["ended"], table)
             for record in records]
+
+
+def write_greedy_answers(test_jsonl: Path, teacher_dir: Path, student_dir: Path, out_dir: Path, count: int,
+                         max_new_tokens: int, batch_size: int, runtime: Runtime) -> TeacherAnswersManifest:
+    """Writes `out_dir/answers.jsonl` (the first `count` test questions, each with the teacher's greedy answer) and
+    its manifest, atomically. An answer the student's tokenizer cannot spell is left out (and counted), so every
+    evaluated model is scored on the same answers. Stage teacher_answers writes the teacher's (data/teacher_answers);
+    the transfer stage the original model's, with the moved model as the student (data/original_answers/<source>)."""
+    questions = [record["question"] for record in read_jsonl(test_jsonl)[:count]]
+    generated = greedy_answers(teacher_dir, questions, max_new_tokens, batch_size, runtime)
+    records = spelled_by(generated, [teacher_dir, student_dir])
+    manifest = TeacherAnswersManifest(teacher=ModelCard.of(teacher_dir).name, examples=len(records),
+                                      unreadable=len(generated) - len(records),
+                                      ended=sum(record["ended"] for record in records),
+                                      max_new_tokens=max_new_tokens, dtype=runtime.inference_dtype_name)
+    with atomic_path(out_dir) as staging:
+        staging.mkdir(parents=True)
+        write_jsonl(staging / ANSWERS, records)
+        manifest.write(staging / MANIFEST)
+    return manifest

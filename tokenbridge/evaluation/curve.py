@@ -1,5 +1,6 @@
 """The held-out learning curve inside a training run. At some steps the model being trained scores the answers the
-evaluate stage scores it on afterwards (the reference test answers; the teacher's greedy answers where given), as
+evaluate stage scores it on afterwards (the reference test answers; a teacher's or the original model's greedy answers
+where given), as
 the evaluation does (fp32 logits, eval mode), so a run's point at its last step is the evaluation's number of the
 saved model. History columns: `heldout_<score>`, with `_low` and `_high` (its 95 % bootstrap interval).
 """
@@ -18,11 +19,13 @@ from tokenbridge.evaluation.bpb import bits_per_byte_of, model_token_logprobs
 
 
 def heldout_sets(tokenizer: PreTrainedTokenizerBase, test_records: list[dict],
-                 teacher_answers: list[dict] | None = None) -> dict[str, list[Encoded]]:
+                 generated: Mapping[str, list[dict]] | None = None) -> dict[str, list[Encoded]]:
     """score -> the answers it is measured on, in `tokenizer`'s encoding: `bits_per_byte` on the test records'
-    reference answers, `teacher_answers_bits_per_byte` on the teacher_answers stage's records (where given)."""
+    reference answers; `<name>_bits_per_byte` on each `generated` set of greedy answers (`teacher_answers`: the
+    teacher_answers stage's; `original_answers`: a transfer source's own), as the evaluation names them."""
     sets = {"bits_per_byte": references(test_records, tokenizer),
-            "teacher_answers_bits_per_byte": continuations(teacher_answers or [], tokenizer)}
+            **{f"{name}_bits_per_byte": continuations(records, tokenizer)
+               for name, records in (generated or {}).items()}}
     return {score: answers for score, answers in sets.items() if answers}
 
 

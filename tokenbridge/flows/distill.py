@@ -26,7 +26,7 @@ from pathlib import Path
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import DistillMetrics
+from tokenbridge.contracts import ANSWERS, DistillMetrics
 from tokenbridge.flows.common import launch_processes, stage_cli, tracked_stage
 from tokenbridge.params import PipelineParams, load_params
 from tokenbridge.paths import (
@@ -42,7 +42,6 @@ from tokenbridge.paths import (
 )
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.distill import train
-from tokenbridge.stages.teacher_answers import ANSWERS
 from tokenbridge.training.ranks import process_group
 
 

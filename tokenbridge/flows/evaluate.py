@@ -18,12 +18,11 @@ Run alone: tokenbridge evaluate --model student_after   (or: dvc repro evaluate@
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import EvalMetrics
+from tokenbridge.contracts import ANSWERS, EvalMetrics
 from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.paths import EVAL_DIR, EVAL_METRICS_DIR, EVAL_MODELS, PREPARED_DIR, TEACHER_ANSWERS_DIR, TEACHER_DIR
 from tokenbridge.runtime import Runtime
 from tokenbridge.stages.evaluate import run_evaluate
-from tokenbridge.stages.teacher_answers import ANSWERS
 
 
 @flow(name="evaluate", log_prints=True)

@@ -11,10 +11,10 @@ from prefect import flow
 
 from tokenbridge import tracking
 from tokenbridge.contracts import TeacherAnswersManifest
+from tokenbridge.evaluation.answers import write_greedy_answers
 from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.paths import PREPARED_DIR, STUDENT_DIR, TEACHER_ANSWERS_DIR, TEACHER_DIR
 from tokenbridge.runtime import Runtime
-from tokenbridge.stages.teacher_answers import run_teacher_answers
 
 
 @flow(name="teacher_answers", log_prints=True)
@@ -22,9 +22,9 @@ def teacher_answers(params_file: str = "params.yaml") -> TeacherAnswersManifest:
     with tracked_stage("teacher_answers", params_file, ("evaluate", "runtime")) as params:
         runtime = Runtime.resolve(params.runtime)
         print(f"teacher_answers: {runtime.describe()}")
-        manifest = run_teacher_answers(PREPARED_DIR / "test.jsonl", TEACHER_DIR, STUDENT_DIR, TEACHER_ANSWERS_DIR,
-                                       params.evaluate.teacher_answers, params.evaluate.max_gen_toks,
-                                       params.evaluate.batch_size, runtime)
+        manifest = write_greedy_answers(PREPARED_DIR / "test.jsonl", TEACHER_DIR, STUDENT_DIR, TEACHER_ANSWERS_DIR,
+                                        params.evaluate.teacher_answers, params.evaluate.max_gen_toks,
+                                        params.evaluate.batch_size, runtime)
         print(f"teacher_answers: {manifest.examples} answers ({manifest.ended} ended, {manifest.unreadable} left out)")
         tracking.log_metrics({"answers": manifest.examples, "ended": manifest.ended, "unreadable": manifest.unreadable})
         tracking.log_artifact(TEACHER_ANSWERS_DIR, "teacher_answers")

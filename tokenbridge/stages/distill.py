@@ -88,7 +88,7 @@ def train(
     curve = bool(heldout_examples and params.heldout_every)
     heldout = {"test": read_jsonl(prepared_dir / "test.jsonl")[:heldout_examples] if curve else [],
                "teacher_answers": read_jsonl(teacher_answers) if curve and teacher_answers else []}
-    answers = heldout_sets(tokenizer, heldout["test"], heldout["teacher_answers"])
+    answers = heldout_sets(tokenizer, heldout["test"], {"teacher_answers": heldout["teacher_answers"]})
     student = runtime.prepare_student(load_model(student_dir, torch.float32).train())
     losses.to(runtime.device)
     boundary = boundary_mask(tokenizer, student.get_output_embeddings().weight.shape[0])

@@ -73,10 +73,11 @@ def _apart(part: dict[str, Any], examples: dict[str, list[list[float]]]) -> dict
 
 def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_path: Path, params: EvaluateParams,
                  runtime: Runtime, limit: int | None = None, teacher_dir: Path | None = None,
-                 teacher_answers: Path | None = None) -> EvalMetrics:
+                 teacher_answers: Path | None = None, original_answers: Path | None = None) -> EvalMetrics:
     """Bits-per-byte; with `teacher_dir`, the chunk gap to that teacher on the same answers; with `teacher_answers`
     (the teacher_answers stage's answers.jsonl), bits-per-byte on those answers; with both, the chunk gap on the
-    model's own greedy answers to those questions; then the `params.tasks` suite,
+    model's own greedy answers to those questions; with `original_answers` (a moved model's source's own answers,
+    written by the transfer stage), bits-per-byte on those; then the `params.tasks` suite,
     generation tasks on `limit` documents each (default `params.limit`; 0: no task at all, bits-per-byte alone),
     log-likelihood tasks on `params.choice_limit`. Writes the scores to `metrics_path` (and each ratio score's parts
     per example to out_dir/per_example.json) and returns them."""
@@ -96,11 +97,12 @@ def run_evaluate(prepared_dir: Path, model_dir: Path, out_dir: Path, metrics_pat
             teacher = _test_answers(prepared_dir, teacher_dir, out_dir / "teacher.encoded.jsonl", params.bpb_examples)
             scores.update(_apart(chunk_gap(teacher, token_logprobs(teacher_dir, teacher, runtime.device), answers,
                                            logprobs), examples))
-    if teacher_answers is not None:
-        with _timed("teacher_answers", seconds):
-            scored = continuations(read_jsonl(teacher_answers), load_tokenizer(model_dir))
-            scores.update(_apart(bits_per_byte_of(scored, token_logprobs(model_dir, scored, runtime.device),
-                                                  "teacher_answers_bits_per_byte", "teacher_answers_bytes"), examples))
+    for name, generated in (("teacher_answers", teacher_answers), ("original_answers", original_answers)):
+        if generated is not None:
+            with _timed(name, seconds):
+                scored = continuations(read_jsonl(generated), load_tokenizer(model_dir))
+                scores.update(_apart(bits_per_byte_of(scored, token_logprobs(model_dir, scored, runtime.device),
+                                                      f"{name}_bits_per_byte", f"{name}_bytes"), examples))
     if teacher_dir is not None and teacher_answers is not None:
         with _timed("own_answers", seconds):
             scores.update(_apart(_own_answers_gap(model_dir, teacher_dir, read_jsonl(teacher_answers), params,

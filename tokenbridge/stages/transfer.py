@@ -14,11 +14,13 @@
    parameter (`steps`), with the embeddings still training. A byte-level target adds the hidden-state loss at
    chunk ends.
 
-Inputs: the prepared train split's texts (`data/prepared/train.jsonl`), the test answers for the held-out
-learning curve (`data/prepared/test.jsonl`), each source model (materialised like the `models` stage's), the
-target tokenizer. Outputs per source: `models/transferred/<name>/` and `models/transferred/<name>-<init>/` (HF
-directories with the target tokenizer and a model card), `metrics/transfer/<name>.csv` (per-step history, with
-held-out bits-per-byte and its interval every `transfer.heldout_every` steps).
+Inputs: the prepared train split's texts (`data/prepared/train.jsonl`), the test questions and answers for the
+held-out learning curve (`data/prepared/test.jsonl`), each source model (materialised like the `models` stage's),
+the target tokenizer. Outputs per source: `models/transferred/<name>/` and `models/transferred/<name>-<init>/` (HF
+directories with the target tokenizer and a model card), `data/original_answers/<name>/` (the original's greedy
+answers to held-out questions, as the teacher_answers stage writes the teacher's), `metrics/transfer/<name>.csv`
+(per-step history, with held-out bits-per-byte on the reference answers and on the original's answers, and their
+intervals, every `transfer.heldout_every` steps).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenbridge.config import TeacherTruncation
-from tokenbridge.contracts import MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
+from tokenbridge.config import EvaluateParams, TeacherTruncation
+from tokenbridge.contracts import ANSWERS, MODEL_CARD, ContractError, ModelCard, SourceTransfer, TransferTraining
 from tokenbridge.data.chat import Encoded, encode_example
+from tokenbridge.evaluation.answers import write_greedy_answers
 from tokenbridge.evaluation.curve import heldout_columns, heldout_point, heldout_sets, is_curve_step
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
 from tokenbridge.losses.base import LossSetup
@@ -125,18 +128,21 @@ def _with_lora(model: PreTrainedModel, params: TransferParams) -> PreTrainedMode
 
 def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_dir: Path, history_path: Path,
                    params: TransferParams, runtime: Runtime, checkpoint_dir: Path,
-                   heldout: list[dict] | None = None) -> TransferTraining:
+                   heldout: list[dict] | None = None, original_answers: list[dict] | None = None) -> TransferTraining:
     """Self-distillation with `params.loss` from the original model (teacher, own tokenizer) into the moved model
     in `start_dir` (FVT or hypernetwork rows); saves the result (LoRA merged) at `out_dir`. With `heldout` (test
     records), the history gets the held-out learning curve (`evaluation.curve`) every `heldout_every` steps and at the
-    last: points inside one run, whose learning rate decays to its last step. A finished output of the same
+    last, on their reference answers and on `original_answers` (the original's own greedy answers) where given:
+    points inside one run, whose learning rate decays to its last step. A finished output of the same
     configuration is kept as it is. Each phase checkpoints under `checkpoint_dir/<phase>` every
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
     stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
-    heldout = heldout if heldout and params.heldout_every else []
+    curve = bool(heldout and params.heldout_every)
+    heldout, original_answers = (heldout or [], original_answers or []) if curve else ([], [])
     identity = {"params": params.model_dump(), "start": model_identity(start_dir), "source": model_identity(source_dir),
-                "records": fingerprint(records), "heldout": fingerprint(heldout), "code": code_version(__file__)}
+                "records": fingerprint(records), "heldout": fingerprint([heldout, original_answers]),
+                "code": code_version(__file__)}
     key = fingerprint(identity)
     try:
         finished: ModelCard | None = ModelCard.of(out_dir)
@@ -148,7 +154,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     torch.manual_seed(params.seed)
     teacher_tokenizer, student_tokenizer = load_tokenizer(source_dir), load_tokenizer(start_dir)
     teachers, students = _encoded_pairs(records, teacher_tokenizer, student_tokenizer, params.max_length)
-    answers = heldout_sets(student_tokenizer, heldout)
+    answers = heldout_sets(student_tokenizer, heldout, {"original_answers": original_answers})
     total_steps = params.embedding_steps + params.steps
     teacher = LiveTeacher(Teacher.load(source_dir, runtime.inference_dtype, runtime.device), teachers,
                           TeacherTruncation(), 1.0, CHUNK_SIZE)
@@ -224,14 +230,26 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
 
 def run_transfer(prepared_dir: Path, source_dir: Path, target_dir: Path | None, out_dir: Path, history_path: Path,
                  params: TransferParams, runtime: Runtime, checkpoint_dir: Path,
-                 hypernet_dir: Path | None = None, heldout_examples: int = 0) -> SourceTransfer:
+                 hypernet_dir: Path | None = None, heldout: EvaluateParams | None = None,
+                 answers_dir: Path | None = None) -> SourceTransfer:
     """`params.init` (FVT or the hypernetwork) then self-distillation for one source; writes
-    `<out_dir>-<init>` and `out_dir`, checkpointing under `checkpoint_dir`. The first `heldout_examples` test answers
-    score the held-out learning curve (the evaluation's: `evaluate.bpb_examples`)."""
+    `<out_dir>-<init>` and `out_dir`, checkpointing under `checkpoint_dir`. With `heldout` (the evaluation's terms),
+    the first `heldout.bpb_examples` test answers score the held-out learning curve; with `answers_dir` too, the
+    original model's greedy answers to the first `heldout.teacher_answers` test questions (those the new tokenizer
+    spells too) are written there, once per run, for the curve and for evaluate_transfer: how close the moved model
+    stays to what the original says."""
     start_dir = init_path(out_dir, params.init)
     counts = retokenized_model(source_dir, target_dir, start_dir, params.init, params.seed, hypernet_dir)
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
-    heldout = read_jsonl(Path(prepared_dir) / "test.jsonl")[:heldout_examples] if heldout_examples else []
+    test_jsonl = Path(prepared_dir) / "test.jsonl"
+    test = read_jsonl(test_jsonl)[:heldout.bpb_examples] if heldout is not None else []
+    original_answers = []
+    if heldout is not None and answers_dir is not None and heldout.teacher_answers:
+        manifest = write_greedy_answers(test_jsonl, source_dir, start_dir, answers_dir, heldout.teacher_answers,
+                                        heldout.max_gen_toks, heldout.batch_size, runtime)
+        print(f"transfer: the original's {manifest.examples} answers ({manifest.unreadable} left out) in {answers_dir}",
+              file=sys.stderr)
+        original_answers = read_jsonl(answers_dir / ANSWERS)
     summary = train_transfer(records, source_dir, start_dir, out_dir, history_path, params, runtime, checkpoint_dir,
-                             heldout)
+                             test, original_answers)
     return SourceTransfer(**{params.init: counts}, **summary.model_dump())
