@@ -176,3 +176,16 @@ def test_an_arms_override_is_set_where_the_active_profile_reads_it(tmp_path):
     assert aimed_at_the_profile("transfer.loss=uld", params_path) == "transfer.loss=uld"  # the profile leaves it
     params_path.write_text(yaml.safe_dump({**raw, "profile": "default"}))
     assert aimed_at_the_profile("transfer.steps=5", params_path) == "transfer.steps=5"
+
+
+def test_a_metric_the_claim_is_also_judged_on_gets_its_own_verdict_on_the_page_without_deciding(tmp_path):
+    from dataclasses import replace
+
+    claim = replace(CLAIM, metric="original_answers_bits_per_byte", also_judged=("bits_per_byte",))
+    # a wins on the deciding metric and loses to b on the other one, each outside the noise
+    results = {arm: {**_scores(deciding, 0.01, claim.metric), **_scores(other, 0.01)}
+               for arm, deciding, other in (("a", 0.5, 0.6), ("b", 0.6, 0.5), ("c", 0.7, 0.7))}
+    assert render_claim(claim, {4: results}, {}, {"machine": "x"}, tmp_path) == "reproduced"
+    page = (tmp_path / "claims" / "demo.md").read_text()
+    assert "Verdict at this budget: reproduced" in page
+    assert "Judged on bits_per_byte too (not deciding): not reproduced. a 0.6000 against b 0.5000: worse" in page

@@ -27,7 +27,7 @@ from tokenbridge.reporting.plots import plot_metrics
 from tokenbridge.reporting.render import write_document
 
 # The evaluation metrics a side-by-side table shows, where any model has them.
-COMPARED = ("bits_per_byte", "chunk_gap_bits_per_byte", "teacher_answers_bits_per_byte",
+COMPARED = ("bits_per_byte", "chunk_gap_bits_per_byte", "teacher_answers_bits_per_byte", "original_answers_bits_per_byte",
             "own_answers_chunk_gap_bits_per_byte", "gsm_exact_match", "gsm_exact_match_flexible")
 
 

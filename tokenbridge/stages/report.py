@@ -118,7 +118,9 @@ def render_transfer(scores: Mapping[str, Mapping[str, Any]], training: Mapping[s
     blocks += [Heading("Ensemble"), Table(header, [row("ensemble"), *(row(label) for label in labels)], numbers=True),
                Paragraph(f"{ensemble.get('name', 'ensemble')}: next-token probabilities averaged with weights "
                          f"{_counts(ensemble.get('weights', {}))}."),
-               Paragraph("bits_per_byte: lower is better; gsm_exact_match: higher is better (n questions); "
+               Paragraph("bits_per_byte: lower is better; original_answers_bits_per_byte: bits-per-byte on the "
+                         "source's own greedy answers, lower is closer to the original (whose own value is the "
+                         "floor); gsm_exact_match: higher is better (n questions); "
                          "[low, high]: the 95 % interval. "
                          f"{MISSING}: not measured; the transfer models and the ensemble get GSM questions only with "
                          "evaluate.transfer_limit > 0 (docs/evaluation.md)."),
