@@ -27,8 +27,9 @@ from tokenbridge.reporting.plots import plot_metrics
 from tokenbridge.reporting.render import write_document
 
 # The evaluation metrics a side-by-side table shows, where any model has them.
-COMPARED = ("bits_per_byte", "chunk_gap_bits_per_byte", "teacher_answers_bits_per_byte", "original_answers_bits_per_byte",
-            "own_answers_chunk_gap_bits_per_byte", "gsm_exact_match", "gsm_exact_match_flexible")
+COMPARED = ("bits_per_byte", "chunk_gap_bits_per_byte", "teacher_answers_bits_per_byte",
+            "original_answers_bits_per_byte", "own_answers_chunk_gap_bits_per_byte", "gsm_exact_match",
+            "gsm_exact_match_flexible")
 
 
 def across_seeds(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
