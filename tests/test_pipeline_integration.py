@@ -17,6 +17,8 @@ import psutil
 import pytest
 import yaml
 
+from tokenbridge.reporting import claims
+
 ROOT = Path(__file__).parents[1]
 EVALUATED = ["teacher", "student_before", "student_after"]
 STAGES = ["models", "prepare", "teacher_logits", "distill", "teacher_answers",
@@ -301,6 +303,12 @@ def test_a_transfer_claim_moves_the_student_once_per_arm_and_restores_params(rep
     assert {"original", "start"} == set(record["references"])
     assert record["context"]["pinned for every arm"] == {"transfer.max_length": 1536}, "long enough for byte texts"
     assert arm["bits_per_byte"] != record["references"]["start"]["bits_per_byte"], "the moved model trained"
+    deciding = claims.CLAIMS["alm-transfer-bytes"].metric
+    assert all(deciding in scores for scores in (arm, *record["references"].values())), \
+        "every variant of the source is scored on the original's own answers, the claim's deciding metric"
+    assert len(arm["per_example"][deciding]) > 0, "per answer, for paired verdicts"
+    assert arm["runs"]["1234"]["history"]["heldout"][deciding][-1] == pytest.approx(arm[deciding], rel=1e-4), \
+        "the in-run curve ends at the evaluation's number"
     embedding_steps = yaml.safe_load(params_before)["profiles"]["tiny"]["transfer"]["embedding_steps"]
     assert arm["steps"] == embedding_steps + 1 == len(arm["runs"]["1234"]["history"]["loss"])
     assert record["budget"] == f"{embedding_steps} embedding + 1 steps, 1 seed"
