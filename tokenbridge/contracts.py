@@ -22,8 +22,8 @@ MODEL_CARD = "tokenbridge.json"  # in every model directory
 MANIFEST = "manifest.json"  # in data/prepared and data/teacher_logits
 ANSWERS = "answers.jsonl"  # in data/teacher_answers and data/original_answers/<source>: greedy answers
 # A training history's held-out learning curve: columns `heldout_<score>` (an evaluation score: bits_per_byte,
-# teacher_answers_bits_per_byte) at some steps, with `_low` and `_high` (its 95 % bootstrap interval); empty at the
-# other steps (tokenbridge/evaluation/curve.py).
+# teacher_answers_bits_per_byte, original_answers_bits_per_byte) at some steps, with `_low` and `_high` (its 95 %
+# bootstrap interval); empty at the other steps (tokenbridge/evaluation/curve.py).
 HELDOUT = "heldout_"
 SCORE_AND_INTERVAL = ("", "_low", "_high")  # the suffixes of a score, then of its 95 % interval's ends
 TEACHER_LOGITS_FORMAT: Literal["tokenbridge.teacher_logits/v2"] = "tokenbridge.teacher_logits/v2"

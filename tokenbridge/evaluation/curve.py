@@ -1,8 +1,7 @@
 """The held-out learning curve inside a training run. At some steps the model being trained scores the answers the
 evaluate stage scores it on afterwards (the reference test answers; a teacher's or the original model's greedy answers
-where given), as
-the evaluation does (fp32 logits, eval mode), so a run's point at its last step is the evaluation's number of the
-saved model. History columns: `heldout_<score>`, with `_low` and `_high` (its 95 % bootstrap interval).
+where given), as the evaluation does (fp32 logits, eval mode), so a run's point at its last step is the evaluation's
+number of the saved model. History columns: `heldout_<score>`, with `_low` and `_high` (its 95 % bootstrap interval).
 """
 
 from __future__ import annotations

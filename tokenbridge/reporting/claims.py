@@ -137,9 +137,8 @@ CLAIMS: dict[str, Claim] = {claim.name: claim for claim in (
                        "answers, which next-token training (`sft`) optimises directly on text of their own "
                        "distribution, while the original model, the target of every distilling arm, bounds them "
                        "there: sft beat ALM on it, outside the noise, at 8 and at 32 steps. That metric is still "
-                       "judged on this page, not deciding. Every arm "
-                       "starts from the same FVT model and trains the same steps on the same texts; only "
-                       "`transfer.loss` differs.",
+                       "judged on this page, not deciding. Every arm starts from the same FVT model and trains the "
+                       "same steps on the same texts; only `transfer.loss` differs.",
             arms={loss: (f"transfer.loss={loss}",) for loss in ("alm", "sft", "uld", "mined", "dskd")},
             reads="transfer", student_onto=tokenizer, pinned=pinned, also_judged=("bits_per_byte",))
       for suffix, target, tokenizer, pinned in (
@@ -274,9 +273,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
                               any(paired_difference(claim.metric, results[claim.claimed], results[rival]) is not None
                                   for rival in claim.rivals))
                   + _separating_budgets(claim, results, final)),
-        *(Paragraph(f"Judged on {metric} too (not deciding): {other[0]}. " + " ".join(other[1]))
-          for metric in claim.also_judged if all(metric in scores for scores in results.values())
-          for other in [verdict(replace(claim, metric=metric), results)]),
+        *_also_judged(claim, results),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
                   "t-interval of the mean) with several seeds, else over the test answers. With one seed, two arms "
                   "scored on the same answers are compared by a paired bootstrap (the same answers resampled for "
@@ -316,6 +313,16 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
     blocks += [Heading("Run"), key_values(context, ["fact", "value"])]
     write_document(out_dir / "claims", claim.name, f"Claim: {claim.name}", blocks, plots)
     return decision
+
+
+def _also_judged(claim: Claim, results: Mapping[str, Mapping[str, Any]]) -> list[Paragraph]:
+    """The verdict on each of `claim.also_judged` that every arm has, as if it decided: shown, not deciding."""
+    paragraphs = []
+    for metric in claim.also_judged:
+        if all(metric in scores for scores in results.values()):
+            decision, sentences = verdict(replace(claim, metric=metric), results)
+            paragraphs.append(Paragraph(f"Judged on {metric} too (not deciding): {decision}. " + " ".join(sentences)))
+    return paragraphs
 
 
 def _heldout_curves(claim: Claim, results: Mapping[str, Mapping[str, Any]],

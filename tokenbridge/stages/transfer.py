@@ -138,8 +138,7 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     `checkpoint_every` steps and at its end, so a rerun resumes where a stop or a crash left it; SIGTERM / SIGINT
     stop it after the current step, with a checkpoint."""
     start_card = ModelCard.of(start_dir)
-    curve = bool(heldout and params.heldout_every)
-    heldout, original_answers = (heldout or [], original_answers or []) if curve else ([], [])
+    heldout, original_answers = (heldout or [], original_answers or []) if params.heldout_every else ([], [])
     identity = {"params": params.model_dump(), "start": model_identity(start_dir), "source": model_identity(source_dir),
                 "records": fingerprint(records), "heldout": fingerprint([heldout, original_answers]),
                 "code": code_version(__file__)}
