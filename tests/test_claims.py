@@ -88,6 +88,38 @@ def test_a_rival_inside_the_noise_gets_the_budget_at_which_a_proportionally_grow
     assert _separating_budgets(CLAIM, {**results, "b": _scores(0.60, 0.01)}, 40) == "", "nothing inside the noise"
 
 
+def _with_curve(scores: dict, curve: list[float], half: float = 0.01) -> dict:
+    """An arm whose one run held out `curve` at steps 2, 4, 6, ... (its in-run learning curve)."""
+    steps = [2 * (index + 1) for index in range(len(curve))]
+    heldout = {"step": steps, **{f"bits_per_byte{end}": [value + sign * half for value in curve]
+                                 for end, sign in (("", 0), ("_low", -1), ("_high", 1))}}
+    return {**scores, "runs": {1: {"history": {"step": steps, "loss": [1.0] * len(steps), "heldout": heldout}}}}
+
+
+def test_a_rival_ahead_outside_the_noise_gets_the_budget_at_which_its_shrinking_lead_would_close():
+    from tokenbridge.reporting.claims import _closing_budgets, _heldout_curves
+
+    # Over the second half of the runs (steps 4-8) b's lead over a falls 0.05 per step, from 0.3 to 0.1: at that
+    # rate it is gone at step 10. c's lead grows there; d is behind a and needs no estimate.
+    claim = Claim("demo", "a paper", "A beats B, C and D.", claimed="a", rivals=("b", "c", "d"),
+                  metric="bits_per_byte", why_metric="bits-per-byte.")
+    results = {"a": _with_curve(_scores(0.6, 0.01), [0.9, 0.8, 0.7, 0.6]),
+               "b": _with_curve(_scores(0.5, 0.01), [0.5, 0.5, 0.5, 0.5]),
+               "c": _with_curve(_scores(0.3, 0.01), [0.8, 0.6, 0.45, 0.3]),
+               "d": _with_curve(_scores(0.9, 0.01), [0.9, 0.9, 0.9, 0.9])}
+    assert verdict(claim, results)[0] == "not reproduced"
+    estimate = _closing_budgets(claim, results, _heldout_curves(claim, results, None))
+    assert "b's lead went from 0.3000 to 0.1000 over steps 4-8 (-0.5000 per 10 steps): at that rate it would close " \
+           "at about 10 steps" in estimate
+    assert "c's lead went from 0.2000 to 0.3000 over steps 4-8 (0.2500 per 10 steps): it did not shrink" in estimate
+    assert "d's" not in estimate
+    without_curves = {arm: {key: value for key, value in scores.items() if key != "runs"}
+                      for arm, scores in results.items()}
+    assert _closing_budgets(claim, without_curves, {}) == (
+        " b, c lead outside the noise, but this sweep's runs held out no learning curve to extrapolate from: rerun the "
+        "claim (its stage's heldout_every) for an estimate of the budget that would close the lead.")
+
+
 def _scored(per_example: list[float], n_bytes: int = 100) -> dict:
     """An arm's bits-per-byte from its answers' bits (each answer `n_bytes` long), its interval as wide as the
     answers' spread, and the per-example parts a paired comparison reads."""
@@ -156,6 +188,24 @@ def test_an_arm_whose_history_holds_held_out_points_gets_the_in_run_learning_cur
     render_claim(CLAIM, {4: results}, {"start": start}, {"machine": "x"}, tmp_path)
     assert (tmp_path / "claims" / "plots" / "claim-demo-heldout.png").stat().st_size > 0
     assert "learning curve inside each arm's run" in (tmp_path / "claims" / "demo.md").read_text()
+
+
+def test_a_claims_page_is_written_again_from_its_stored_record_with_the_same_verdict(tmp_path, monkeypatch):
+    from tokenbridge.flows.claim import _render_again
+    from tokenbridge.io import write_json
+
+    monkeypatch.chdir(tmp_path)
+    results = {"a": _scores(0.5, 0.01), "b": _scores(0.6, 0.01), "c": _scores(0.45, 0.01)}
+    with pytest.raises(SystemExit, match="run `tokenbridge claim --name demo` first"):
+        _render_again(CLAIM, tmp_path)
+    write_json(tmp_path / "claims" / "demo.json", {  # as the sweep stored it: JSON keys are strings
+        "claim": "demo", "verdict": "inside the noise", "budget": "4 steps, 1 seed", "budgets": {"4": results},
+        "references": {}, "context": {"machine": "x", "git_commit": "abc"}})
+    record = _render_again(CLAIM, tmp_path)
+    assert record["verdict"] == "not reproduced", "the verdict of the page's code now"
+    assert record["context"]["git_commit"] == "abc" and "page rendered at" in record["context"]
+    assert "Verdict at this budget: not reproduced" in (tmp_path / "claims" / "demo.md").read_text()
+    assert (tmp_path / "claims.md").is_file()
 
 
 def test_the_distillation_sweep_also_answers_the_multilevel_ot_claim_and_nothing_unlike_it():

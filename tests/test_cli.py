@@ -37,3 +37,9 @@ def test_a_flows_own_help_names_its_command():
     result = _cli("evaluate", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: tokenbridge evaluate") and "--model" in result.stdout
+
+
+def test_a_flows_multi_word_option_is_spelt_with_dashes():
+    result = _cli("claim", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--render-only" in result.stdout and "--render_only" not in result.stdout

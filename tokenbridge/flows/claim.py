@@ -7,6 +7,8 @@
   tokenbridge claim --name alm-ensemble                       reads one pipeline run (evaluate_transfer)
   tokenbridge claim --name alm-transfer                       the student moved onto the teacher's tokenizer,
                                                               once per transfer.loss (--steps: transfer.steps)
+  tokenbridge claim --name alm-transfer --render-only         its page again from its stored record
+                                                              (docs/results/claims/<name>.json), running nothing
 
 The claims, their arms and the metric that decides each: tokenbridge/reporting/claims.py and
 docs/results/claims.md. Each arm runs as `dvc exp run -n claim-<name>-<arm>-s<seed>-<time> -S ... evaluate@...`
@@ -122,8 +124,10 @@ def _transferred() -> dict[str, Any]:
 
 @flow(name="claim", log_prints=True)
 def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seeds: list[int] | None = None,
-          steps: list[int] | None = None, out: str = "docs/results") -> dict:
+          steps: list[int] | None = None, out: str = "docs/results", render_only: bool = False) -> dict:
     chosen = CLAIMS[name]
+    if render_only:
+        return _render_again(chosen, Path(out))
     params_path = Path(params_file)
     params = load_params(params_path)
     seeds = seeds or [attrgetter(chosen.seed_key)(params)]
@@ -194,6 +198,24 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
     return records[name]
 
 
+def _render_again(chosen: Claim, out_dir: Path) -> dict:
+    """Writes a claim's page and the index again from its stored record, running nothing: the page of a sweep that
+    ran before the page's code changed. The record's context keeps the sweep's commit and adds the rendering one."""
+    path = out_dir / "claims" / f"{chosen.name}.json"
+    if not path.is_file():
+        raise SystemExit(f"no record of claim {chosen.name} at {path}: run `tokenbridge claim --name {chosen.name}` "
+                         "first, or pass --out with the folder that holds it")
+    record = read_json(path)
+    budgets = {int(steps): arms for steps, arms in record["budgets"].items()}
+    context = {**record["context"], "page rendered at": tracking.revision_tags()["git_commit"]}
+    record = {**record, "context": context,
+              "verdict": render_claim(chosen, budgets, record["references"], context, out_dir)}
+    write_json(path, record)
+    print(f"claim {chosen.name}: {record['verdict']} ({record['budget']}); {out_dir / 'claims' / f'{chosen.name}.md'}"
+          f"\nindex: {render_index(out_dir)}")
+    return record
+
+
 def _within(other: Claim, sweep: Claim) -> bool:
     """Whether the sweep's runs answer `other` too: each of its arms ran, with the same overrides and setup."""
     return (other.reads == "distill" == sweep.reads and bool(other.arms)
@@ -212,4 +234,7 @@ def main(argv: list[str]) -> None:
               steps={"nargs": "+", "type": int, "metavar": "N",
                      "help": "training budgets (distill.steps, or transfer.steps for a transfer claim): each arm "
                              "at each, a learning curve (default: params' value)"},
-              out={"default": "docs/results", "help": "folder for the pages (default: docs/results)"})
+              out={"default": "docs/results", "help": "folder for the pages (default: docs/results)"},
+              render_only={"action": "store_true",
+                           "help": "write the claim's page again from its stored record (<out>/claims/<name>.json), "
+                                   "running no experiment"})

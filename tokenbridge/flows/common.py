@@ -31,13 +31,14 @@ def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **o
     """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: check params and servers before any work, then run the
     flow, stoppable by SIGTERM or SIGINT.
 
-    Each keyword names an extra flow argument and gives its `argparse.add_argument` settings.
+    Each keyword names an extra flow argument and gives its `argparse.add_argument` settings; a multi-word one is
+    spelt with dashes on the command line (`render_only`: `--render-only`).
     """
     parser = argparse.ArgumentParser(prog=f"tokenbridge {flow.__module__.rsplit('.', 1)[-1]}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     for name, settings in options.items():
-        parser.add_argument(f"--{name}", **settings)
+        parser.add_argument(f"--{name.replace('_', '-')}", **settings)
     args = parser.parse_args(argv)
     check_before_work(args.params)
     children_die_with_this_process()

@@ -7,7 +7,8 @@ overrides differ. The verdict compares the claimed arm with each rival on that m
 
 - **reproduced**: better than every rival, each difference outside the noise (neither value inside the other's
   interval);
-- **not reproduced**: some rival is better, outside the noise;
+- **not reproduced**: some rival is better, outside the noise (the page extrapolates, from the in-run learning
+  curves, the budget at which its lead would close);
 - **inside the noise**: otherwise (the measurement at this budget cannot tell).
 
 Pages: docs/results/claims/<name>.md (+ .html, .json, plots) and the index docs/results/claims.md.
@@ -243,6 +244,43 @@ def _separating_budgets(claim: Claim, results: Mapping[str, Mapping[str, Any]], 
             + "; ".join(estimates) + ".")
 
 
+def _closing_budgets(claim: Claim, results: Mapping[str, Mapping[str, Any]],
+                     curves: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str:
+    """For each rival ahead of the claimed arm outside the noise, the step at which its lead would close were it to
+    keep changing as it did over the second half of the in-run curves (a least-squares line through the lead at those
+    points): a rough answer to which budget would likely turn the verdict. Counted in the curves' steps (a transfer's
+    embedding steps included)."""
+    mine, lower = results[claim.claimed], EvalMetrics.better(claim.metric) == "lower"
+    estimates, uncurved = [], []
+    for rival in claim.rivals:
+        theirs = results[rival]
+        if _noise(claim.metric, mine, theirs)[0] or (theirs[claim.metric] < mine[claim.metric]) != lower:
+            continue
+        shared = sorted(set(curves.get(claim.claimed, {})) & set(curves.get(rival, {})))
+        tail = [step for step in shared if step > 0 and step >= shared[-1] / 2]
+        if len(tail) < 2:
+            uncurved.append(rival)
+            continue
+        leads = [(curves[claim.claimed][step][claim.metric] - curves[rival][step][claim.metric]) * (1 if lower else -1)
+                 for step in tail]
+        line = statistics.linear_regression(tail, leads)
+        trend = (f"{rival}'s lead went from {format_value(leads[0])} to {format_value(leads[-1])} over steps "
+                 f"{tail[0]}-{tail[-1]} ({format_value(10 * line.slope)} per 10 steps)")
+        closed_at = math.ceil(round(-line.intercept / line.slope, 6)) if line.slope < 0 else None
+        estimates.append(f"{trend}: at that rate it would close at about {closed_at} steps, and the claimed arm "
+                         "would need more to lead outside the noise" if closed_at is not None else
+                         f"{trend}: it did not shrink, so its trend closes it at no budget")
+    text = (" Where a rival leads outside the noise, its lead along the in-run curves (least squares over the second "
+            "half of each run): " + "; ".join(estimates) + ". A run's learning rate decays to its last step, so this "
+            "extrapolates one run's trend: the budget it names is where a longer sweep should look, not a result."
+            if estimates else "")
+    if uncurved:
+        text += (f" {', '.join(uncurved)} {'leads' if len(uncurved) == 1 else 'lead'} outside the noise, but this "
+                 "sweep's runs held out no learning curve to extrapolate from: rerun the claim (its stage's "
+                 "heldout_every) for an estimate of the budget that would close the lead.")
+    return text
+
+
 def _trend(history: Mapping[str, Sequence[float]]) -> float | None:
     """The training loss's change per 10 steps over the last quarter of the run (least squares): negative while
     it still falls."""
@@ -262,6 +300,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
     results = budgets[final]
     untrained = next((references[name] for name in UNTRAINED if name in references), None)
     decision, sentences = verdict(claim, results)
+    curves = _heldout_curves(claim, results, untrained)
     metrics = [claim.metric, *(name for name in SHOWN if name != claim.metric
                                and any(name in scores for scores in results.values()))]
     rows = [[label, *(with_interval(scores, metric) for metric in metrics)]
@@ -272,7 +311,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
                   + _movement(claim.metric, results, untrained,
                               any(paired_difference(claim.metric, results[claim.claimed], results[rival]) is not None
                                   for rival in claim.rivals))
-                  + _separating_budgets(claim, results, final)),
+                  + _separating_budgets(claim, results, final) + _closing_budgets(claim, results, curves)),
         *_also_judged(claim, results),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
                   "t-interval of the mean) with several seeds, else over the test answers. With one seed, two arms "
@@ -294,7 +333,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
                     {arm: _mean_history(scores)["loss"] for arm, scores in results.items()}, "", plots[stem])
         blocks.append(Image(stem, "Each arm's own training loss per step (mean over seeds): the losses differ by "
                                   "arm, so compare shapes, not heights."))
-    if curves := _heldout_curves(claim, results, untrained):
+    if curves:
         stem = f"claim-{claim.name}-heldout"
         plots[stem] = out_dir / "claims" / "plots" / f"{stem}.png"
         plot_learning_curves(curves, claim.metric, plots[stem], f"held-out {claim.metric} during training")
