@@ -34,11 +34,13 @@ install: $(STAMP)
 run: install
 	$(PY) -m tokenbridge pipeline
 
-# Lint and type-check first (configuration in pyproject.toml), then the tests.
+# Lint and type-check first (configuration in pyproject.toml), then the tests: a worker per CPU (at most 4, for
+# memory), each test file whole on one worker (a file's tests share its module fixtures, such as a pipeline run),
+# in collection order (tests/conftest.py puts the long end-to-end files first).
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 # dvc.yaml is generated (tokenbridge/dvc_stages.py): rerun after changing a stage, an import or a profile.
 dvc.yaml: install

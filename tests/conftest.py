@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (`make test`): a Prefect database each
+    os.environ.setdefault("PREFECT_HOME", str(Path(tempfile.mkdtemp(prefix=f"tokenbridge-prefect-{worker}-"))))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end files first (each a chain of tests on one module's pipeline run, the longest files): on parallel
+    workers (`make test`) they start at once and the short files fill the other workers around them."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
 
 @pytest.fixture(scope="session")
