@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (`make test`): a Prefect database each
-    os.environ.setdefault("PREFECT_HOME", str(Path(tempfile.mkdtemp(prefix=f"tokenbridge-prefect-{worker}-"))))
+    prefect_home = tempfile.mkdtemp(prefix=f"tokenbridge-prefect-{worker}-")
+    os.environ.setdefault("PREFECT_HOME", prefect_home)
+    atexit.register(shutil.rmtree, prefect_home, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
