@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry from test servers
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (`make test`): a Prefect database each
     prefect_home = tempfile.mkdtemp(prefix=f"tokenbridge-prefect-{worker}-")
     os.environ.setdefault("PREFECT_HOME", prefect_home)
@@ -24,6 +25,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The end-to-end files first (each a chain of tests on one module's pipeline run, the longest files): on parallel
     workers (`make test`) they start at once and the short files fill the other workers around them."""
     items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_prefect_api_per_worker():
+    """On parallel workers, one temporary Prefect server per worker for its whole session, on a port the OS gives,
+    which every flow of the worker and of the processes it starts uses. Otherwise each process starts Prefect's own,
+    on a random port in 8000-8999, and two workers' processes can pick the same one (the flows of the one that lost
+    the port then fail when the other's server stops). Tests of the no-server path remove the URL themselves."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    from tokenbridge.flows.common import one_prefect_api
+
+    with one_prefect_api():
+        yield
 
 
 @pytest.fixture(scope="session")

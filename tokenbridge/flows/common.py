@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -143,3 +144,31 @@ def launch_processes(stage: str, argv: list[str]) -> None:
     if command is not None:
         print("launching:", " ".join(command), flush=True)
         os.execv(command[0], command)
+
+
+@contextlib.contextmanager
+def one_prefect_api() -> Iterator[None]:
+    """One temporary Prefect API server for this process and every process it starts (they inherit its URL), rather
+    than one started in each; nothing to do when PREFECT_API_URL names a server already.
+
+    The port comes from the OS. Prefect's own choice is random in 8000-8999 and checked free before its server
+    binds; two processes starting at once can pick the same one, and the loser's health check then passes on the
+    winner's server and its flows fail when that server stops."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = SubprocessASGIServer(port=port)
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        del os.environ["PREFECT_API_URL"]
+        server.stop()

@@ -14,18 +14,16 @@ Extra arguments after `--` go to `dvc repro` (e.g. `-- --force distill`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import Flow, flow
 
 from tokenbridge import tracking
-from tokenbridge.flows.common import check_before_work, children_die_with_this_process, run_stoppable
+from tokenbridge.flows.common import check_before_work, children_die_with_this_process, one_prefect_api, run_stoppable
 from tokenbridge.params import load_params
 from tokenbridge.paths import EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR
 from tokenbridge.stages.evaluate import collect_metrics
@@ -90,27 +88,5 @@ def main(argv: list[str]) -> None:
         except ValueError as error:  # Prefect's "Could not find work pool ..."
             sys.exit(f"{error}\nCreate it with: prefect work-pool create {args.pool} --type process")
     else:
-        with _one_prefect_api():
+        with one_prefect_api():
             run_stoppable(lambda: pipeline(params_file=args.params, repro_args=repro_args))
-
-
-@contextlib.contextmanager
-def _one_prefect_api() -> Iterator[None]:
-    """One temporary Prefect API server for the pipeline and every stage `dvc repro` runs (they inherit its URL),
-    rather than one started in each stage process; nothing to do when PREFECT_API_URL names a server already."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        del os.environ["PREFECT_API_URL"]
-        server.stop()
-

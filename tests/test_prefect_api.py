@@ -1,0 +1,44 @@
+"""`one_prefect_api`: the temporary Prefect server a pipeline run (and each parallel test worker) shares with the
+processes it starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from prefect import flow
+
+from tokenbridge.flows.common import one_prefect_api
+
+
+@flow(name="prefect-api-probe")
+def _probe() -> int:
+    return 1
+
+
+def test_one_server_records_this_process_flows_is_inherited_by_children_and_is_gone_after(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with one_prefect_api():
+        url = os.environ["PREFECT_API_URL"]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['PREFECT_API_URL'])"],
+                               capture_output=True, text=True, check=True)
+        assert child.stdout.strip() == url
+        _probe()
+        runs = httpx.post(f"{url}/flow_runs/filter", json={}, timeout=10).json()
+        assert "prefect-api-probe" in {run["name"] for run in httpx.post(
+            f"{url}/flows/filter", json={"flows": {"id": {"any_": [run["flow_id"] for run in runs]}}},
+            timeout=10).json()}
+    assert "PREFECT_API_URL" not in os.environ
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=10)
+
+
+def test_a_server_already_named_is_used_and_none_started(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    with one_prefect_api():
+        assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
