@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from prefect import Flow
+
 from tokenbridge import stopping, tracking
 from tokenbridge.config import ParamsError, RuntimeParams
 from tokenbridge.params import PipelineParams, load_params
@@ -30,7 +32,7 @@ def tracked_stage(name: str, params_file: str, sections: tuple[str, ...]) -> Ite
 
 def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **options: dict) -> None:
     """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: check params and servers before any work, then run the
-    flow, stoppable by SIGTERM or SIGINT.
+    flow, stoppable by SIGTERM or SIGINT, on the Prefect API PREFECT_API_URL names, else on one of its own.
 
     Each keyword names an extra flow argument and gives its `argparse.add_argument` settings; a multi-word one is
     spelt with dashes on the command line (`render_only`: `--render-only`).
@@ -43,7 +45,10 @@ def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **o
     args = parser.parse_args(argv)
     check_before_work(args.params)
     children_die_with_this_process()
-    run_stoppable(lambda: flow(params_file=args.params, **{name: getattr(args, name) for name in options}))
+    # A Prefect flow gets one API server that the processes it starts share (the stages of a compare or claim sweep);
+    # a plain function (a training rank under torchrun) runs outside Prefect.
+    with one_prefect_api() if isinstance(flow, Flow) else contextlib.nullcontext():
+        run_stoppable(lambda: flow(params_file=args.params, **{name: getattr(args, name) for name in options}))
 
 
 def check_before_work(params_file: str) -> None:
@@ -157,6 +162,8 @@ def one_prefect_api() -> Iterator[None]:
     if os.environ.get("PREFECT_API_URL"):
         yield
         return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -171,4 +178,7 @@ def one_prefect_api() -> Iterator[None]:
             yield
     finally:
         del os.environ["PREFECT_API_URL"]
+        # Send the logs and events this process still holds while their server is up, as Prefect's test harness does.
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5)
         server.stop()
