@@ -239,3 +239,20 @@ def test_a_metric_the_claim_is_also_judged_on_gets_its_own_verdict_on_the_page_w
     page = (tmp_path / "claims" / "demo.md").read_text()
     assert "Verdict at this budget: reproduced" in page
     assert "Judged on bits_per_byte too (not deciding): not reproduced. a 0.6000 against b 0.5000: worse" in page
+
+
+def test_a_distillation_page_says_the_sweep_does_not_test_the_claim_when_the_teacher_is_not_ahead_of_the_student(
+        tmp_path):
+    results = {arm: _scores(value, 0.01) for arm, value in (("a", 0.5), ("b", 0.6), ("c", 0.7))}
+    behind = {"teacher": _scores(0.80, 0.01), "student_before": _scores(0.69, 0.01)}
+    assert render_claim(CLAIM, {4: results}, behind, {"machine": "x"}, tmp_path) == "reproduced"
+    page = (tmp_path / "claims" / "demo.md").read_text()
+    assert ("The teacher (0.8000) is behind the untrained student (0.6900) on bits_per_byte (intervals compared): "
+            "the claim presumes a teacher ahead of its student, so this sweep does not test it") in page
+    inside = {**behind, "teacher": _scores(0.68, 0.05)}
+    render_claim(CLAIM, {4: results}, inside, {"machine": "x"}, tmp_path)
+    page = (tmp_path / "claims" / "demo.md").read_text()
+    assert "The teacher (0.6800) is inside the noise of the untrained student" in page
+    ahead = {**behind, "teacher": _scores(0.40, 0.01)}
+    render_claim(CLAIM, {4: results}, ahead, {"machine": "x"}, tmp_path)
+    assert "presumes a teacher ahead" not in (tmp_path / "claims" / "demo.md").read_text()

@@ -221,6 +221,26 @@ def _movement(metric: str, results: Mapping[str, Mapping[str, Any]], before: Map
                 "budget at which the arms move several interval widths is what could separate them."))
 
 
+def _teacher_behind(claim: Claim, teacher: Mapping[str, Any] | None, untrained: Mapping[str, Any] | None) -> str:
+    """A distillation claim presumes a teacher ahead of its student. Where, on the deciding metric, the teacher is not
+    ahead of the untrained student outside the noise, no loss can be expected to pull the student forward, and the
+    page says the sweep does not test the claim."""
+    metric = claim.metric
+    if claim.reads != "distill" or teacher is None or untrained is None:
+        return ""
+    if metric not in teacher or metric not in untrained:
+        return ""
+    noise, _, judged = _noise(metric, teacher, untrained)
+    if not noise and (teacher[metric] < untrained[metric]) == (EvalMetrics.better(metric) == "lower"):
+        return ""
+    stronger = (" (here: the teacher moved onto the student's tokenizer by a longer transfer)"
+                if claim.teacher_on_student_tokenizer else "")
+    return (f" The teacher ({format_value(teacher[metric])}) is {'inside the noise of' if noise else 'behind'} the "
+            f"untrained student ({format_value(untrained[metric])}) on {metric} ({judged}): the claim presumes a "
+            f"teacher ahead of its student, so this sweep does not test it; a stronger teacher{stronger} is what it "
+            "needs first.")
+
+
 def _separating_budgets(claim: Claim, results: Mapping[str, Mapping[str, Any]], budget: int) -> str:
     """For each rival still inside the noise, the budget at which its gap to the claimed arm would leave the noise,
     were the gap to grow in proportion to the training steps (every arm starts from the same model, so the gap is 0
@@ -311,7 +331,8 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
                   + _movement(claim.metric, results, untrained,
                               any(paired_difference(claim.metric, results[claim.claimed], results[rival]) is not None
                                   for rival in claim.rivals))
-                  + _separating_budgets(claim, results, final) + _closing_budgets(claim, results, curves)),
+                  + _separating_budgets(claim, results, final) + _closing_budgets(claim, results, curves)
+                  + _teacher_behind(claim, references.get("teacher"), untrained)),
         *_also_judged(claim, results),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
                   "t-interval of the mean) with several seeds, else over the test answers. With one seed, two arms "
