@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from tokenbridge.contracts import HELDOUT
+from tokenbridge.io import write_json
 from tokenbridge.params import PipelineParams, resolve
 from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index, verdict
 from tokenbridge.training.history import history_csv
@@ -256,3 +257,10 @@ def test_a_distillation_page_says_the_sweep_does_not_test_the_claim_when_the_tea
     ahead = {**behind, "teacher": _scores(0.40, 0.01)}
     render_claim(CLAIM, {4: results}, ahead, {"machine": "x"}, tmp_path)
     assert "presumes a teacher ahead" not in (tmp_path / "claims" / "demo.md").read_text()
+    claim = CLAIMS["pretraining-distillation"]  # the index lists the registered claims
+    for references, caveat in ((behind, True), (ahead, False)):
+        write_json(tmp_path / "claims" / f"{claim.name}.json", {"verdict": "not reproduced", "budget": "40 steps",
+                                                                 "references": references})
+        row = next(line for line in render_index(tmp_path).read_text().splitlines() if f"| {claim.name} |" in line)
+        assert ("not reproduced (40 steps); its teacher is not ahead of the student, so the sweep does not test the "
+                "claim" in row) == caveat

@@ -422,6 +422,10 @@ def render_index(out_dir: Path) -> Path:
         if page.is_file():
             record = read_json(page)
             status = f"{record['verdict']} ({record['budget']})"
+            references = record["references"]
+            untrained = next((references[name] for name in UNTRAINED if name in references), None)
+            if _teacher_behind(claim, references.get("teacher"), untrained):
+                status += "; its teacher is not ahead of the student, so the sweep does not test the claim"
             link = f"[claims/{claim.name}.md](claims/{claim.name}.md)"
         else:
             status = "not run yet"
