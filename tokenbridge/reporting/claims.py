@@ -233,7 +233,7 @@ def _teacher_behind(claim: Claim, teacher: Mapping[str, Any] | None, untrained: 
     noise, _, judged = _noise(metric, teacher, untrained)
     if not noise and (teacher[metric] < untrained[metric]) == (EvalMetrics.better(metric) == "lower"):
         return ""
-    stronger = (" (here: the teacher moved onto the student's tokenizer by a longer transfer)"
+    stronger = (" (here the teacher is moved onto the student's tokenizer: a longer transfer, or a stronger original)"
                 if claim.teacher_on_student_tokenizer else "")
     return (f" The teacher ({format_value(teacher[metric])}) is {'inside the noise of' if noise else 'behind'} the "
             f"untrained student ({format_value(untrained[metric])}) on {metric} ({judged}): the claim presumes a "
