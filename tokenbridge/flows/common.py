@@ -154,18 +154,20 @@ def launch_processes(stage: str, argv: list[str]) -> None:
 @contextlib.contextmanager
 def one_prefect_api() -> Iterator[None]:
     """One temporary Prefect API server for this process and every process it starts (they inherit its URL), rather
-    than one started in each; nothing to do when PREFECT_API_URL names a server already.
+    than one started in each; nothing to do when Prefect's settings name a server already (PREFECT_API_URL, in the
+    environment or the active Prefect profile).
 
     The port comes from the OS. Prefect's own choice is random in 8000-8999 and checked free before its server
     binds; two processes starting at once can pick the same one, and the loser's health check then passes on the
     winner's server and its flows fail when that server stops."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield
-        return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
