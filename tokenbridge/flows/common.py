@@ -160,14 +160,14 @@ def one_prefect_api() -> Iterator[None]:
     The port comes from the OS. Prefect's own choice is random in 8000-8999 and checked free before its server
     binds; two processes starting at once can pick the same one, and the loser's health check then passes on the
     winner's server and its flows fail when that server stops."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         yield
         return
+    from prefect.events.worker import EventsWorker  # the server's modules take seconds to import: only when needed
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
