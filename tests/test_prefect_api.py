@@ -45,13 +45,11 @@ def test_one_server_records_this_process_flows_is_inherited_by_children_and_is_g
         httpx.get(f"{url}/health", timeout=10)
 
 
-@flow(name="prefect-api-stage")
-def _stage_writing_its_child_url(params_file: str, out: str) -> None:
-    Path(out).write_text(subprocess.run(CHILD_URL, capture_output=True, text=True, check=True).stdout.strip())
-
-
 def _plain_function_writing_its_child_url(params_file: str, out: str) -> None:
     Path(out).write_text(subprocess.run(CHILD_URL, capture_output=True, text=True, check=True).stdout.strip())
+
+
+_stage_writing_its_child_url = flow(name="prefect-api-stage")(_plain_function_writing_its_child_url)
 
 
 def test_a_stage_run_alone_shares_its_own_server_with_its_processes_and_a_plain_rank_starts_none(no_prefect_api,

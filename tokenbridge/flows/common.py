@@ -32,7 +32,7 @@ def tracked_stage(name: str, params_file: str, sections: tuple[str, ...]) -> Ite
 
 def stage_cli(flow: Callable[..., object], doc: str | None, argv: list[str], **options: dict) -> None:
     """`tokenbridge <stage> [--params FILE] [--OPTION ...]`: check params and servers before any work, then run the
-    flow, stoppable by SIGTERM or SIGINT, on the Prefect API PREFECT_API_URL names, else on one of its own.
+    flow, stoppable by SIGTERM or SIGINT, on the Prefect API Prefect's settings name, else on one of its own.
 
     Each keyword names an extra flow argument and gives its `argparse.add_argument` settings; a multi-word one is
     spelt with dashes on the command line (`render_only`: `--render-only`).

@@ -221,11 +221,16 @@ def _movement(metric: str, results: Mapping[str, Mapping[str, Any]], before: Map
                 "budget at which the arms move several interval widths is what could separate them."))
 
 
-def _teacher_behind(claim: Claim, teacher: Mapping[str, Any] | None, untrained: Mapping[str, Any] | None) -> str:
+def _untrained(references: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The reference a claim's arms train from (`UNTRAINED`), if the sweep scored it."""
+    return next((references[name] for name in UNTRAINED if name in references), None)
+
+
+def _teacher_behind(claim: Claim, references: Mapping[str, Mapping[str, Any]]) -> str:
     """A distillation claim presumes a teacher ahead of its student. Where, on the deciding metric, the teacher is not
     ahead of the untrained student outside the noise, no loss can be expected to pull the student forward, and the
     page says the sweep does not test the claim."""
-    metric = claim.metric
+    metric, teacher, untrained = claim.metric, references.get("teacher"), _untrained(references)
     if claim.reads != "distill" or teacher is None or untrained is None:
         return ""
     if metric not in teacher or metric not in untrained:
@@ -318,7 +323,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
     largest budget."""
     final = max(budgets)
     results = budgets[final]
-    untrained = next((references[name] for name in UNTRAINED if name in references), None)
+    untrained = _untrained(references)
     decision, sentences = verdict(claim, results)
     curves = _heldout_curves(claim, results, untrained)
     metrics = [claim.metric, *(name for name in SHOWN if name != claim.metric
@@ -332,7 +337,7 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
                               any(paired_difference(claim.metric, results[claim.claimed], results[rival]) is not None
                                   for rival in claim.rivals))
                   + _separating_budgets(claim, results, final) + _closing_budgets(claim, results, curves)
-                  + _teacher_behind(claim, references.get("teacher"), untrained)),
+                  + _teacher_behind(claim, references)),
         *_also_judged(claim, results),
         Paragraph(f"Deciding metric: {claim.why_metric} [low, high]: its 95 % interval, over the seeds (the "
                   "t-interval of the mean) with several seeds, else over the test answers. With one seed, two arms "
@@ -422,9 +427,7 @@ def render_index(out_dir: Path) -> Path:
         if page.is_file():
             record = read_json(page)
             status = f"{record['verdict']} ({record['budget']})"
-            references = record["references"]
-            untrained = next((references[name] for name in UNTRAINED if name in references), None)
-            if _teacher_behind(claim, references.get("teacher"), untrained):
+            if _teacher_behind(claim, record["references"]):
                 status += "; its teacher is not ahead of the student, so the sweep does not test the claim"
             link = f"[claims/{claim.name}.md](claims/{claim.name}.md)"
         else:
