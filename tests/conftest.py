@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,9 +29,20 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (`make t
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The end-to-end files first (each a chain of tests on one module's pipeline run, the longest files): on parallel
-    workers (`make test`) they start at once and the short files fill the other workers around them."""
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+    """The end-to-end files first (the longest: one of them runs the tiny pipeline that `tiny_pipeline` shares), and
+    the files that start from a copy of that run (marked `from_tiny_pipeline`) two thirds of the way through the
+    others: on parallel workers (`make test`) their worker runs other files while the pipeline runs, rather than
+    wait for it, and they do not end the session alone."""
+    def group(item: pytest.Item) -> int:
+        if item.get_closest_marker("from_tiny_pipeline"):
+            return 2
+        return 0 if item.get_closest_marker("integration") else 1
+
+    first, rest, late = ([item for item in items if group(item) == number] for number in range(3))
+    files = list(dict.fromkeys(item.path for item in rest))
+    later = files[2 * len(files) // 3] if files else None
+    cut = next((index for index, item in enumerate(rest) if item.path == later), len(rest))
+    items[:] = [*first, *rest[:cut], *late, *rest[cut:]]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,6 +58,60 @@ def one_prefect_api_per_worker():
 
     with one_prefect_api():
         yield
+
+
+class PipelineRun(NamedTuple):
+    repo: Path  # the run's repo, with its MLflow store: tests/test_pipeline_integration.py's, which changes it
+    env: dict[str, str]  # the environment it ran in
+    output: str  # what `tokenbridge pipeline` printed
+    snapshot: Path  # the repo as the run left it, without the MLflow store: other files copy it
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> PipelineRun:
+    """One `tokenbridge pipeline` run on the tiny profile with the embedded services (Prefect's temporary API, MLflow
+    on sqlite), in a temporary git repo of the project, shared by the parallel workers of a session: the first to ask
+    runs it, the others wait for it. A full run costs about 5 minutes of a 2-core machine's 17."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder: each worker's basetemp lies inside it
+    root = shared / "tiny-pipeline"
+    repo, snapshot, printed, failed = root / "repo", root / "snapshot", root / "output.txt", root / "failed.txt"
+    # This venv first on PATH, its own Hugging Face and model caches, a git identity, no server, parent run or
+    # pipeline id inherited from the test process.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "HF_HOME": str(root / "hf"), "TOKENBRIDGE_CACHE": str(root / "cache"),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "TOKENBRIDGE_PARENT_RUN_ID", "TOKENBRIDGE_PIPELINE_ID"):
+        env.pop(key, None)
+    with open(shared / "tiny-pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.is_file():
+            pytest.fail(f"the shared tiny pipeline run failed:\n{failed.read_text()[-6000:]}")
+        if not printed.is_file():
+            _run_tiny_pipeline(repo, env, printed, failed)
+            # Its MLflow store stays with `repo`: sqlite holds the absolute path of its artifacts folder.
+            shutil.copytree(repo, snapshot, symlinks=True, ignore=shutil.ignore_patterns("mlruns.db", "mlartifacts"))
+    return PipelineRun(repo, env, printed.read_text(), snapshot)
+
+
+def _run_tiny_pipeline(repo: Path, env: dict[str, str], printed: Path, failed: Path) -> None:
+    """The project's files (what git would commit) in a new git repo at `repo`, on the tiny profile, then run."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "profile": "tiny"}, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"],
+                    [sys.executable, "-m", "tokenbridge", "pipeline"]):
+        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        if result.returncode:
+            failed.write_text(f"{' '.join(command)} failed:\n{result.stdout + result.stderr}")
+            pytest.fail(failed.read_text()[-6000:])
+    printed.write_text(result.stdout + result.stderr)
 
 
 @pytest.fixture(scope="session")

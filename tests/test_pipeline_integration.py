@@ -60,25 +60,9 @@ def _set_param(repo: Path, edit) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "HF_HOME": str(repo.parent / "hf"), "TOKENBRIDGE_CACHE": str(repo.parent / "cache"),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "TOKENBRIDGE_PARENT_RUN_ID", "TOKENBRIDGE_PIPELINE_ID"):
-        env.pop(key, None)
-    _set_param(repo, lambda raw: raw.update(profile="tiny"))
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "tiny"], repo, env)
-    first = _run([sys.executable, "-m", "tokenbridge", "pipeline"], repo, env)
-    return repo, env, first
+def repo(tiny_pipeline):
+    """The session's tiny pipeline run (tests/conftest.py), which these tests go on changing, one after another."""
+    return tiny_pipeline.repo, tiny_pipeline.env, tiny_pipeline.output
 
 
 def test_every_stage_runs_and_writes_its_outputs(repo):

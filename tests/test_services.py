@@ -1,7 +1,9 @@
 """The pipeline on real team services, as `make services` starts them (infra/services.sh): PostgreSQL, an MLflow
-server on it with artifacts proxied into a local store, and a Prefect server. The pipeline is served as a cron
-deployment, one run is triggered through Prefect and runs the tiny profile once; the tests then read Prefect's
-schedule and MLflow's Model Registry back through the servers' APIs."""
+server on it with artifacts proxied into a local store, and a Prefect server. The project starts as the session's
+tiny pipeline run left it (tests/conftest.py: tiny_pipeline) plus a committed params change; the pipeline is served
+as a cron deployment, one run is triggered through Prefect and reruns what the change made stale (distill, the
+distilled student's evaluation, report); the tests then read Prefect's schedule and MLflow's runs and Model Registry
+back through the servers' APIs."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ SERVICES = ROOT / "infra" / "services.sh"
 FLOW, DEPLOYMENT, CRON = "tokenbridge-pipeline", "tokenbridge-scheduled", "0 3 * * *"
 RUN_TIMEOUT_S = 900
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.from_tiny_pipeline]
 
 
 def _free_port() -> int:
@@ -60,26 +62,18 @@ def services():
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, services):
-    """A temporary git repo of the project on the tiny profile, pointed at the servers by environment only."""
+def repo(tmp_path_factory, tiny_pipeline, services):
+    """A copy of the session's tiny pipeline run (tests/conftest.py), then a change the team commits: a new distill
+    learning rate. Pointed at the servers by environment only."""
     repo = tmp_path_factory.mktemp("services") / "repo"
-    files = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT, dict(os.environ)).split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    shutil.copytree(tiny_pipeline.snapshot, repo, symlinks=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "profile": "tiny"}, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "HF_HOME": str(repo.parent / "hf"), "TOKENBRIDGE_CACHE": str(repo.parent / "cache"),
+    params["profiles"]["tiny"]["distill"]["learning_rate"] = 5.0e-4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**tiny_pipeline.env, "HF_HOME": str(repo.parent / "hf"), "TOKENBRIDGE_CACHE": str(repo.parent / "cache"),
            "PREFECT_HOME": str(repo.parent / "prefect"), "PREFECT_API_URL": services["PREFECT_API_URL"],
-           "MLFLOW_TRACKING_URI": services["MLFLOW_TRACKING_URI"],
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for key in ("TOKENBRIDGE_PARENT_RUN_ID", "TOKENBRIDGE_PIPELINE_ID"):
-        env.pop(key, None)
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "tiny"], repo, env)
+           "MLFLOW_TRACKING_URI": services["MLFLOW_TRACKING_URI"]}
+    _run(["git", "commit", "-qam", "distill: learning rate 5e-4"], repo, env)
     return repo, env
 
 
@@ -119,11 +113,12 @@ def deployment_run(repo, services):
         api.close()
 
 
-def test_a_triggered_run_of_the_cron_deployment_completes(deployment_run):
+def test_a_triggered_run_of_the_cron_deployment_completes_rerunning_what_the_change_made_stale(deployment_run):
     deployment, flow_run, log = deployment_run
     assert [entry["schedule"]["cron"] for entry in deployment["schedules"]] == [CRON]
     assert flow_run["deployment_id"] == deployment["id"]
     assert flow_run["state"]["type"] == "COMPLETED", log[-6000:]
+    assert set(re.findall(r"Running stage '([^']+)'", log)) == {"distill", "evaluate@student_after", "report"}, log
 
 
 def test_the_scheduler_creates_future_runs_of_the_deployment(deployment_run, services):
