@@ -26,6 +26,10 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (`make t
     prefect_home = tempfile.mkdtemp(prefix=f"tokenbridge-prefect-{worker}-")
     os.environ.setdefault("PREFECT_HOME", prefect_home)
     atexit.register(shutil.rmtree, prefect_home, ignore_errors=True)
+    # A worker's share of the cores for torch's threads, in it and the processes it starts (read when torch loads):
+    # by default each would take every core, and the workers' spinning threads would fight over them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
