@@ -335,6 +335,11 @@ class EvalMetrics(Contract):
     def writer_of(cls, path: Path) -> str:
         return f"evaluate@{Path(path).stem}"
 
+    @classmethod
+    def read_all(cls, metrics_dir: Path, names: list[str]) -> dict[str, EvalMetrics]:
+        """Every named model's scores, in the given order; fails naming the stage that has not run."""
+        return {name: cls.read(Path(metrics_dir) / f"{name}.json") for name in names}
+
     @staticmethod
     def better(metric: str) -> Better:
         """Whether a lower or a higher value of a score is better; fails for a name that is not a score."""

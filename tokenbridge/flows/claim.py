@@ -34,7 +34,7 @@ import yaml
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest, TransferMetrics, TransferScores
+from tokenbridge.contracts import MANIFEST, EvalMetrics, ModelCard, PreparedManifest, TransferMetrics, TransferScores
 from tokenbridge.experiments import distilled, loss_curve, params_restored, profile_setting, run, run_arms
 from tokenbridge.flows.common import stage_cli
 from tokenbridge.io import read_json, write_json
@@ -56,7 +56,6 @@ from tokenbridge.paths import (
 )
 from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index
 from tokenbridge.runtime import machine, resolve_device
-from tokenbridge.stages.evaluate import collect_metrics
 
 MOVED_TEACHER = "qwen"  # the transfer source a same-tokenizer claim's teacher is
 MOVED = "moved"  # the transfer source a transfer claim with arms moves: the student
@@ -154,7 +153,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             # student, or the moved model's original and its start (FVT's rows depend on transfer.seed alone).
             if chosen.reads == "distill":
                 references = {model: scores.numbers() for model, scores in
-                              collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
+                              EvalMetrics.read_all(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
             else:
                 moved = TransferScores.read(TRANSFER_EVAL_METRICS).root
                 references = {"original": moved[f"{MOVED}.original"].numbers(),

@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import MANIFEST, ModelCard, PreparedManifest
+from tokenbridge.contracts import MANIFEST, EvalMetrics, ModelCard, PreparedManifest
 from tokenbridge.experiments import params_restored, run, run_arms
 from tokenbridge.flows.common import stage_cli
 from tokenbridge.io import write_json
@@ -32,7 +32,6 @@ from tokenbridge.params import load_params
 from tokenbridge.paths import EVAL_METRICS_DIR, PREPARED_DIR, STUDENT_DIR, TEACHER_DIR
 from tokenbridge.reporting.comparison import render_comparison
 from tokenbridge.runtime import machine, resolve_device
-from tokenbridge.stages.evaluate import collect_metrics
 
 DEFAULT_LOSSES = [*cross_tokenizer_losses(), "sft"]
 
@@ -49,7 +48,7 @@ def compare(params_file: str = "params.yaml", losses: list[str] | None = None, o
     with params_restored(params_path):
         run(["dvc", "repro"])
         references = {name: scores.numbers() for name, scores in
-                      collect_metrics(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
+                      EvalMetrics.read_all(EVAL_METRICS_DIR, ["teacher", "student_before"]).items()}
         results = run_arms(arms, seeds or [params.distill.seed], "cmp")
     context = {
         "teacher": ModelCard.of(TEACHER_DIR).name, "student": ModelCard.of(STUDENT_DIR).name,

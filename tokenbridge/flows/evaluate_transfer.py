@@ -25,7 +25,7 @@ from pathlib import Path
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import ANSWERS, ModelCard, TransferScores
+from tokenbridge.contracts import ANSWERS, EvalMetrics, ModelCard, TransferScores
 from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.paths import (
     ENSEMBLE_DIR,
@@ -39,7 +39,7 @@ from tokenbridge.paths import (
     TRANSFERRED_DIR,
 )
 from tokenbridge.runtime import Runtime
-from tokenbridge.stages.evaluate import collect_metrics, run_evaluate
+from tokenbridge.stages.evaluate import run_evaluate
 from tokenbridge.stages.transfer import init_path
 
 
@@ -64,7 +64,7 @@ def evaluate_transfer(params_file: str = "params.yaml") -> TransferScores:
                                          limit=params.evaluate.transfer_limit, original_answers=answers)
             tracking.log_metrics({f"{label}.{key}": value for key, value in scores[label].numbers().items()})
         roles = [member for member in params.ensemble.members if member in EVALUATED_ROLES]
-        evaluated = collect_metrics(EVAL_METRICS_DIR, [EVALUATED_ROLES[role] for role in roles])
+        evaluated = EvalMetrics.read_all(EVAL_METRICS_DIR, [EVALUATED_ROLES[role] for role in roles])
         scores.update({role: evaluated[EVALUATED_ROLES[role]] for role in roles})
         transfer_scores = TransferScores(scores)
         transfer_scores.write(TRANSFER_EVAL_METRICS)

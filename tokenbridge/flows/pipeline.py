@@ -23,10 +23,10 @@ from pathlib import Path
 from prefect import Flow, flow
 
 from tokenbridge import tracking
+from tokenbridge.contracts import EvalMetrics
 from tokenbridge.flows.common import check_before_work, children_die_with_this_process, one_prefect_api, run_stoppable
 from tokenbridge.params import load_params
 from tokenbridge.paths import EVAL_METRICS_DIR, EVAL_MODELS, REPORT_DIR
-from tokenbridge.stages.evaluate import collect_metrics
 from tokenbridge.stopping import Stopped
 
 
@@ -37,7 +37,7 @@ def pipeline(params_file: str = "params.yaml", repro_args: list[str] | None = No
         command = ["dvc", "repro", *(repro_args or [])]
         print("running:", " ".join(command))
         _run_dvc(command)
-        evaluated = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        evaluated = EvalMetrics.read_all(EVAL_METRICS_DIR, list(EVAL_MODELS))
         models = {name: metrics.scores() for name, metrics in evaluated.items()}
         for name, scores in models.items():
             tracking.log_metrics({f"{name}.{key}": value for key, value in scores.items()})

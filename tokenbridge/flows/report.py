@@ -16,7 +16,14 @@ import torch
 from prefect import flow
 
 from tokenbridge import tracking
-from tokenbridge.contracts import HypernetMetrics, HypernetScores, ModelCard, TransferMetrics, TransferScores
+from tokenbridge.contracts import (
+    EvalMetrics,
+    HypernetMetrics,
+    HypernetScores,
+    ModelCard,
+    TransferMetrics,
+    TransferScores,
+)
 from tokenbridge.flows.common import stage_cli, tracked_stage
 from tokenbridge.io import write_json
 from tokenbridge.paths import (
@@ -33,14 +40,13 @@ from tokenbridge.paths import (
     TRANSFER_METRICS,
 )
 from tokenbridge.runtime import machine
-from tokenbridge.stages.evaluate import collect_metrics
 from tokenbridge.stages.report import render_report, render_transfer
 
 
 @flow(name="report", log_prints=True)
 def report(params_file: str = "params.yaml") -> dict:
     with tracked_stage("report", params_file, ("tracking",)) as params:
-        evaluated = collect_metrics(EVAL_METRICS_DIR, list(EVAL_MODELS))
+        evaluated = EvalMetrics.read_all(EVAL_METRICS_DIR, list(EVAL_MODELS))
         models = {name: scores.scores() for name, scores in evaluated.items()}
         primary = params.tracking.primary_metric
         value = models["student_after"][primary]

@@ -10,19 +10,17 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tokenbridge.config import GgufModelSpec, HfModelSpec, ModelSpec
 from tokenbridge.contracts import MODEL_CARD, ModelCard
 from tokenbridge.io import atomic_path, read_json, remembered_sha256, sha256_file, write_json
+
+if TYPE_CHECKING:  # transformers' modeling code costs about 3 s to import: processes that load no model skip it
+    from transformers import PreTrainedModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -121,6 +119,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path, add_bos: b
 
 
 def load_model(model_dir: Path, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
 

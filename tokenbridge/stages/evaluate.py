@@ -145,8 +145,3 @@ def _timed(part: str, seconds: dict[str, float]) -> Iterator[None]:
     yield
     seconds[f"{part}_seconds"] = round(time.perf_counter() - wall, 2)
     seconds[f"{part}_cpu_seconds"] = round(time.process_time() - cpu, 2)
-
-
-def collect_metrics(metrics_dir: Path, names: list[str]) -> dict[str, EvalMetrics]:
-    """Every evaluated model's scores, in the given order; fails naming the stage that has not run."""
-    return {name: EvalMetrics.read(metrics_dir / f"{name}.json") for name in names}
