@@ -1,16 +1,16 @@
 """Stopped by a signal or killed with -9 anywhere, then rerun: the result is bit-identical to an uninterrupted run.
 
-Each stage runs in its own process. A run is killed with SIGKILL at random moments (mid-step, mid-checkpoint
-write, mid-save) and rerun each time, or stopped with SIGTERM / SIGINT, which it obeys after its current step with
-a checkpoint; the finished output is compared byte for byte with an uninterrupted run of the same params and
-seed. No temporary file of an interrupted write survives the finished run. A stopped stage's MLflow run is KILLED,
-a run whose process died is marked FAILED by the next one, and a stage whose tracking or orchestration server is
-down stops before any work, naming the server and the fix."""
+Each stage run is a process of its own, forked from one that has imported the stages (tests/stage_runner.py). A
+run is killed with SIGKILL at random moments (mid-step, mid-checkpoint write, mid-save) and rerun each time, or
+stopped with SIGTERM / SIGINT, which it obeys after its current step with a checkpoint; the finished output is
+compared byte for byte with an uninterrupted run of the same params and seed. No temporary file of an interrupted
+write survives the finished run. A stopped stage's MLflow run is KILLED, a run whose process died is marked FAILED
+by the next one, and a stage whose tracking or orchestration server is down stops before any work, naming the
+server and the fix."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -19,10 +19,12 @@ import socket
 import subprocess
 import sys
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import psutil
 import pytest
+import stage_runner
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -33,50 +35,32 @@ from tokenbridge.stopping import Stopped
 
 ROOT = Path(__file__).parents[1]
 
-RUNNER = r"""
-import json, sys
-from pathlib import Path
-from tokenbridge.params import DistillParams, HypernetParams, TransferParams
-from tokenbridge.config import RuntimeParams, TeacherLogitsParams
-from tokenbridge.runtime import Runtime
-from tokenbridge import stopping
-stopping.install()
-args = json.loads(sys.argv[1])
-runtime = Runtime.resolve(RuntimeParams(**args["runtime"]))
-if args["stage"] == "distill":
-    from tokenbridge.stages.distill import train
-    print("ready", flush=True)
-    train(*(Path(p) for p in args["paths"][:5]), DistillParams(**args["params"]),
-          TeacherLogitsParams(**args["teacher_logits"]), *(Path(p) for p in args["paths"][5:]), runtime=runtime)
-elif args["stage"] == "transfer":
-    from tokenbridge.stages.transfer import run_transfer
-    print("ready", flush=True)
-    run_transfer(*(Path(p) for p in args["paths"]), TransferParams(**args["params"]), runtime,
-                 Path(args["checkpoints"]))
-else:
-    from tokenbridge.stages.hypernet import train_hypernet
-    print("ready", flush=True)
-    train_hypernet(*(Path(p) for p in args["paths"]), HypernetParams(**args["params"]), runtime,
-                   Path(args["checkpoints"]))
-"""
-
-
-def _start(args: dict) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(args, default=str)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-    return process
-
 
 def _run_to_the_end(args: dict) -> float:
-    """Seconds the stage's work took after its imports."""
+    """Seconds the stage's work took (its process starts with the stages imported: tests/stage_runner.py)."""
     started = time.perf_counter()
-    process = _start(args)
-    ready = time.perf_counter()
-    _, errors = process.communicate(timeout=600)
-    assert process.returncode == 0, errors
-    assert started <= ready
-    return time.perf_counter() - ready
+    process = stage_runner.start(args)
+    process.join(timeout=600)
+    assert process.exitcode == 0, Path(args["log"]).read_text()[-6000:]
+    return time.perf_counter() - started
+
+
+def _stop(process: BaseProcess, args: dict, stop: signal.Signals) -> None:
+    """Send `stop` to the running stage; fails unless it stops within seconds, saying it saved a checkpoint."""
+    sent = time.perf_counter()
+    os.kill(process.pid, stop)
+    process.join(timeout=60)
+    assert time.perf_counter() - sent < 10, "the stage did not stop within seconds"
+    output = Path(args["log"]).read_text()
+    assert process.exitcode not in (0, None), output[-6000:]
+    assert f"stopped by {stop.name}: checkpoint saved after step" in output, output[-6000:]
+
+
+def _wait_for(path: Path, process: BaseProcess, args: dict) -> None:
+    """Until the running stage has written `path`."""
+    while not path.exists():
+        assert process.is_alive(), f"the stage ended before writing {path}:\n{Path(args['log']).read_text()[-6000:]}"
+        time.sleep(0.02)
 
 
 def _killed_at_random_moments(args: dict, seconds: float, kills: int, seed: int) -> list[float]:
@@ -85,11 +69,11 @@ def _killed_at_random_moments(args: dict, seconds: float, kills: int, seed: int)
     rng = random.Random(seed)
     moments = []
     for _ in range(kills):
-        process = _start(args)
+        process = stage_runner.start(args)
         moments.append(rng.uniform(0, seconds))
         time.sleep(moments[-1])
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
+        process.kill()
+        process.join()
     _run_to_the_end(args)
     return moments
 
@@ -115,7 +99,7 @@ def _distill_args(root: Path, dirs: dict[str, Path], tiny_params, out: Path, **o
     return {"stage": "distill", "runtime": tiny_params.runtime.model_dump(), "params": params.model_dump(),
             "teacher_logits": tiny_params.teacher_logits.model_dump(),
             "paths": [root / "prepared", dirs["student"], out / "model", out / "checkpoints", out / "history.csv",
-                      dirs["teacher"], root / "logits"]}
+                      dirs["teacher"], root / "logits"], "log": out / "stage.log"}
 
 
 def test_distill_killed_anywhere_and_rerun_ends_bit_identical(cross_tokenizer_pair, tiny_params, tmp_path):
@@ -137,7 +121,7 @@ def _transfer_args(root: Path, tiny_params, tiny_dirs, out: Path, **overrides) -
                                                      **overrides})
     return {"stage": "transfer", "runtime": tiny_params.runtime.model_dump(), "params": params.model_dump(),
             "paths": [root / "prepared", tiny_dirs["teacher"], tiny_dirs["student"], out / "models" / "teacher",
-                      out / "history.csv"], "checkpoints": out / "checkpoints"}
+                      out / "history.csv"], "checkpoints": out / "checkpoints", "log": out / "stage.log"}
 
 
 def _assert_same_transfer(reference: Path, resumed: Path) -> None:
@@ -162,13 +146,10 @@ def test_sigterm_stops_transfer_in_its_lora_phase_with_a_checkpoint_and_a_rerun_
     uninterrupted, stopped = (_transfer_args(root, tiny_params, tiny_dirs, tmp_path / name, embedding_steps=2,
                                              steps=150, checkpoint_every=1000) for name in ("uninterrupted", "stopped"))
     _run_to_the_end(uninterrupted)
-    process = _start(stopped)
-    while not (tmp_path / "stopped" / "checkpoints" / "lora").exists():  # past the embeddings phase
-        time.sleep(0.05)
+    process = stage_runner.start(stopped)
+    _wait_for(tmp_path / "stopped" / "checkpoints" / "lora", process, stopped)  # past the embeddings phase
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    _, errors = process.communicate(timeout=60)
-    assert process.returncode != 0 and "stopped by SIGTERM: checkpoint saved after step" in errors, errors
+    _stop(process, stopped, signal.SIGTERM)
     _run_to_the_end(stopped)
     _assert_same_transfer(tmp_path / "uninterrupted", tmp_path / "stopped")
 
@@ -177,7 +158,7 @@ def _hypernet_args(root: Path, tiny_params, tiny_dirs, out: Path) -> dict:
     params = tiny_params.hypernet.model_copy(update={"identity_steps": 6, "steps": 4, "checkpoint_every": 1})
     return {"stage": "hypernet", "runtime": tiny_params.runtime.model_dump(), "params": params.model_dump(),
             "paths": [root / "prepared", tiny_dirs["student"], out / "hypernet", out / "history.csv"],
-            "checkpoints": out / "checkpoints"}
+            "checkpoints": out / "checkpoints", "log": out / "stage.log"}
 
 
 def test_hypernet_stopped_by_sigterm_then_killed_anywhere_and_rerun_ends_bit_identical(
@@ -190,12 +171,9 @@ def test_hypernet_stopped_by_sigterm_then_killed_anywhere_and_rerun_ends_bit_ide
     seconds = _run_to_the_end(uninterrupted)
     # The same tokenizer pool (HF's Unigram trainer is not deterministic; the stage keeps its pool for reruns).
     shutil.copytree(*(tmp_path / name / "checkpoints" / "pool" for name in ("uninterrupted", "interrupted")))
-    process = _start(interrupted)
-    while not (tmp_path / "interrupted" / "checkpoints" / "identity" / "state.pt").exists():
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    _, errors = process.communicate(timeout=60)
-    assert process.returncode != 0 and "stopped by SIGTERM: checkpoint saved after step" in errors, errors
+    process = stage_runner.start(interrupted)
+    _wait_for(tmp_path / "interrupted" / "checkpoints" / "identity" / "state.pt", process, interrupted)
+    _stop(process, interrupted, signal.SIGTERM)
     moments = _killed_at_random_moments(interrupted, seconds, kills=2, seed=19)
     expected, actual = (torch.load(tmp_path / name / "hypernet" / "hypernet.pt", weights_only=True)
                         for name in ("uninterrupted", "interrupted"))
@@ -248,16 +226,10 @@ def test_a_signal_stops_distill_after_its_step_with_a_checkpoint_and_a_rerun_res
         cross_tokenizer_pair, tiny_params, uninterrupted_long_distill, tmp_path, stop):
     root, dirs = cross_tokenizer_pair
     stopped = _long_distill_args(root, dirs, tiny_params, tmp_path / "stopped")
-    process = _start(stopped)
-    history = tmp_path / "stopped" / "checkpoints"
-    while not history.exists():  # the run has started training
-        time.sleep(0.05)
+    process = stage_runner.start(stopped)
+    _wait_for(tmp_path / "stopped" / "checkpoints", process, stopped)  # the run has started training
     time.sleep(1.0)
-    sent = time.perf_counter()
-    process.send_signal(stop)
-    _, errors = process.communicate(timeout=60)
-    assert time.perf_counter() - sent < 10, "the stage did not stop within seconds"
-    assert process.returncode != 0 and f"stopped by {stop.name}: checkpoint saved after step" in errors, errors
+    _stop(process, stopped, stop)
     assert not (tmp_path / "stopped" / "model").exists()
     _run_to_the_end(stopped)
     _assert_bit_identical(uninterrupted_long_distill / "model" / "model.safetensors",
