@@ -70,6 +70,15 @@ class PipelineRun(NamedTuple):
     output: str  # what `tokenbridge pipeline` printed
     snapshot: Path  # the repo as the run left it, without the MLflow store: other files copy it
 
+    def copy(self, folder: Path) -> tuple[Path, dict[str, str]]:
+        """The snapshot copied to folder/repo (a new MLflow store starts with its first stage run), and an
+        environment with its own caches and Prefect home beside it: another worker's processes may run on the
+        original's at the same time."""
+        repo = folder / "repo"
+        shutil.copytree(self.snapshot, repo, symlinks=True)
+        return repo, {**self.env, "HF_HOME": str(folder / "hf"), "TOKENBRIDGE_CACHE": str(folder / "cache"),
+                      "PREFECT_HOME": str(folder / "prefect")}
+
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> PipelineRun:

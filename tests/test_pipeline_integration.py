@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-
-from tokenbridge.reporting import claims
+from project_commands import run, stages_run
 
 ROOT = Path(__file__).parents[1]
 EVALUATED = ["teacher", "student_before", "student_after"]
@@ -42,17 +39,6 @@ OUTPUTS = [
 pytestmark = pytest.mark.integration
 
 
-def _run(command: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-6000:]}"
-    return output
-
-
-def _stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
 def _set_param(repo: Path, edit) -> None:
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     edit(raw)
@@ -67,7 +53,7 @@ def repo(tiny_pipeline):
 
 def test_every_stage_runs_and_writes_its_outputs(repo):
     path, _, first = repo
-    assert _stages_run(first) == set(STAGES)
+    assert stages_run(first) == set(STAGES)
     missing = [name for name in OUTPUTS if not (path / name).exists()]
     assert not missing
     for model in EVALUATED:
@@ -128,23 +114,8 @@ def test_mlflow_holds_each_stage_run_grouped_under_the_pipeline(repo):
 
 def test_a_second_repro_is_a_no_op(repo):
     path, env, _ = repo
-    output = _run(["dvc", "repro"], path, env)
-    assert _stages_run(output) == set(), output
-
-
-def test_the_ensemble_claim_reads_the_pipeline_run_and_pairs_its_members_on_the_same_answers(repo):
-    """alm-ensemble reads evaluate_transfer's scores as the pipeline left them, each label with its per-example
-    parts (the student's from the evaluate stage), so its verdicts are paired differences."""
-    path, env, _ = repo
-    output = _run([sys.executable, "-m", "tokenbridge", "claim", "--name", "alm-ensemble", "--out", "ensemble-claim"],
-                  path, env)
-    assert _stages_run(output) == set(), output
-    record = json.loads((path / "ensemble-claim/claims/alm-ensemble.json").read_text())
-    arms = record["budgets"]["0"]
-    assert set(arms) == {"ensemble", "student", "gemma.transferred", "qwen.transferred"}
-    assert all(arm["per_example"]["bits_per_byte"] for arm in arms.values())
-    page = (path / "ensemble-claim/claims/alm-ensemble.md").read_text()
-    assert page.count("(paired difference") == 3, page
+    output = run(["dvc", "repro"], path, env)
+    assert stages_run(output) == set(), output
 
 
 def test_a_fresh_clone_that_pulls_from_a_local_remote_reproduces_nothing(repo, tmp_path):
@@ -153,23 +124,23 @@ def test_a_fresh_clone_that_pulls_from_a_local_remote_reproduces_nothing(repo, t
     path, env, _ = repo
     origin, remote, clone = tmp_path / "origin", tmp_path / "remote", tmp_path / "clone"
     shutil.copytree(path, origin, symlinks=True)
-    _run(["dvc", "remote", "add", "-d", "storage", str(remote)], origin, env)
-    _run(["git", "add", "-A"], origin, env)
-    _run(["git", "commit", "-qm", "pipeline run"], origin, env)
-    _run(["dvc", "push"], origin, env)
-    _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
-    _run(["dvc", "pull"], clone, env)
+    run(["dvc", "remote", "add", "-d", "storage", str(remote)], origin, env)
+    run(["git", "add", "-A"], origin, env)
+    run(["git", "commit", "-qm", "pipeline run"], origin, env)
+    run(["dvc", "push"], origin, env)
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    run(["dvc", "pull"], clone, env)
     assert not [name for name in OUTPUTS if not (clone / name).exists()]
-    output = _run(["dvc", "repro"], clone, env)
-    assert _stages_run(output) == set(), output
-    assert "Data and pipelines are up to date." in _run(["dvc", "status"], clone, env)
+    output = run(["dvc", "repro"], clone, env)
+    assert stages_run(output) == set(), output
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], clone, env)
 
 
 def test_changing_a_distill_param_reruns_only_distill_and_what_follows(repo):
     path, env, _ = repo
     _set_param(path, lambda raw: raw["profiles"]["tiny"]["distill"].update(learning_rate=5.0e-4))
-    output = _run(["dvc", "repro"], path, env)
-    assert _stages_run(output) == {"distill", "evaluate@student_after", "report"}, output
+    output = run(["dvc", "repro"], path, env)
+    assert stages_run(output) == {"distill", "evaluate@student_after", "report"}, output
     registry = json.loads((path / "reports/registry.json").read_text())
     assert registry["version"] == 2 and registry["candidate"]
     from mlflow.tracking import MlflowClient
@@ -227,10 +198,10 @@ def test_dvc_repro_killed_mid_distill_then_rerun_gives_the_same_student_and_a_cl
         time.sleep(0.1)
     assert all(_ended(server) for server in servers), "the killed stage's Prefect server outlived it"
     _forget_finished_run(path, "distill")  # as after a first run killed: else DVC restores the fixture's run
-    output = _run(["dvc", "repro"], path, env)
-    assert "distill" in _stages_run(output), output
+    output = run(["dvc", "repro"], path, env)
+    assert "distill" in stages_run(output), output
     assert model.read_bytes() == reference
-    assert "Data and pipelines are up to date." in _run(["dvc", "status"], path, env)
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], path, env)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlruns.db'}")
@@ -240,71 +211,9 @@ def test_dvc_repro_killed_mid_distill_then_rerun_gives_the_same_student_and_a_cl
     assert [run.data.tags["tokenbridge.stage"] for run in killed] == ["distill"]
 
 
-def test_compare_runs_one_dvc_experiment_per_loss_and_tabulates_them_side_by_side(repo):
-    path, env, _ = repo
-    params_before = (path / "params.yaml").read_text()
-    output = _run([sys.executable, "-m", "tokenbridge", "compare", "--losses", "sft", "alm", "--out", "results"],
-                  path, env)
-    # Upstream stages are shared: each experiment reruns only distill, the distilled student's evaluation, report.
-    assert _stages_run(output) <= {"distill", "evaluate@student_after", "report"}, output
-    assert (path / "params.yaml").read_text() == params_before
-    result = json.loads((path / "results/loss-comparison-tiny.json").read_text())
-    assert list(result["methods"]) == ["sft", "alm"]  # the order asked for (online-only methods last)
-    for method in result["methods"].values():
-        assert method["bits_per_byte"] > 0 and 0 <= method["gsm_exact_match"] <= 1 and method["steps"] == 4
-    assert result["methods"]["alm"]["loss"] == "alm" and result["methods"]["sft"]["loss"] == "sft"
-    assert result["methods"]["alm"]["bits_per_byte"] != result["methods"]["sft"]["bits_per_byte"]
-    table = (path / "results/loss-comparison-tiny.md").read_text()
-    assert all(f"| {name} |" in table for name in ("teacher", "student_before", "alm", "sft"))
-    assert (path / "results/plots/loss-comparison-tiny.png").stat().st_size > 0
-    experiments = _run(["dvc", "exp", "list", "--name-only"], path, env).split()
-    assert sum(name.startswith("cmp-") for name in experiments) == 2
-
-
-ONE_ARM = """
-import dataclasses, sys
-from tokenbridge.flows.claim import main
-from tokenbridge.reporting import claims
-claim = claims.CLAIMS["alm-transfer-bytes"]
-claims.CLAIMS[claim.name] = dataclasses.replace(claim, rivals=(), arms={"alm": claim.arms["alm"]})
-main(sys.argv[1:])
-"""
-
-
-def test_a_transfer_claim_moves_the_student_once_per_arm_and_restores_params(repo):
-    """alm-transfer-bytes with its alm arm alone (every arm runs the same path; CI's time allows one): the student
-    becomes the transfer stage's one source, moved onto bytes, and the arm is an experiment up to evaluate_transfer,
-    which a budget set where the tiny profile reads it (profiles.tiny.transfer.steps) changes."""
-    path, env, _ = repo
-    params_before = (path / "params.yaml").read_text()
-    output = _run([sys.executable, "-c", ONE_ARM, "--name", "alm-transfer-bytes", "--steps", "1", "--out", "results"],
-                  path, env)
-    assert {"transfer", "evaluate_transfer"} <= _stages_run(output), output
-    assert not _stages_run(output) & {"distill", "teacher_logits", "hypernet"}, output
-    assert (path / "params.yaml").read_text() == params_before
-    record = json.loads((path / "results/claims/alm-transfer-bytes.json").read_text())
-    arm = record["budgets"]["1"]["alm"]
-    assert {"original", "start"} == set(record["references"])
-    assert record["context"]["pinned for every arm"] == {"transfer.max_length": 1536}, "long enough for byte texts"
-    assert arm["bits_per_byte"] != record["references"]["start"]["bits_per_byte"], "the moved model trained"
-    deciding = claims.CLAIMS["alm-transfer-bytes"].metric
-    assert all(deciding in scores for scores in (arm, *record["references"].values())), \
-        "every variant of the source is scored on the original's own answers, the claim's deciding metric"
-    assert len(arm["per_example"][deciding]) > 0, "per answer, for paired verdicts"
-    assert arm["runs"]["1234"]["history"]["heldout"][deciding][-1] == pytest.approx(arm[deciding], rel=1e-4), \
-        "the in-run curve ends at the evaluation's number"
-    embedding_steps = yaml.safe_load(params_before)["profiles"]["tiny"]["transfer"]["embedding_steps"]
-    assert arm["steps"] == embedding_steps + 1 == len(arm["runs"]["1234"]["history"]["loss"])
-    assert record["budget"] == f"{embedding_steps} embedding + 1 steps, 1 seed"
-    experiments = _run(["dvc", "exp", "list", "--name-only"], path, env).split()
-    assert sum(name.startswith("claim-alm-transfer-bytes-alm-") for name in experiments) == 1
-    assert f"Verdict at this budget: {record['verdict']}" in (path / "results/claims/alm-transfer-bytes.md").read_text()
-    assert "[claims/alm-transfer-bytes.md](claims/alm-transfer-bytes.md)" in (path / "results/claims.md").read_text()
-
-
 def test_params_asking_for_two_processes_make_dvc_repro_train_under_torchrun(repo):
     path, env, _ = repo
     _set_param(path, lambda raw: raw["profiles"]["tiny"]["runtime"].update(processes_per_node=2))
-    output = _run(["dvc", "repro", "--single-item", "distill"], path, env)
+    output = run(["dvc", "repro", "--single-item", "distill"], path, env)
     assert "torch.distributed.run --nproc-per-node 2 --standalone -m tokenbridge distill" in output, output[-3000:]
     assert json.loads((path / "metrics/distill.json").read_text())["runtime"]["processes"] == 2

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from project_commands import run, stages_run
 
 ROOT = Path(__file__).parents[1]
 SERVICES = ROOT / "infra" / "services.sh"
@@ -37,13 +38,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{output[-6000:]}"
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def services():
     """The services started once by infra/services.sh, stopped by it at teardown whatever happened."""
@@ -54,7 +48,7 @@ def services():
            "TOKENBRIDGE_POSTGRES_PORT": str(_free_port()), "TOKENBRIDGE_MLFLOW_PORT": str(_free_port()),
            "TOKENBRIDGE_PREFECT_PORT": str(_free_port())}
     try:
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", _run([str(SERVICES), "start"], ROOT, env), re.M))
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", run([str(SERVICES), "start"], ROOT, env), re.M))
         yield {**exports, "state": folder / "state"}
     finally:
         subprocess.run([str(SERVICES), "stop"], cwd=ROOT, env=env, timeout=180, check=False)
@@ -65,15 +59,12 @@ def services():
 def repo(tmp_path_factory, tiny_pipeline, services):
     """A copy of the session's tiny pipeline run (tests/conftest.py), then a change the team commits: a new distill
     learning rate. Pointed at the servers by environment only."""
-    repo = tmp_path_factory.mktemp("services") / "repo"
-    shutil.copytree(tiny_pipeline.snapshot, repo, symlinks=True)
+    repo, env = tiny_pipeline.copy(tmp_path_factory.mktemp("services"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["profiles"]["tiny"]["distill"]["learning_rate"] = 5.0e-4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**tiny_pipeline.env, "HF_HOME": str(repo.parent / "hf"), "TOKENBRIDGE_CACHE": str(repo.parent / "cache"),
-           "PREFECT_HOME": str(repo.parent / "prefect"), "PREFECT_API_URL": services["PREFECT_API_URL"],
-           "MLFLOW_TRACKING_URI": services["MLFLOW_TRACKING_URI"]}
-    _run(["git", "commit", "-qam", "distill: learning rate 5e-4"], repo, env)
+    env.update(PREFECT_API_URL=services["PREFECT_API_URL"], MLFLOW_TRACKING_URI=services["MLFLOW_TRACKING_URI"])
+    run(["git", "commit", "-qam", "distill: learning rate 5e-4"], repo, env)
     return repo, env
 
 
@@ -93,7 +84,7 @@ def deployment_run(repo, services):
             assert serve.poll() is None and time.monotonic() < deadline, f"no deployment:\n{log.read_text()[-4000:]}"
             time.sleep(1)
         response.raise_for_status()
-        output = _run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", f"{FLOW}/{DEPLOYMENT}"],
+        output = run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", f"{FLOW}/{DEPLOYMENT}"],
                       path, env)
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -118,7 +109,7 @@ def test_a_triggered_run_of_the_cron_deployment_completes_rerunning_what_the_cha
     assert [entry["schedule"]["cron"] for entry in deployment["schedules"]] == [CRON]
     assert flow_run["deployment_id"] == deployment["id"]
     assert flow_run["state"]["type"] == "COMPLETED", log[-6000:]
-    assert set(re.findall(r"Running stage '([^']+)'", log)) == {"distill", "evaluate@student_after", "report"}, log
+    assert stages_run(log) == {"distill", "evaluate@student_after", "report"}, log
 
 
 def test_the_scheduler_creates_future_runs_of_the_deployment(deployment_run, services):
@@ -129,9 +120,9 @@ def test_the_scheduler_creates_future_runs_of_the_deployment(deployment_run, ser
         scheduled = api.post("/flow_runs/filter", json=query).json()
     assert scheduled, "the scheduler created no scheduled runs"
     now = datetime.now(UTC)
-    for run in scheduled:
-        start = datetime.fromisoformat(run["expected_start_time"])
-        assert run["auto_scheduled"] and start > now and (start.hour, start.minute) == (3, 0)
+    for flow_run in scheduled:
+        start = datetime.fromisoformat(flow_run["expected_start_time"])
+        assert flow_run["auto_scheduled"] and start > now and (start.hour, start.minute) == (3, 0)
 
 
 def test_the_mlflow_server_holds_the_registered_model_and_its_aliases(deployment_run, repo, services, tmp_path):
@@ -165,9 +156,9 @@ def test_the_mlflow_server_holds_the_registered_model_and_its_aliases(deployment
 
 def test_a_deployment_on_a_work_pool_records_the_schedule_and_the_project_directory(repo, services):
     path, env = repo
-    _run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "tokenbridge", "--type", "process"],
+    run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "tokenbridge", "--type", "process"],
          path, env)
-    _run([sys.executable, "-m", "tokenbridge", "pipeline", "--pool", "tokenbridge", "--name", "on-pool",
+    run([sys.executable, "-m", "tokenbridge", "pipeline", "--pool", "tokenbridge", "--name", "on-pool",
           "--cron", CRON], path, env)
     with httpx.Client(base_url=services["PREFECT_API_URL"], timeout=30) as api:
         deployment = api.get(f"/deployments/name/{FLOW}/on-pool").json()
