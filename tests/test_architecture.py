@@ -4,6 +4,8 @@ change alone."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from tokenbridge.dvc_stages import PACKAGE, imported_names
@@ -76,3 +78,13 @@ def test_the_checks_see_real_imports():
     edges = set(_package_imports())
     assert ("tokenbridge.flows.distill", "tokenbridge.stages.distill") in edges
     assert ("tokenbridge.losses.alm", "tokenbridge.config") in edges
+
+
+def test_the_flows_that_load_no_model_start_without_transformers_modeling_code():
+    """About 2 s of every such process's start (prepare, report, the drivers, each flow's --help): a model class
+    is imported where a model is loaded."""
+    flows = ["prepare", "report", "pipeline", "compare", "claim"]
+    script = (f"import sys; import {', '.join(f'tokenbridge.flows.{flow}' for flow in flows)}; "
+              "print('transformers.modeling_utils' in sys.modules)")  # PreTrainedModel's module
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -19,7 +19,7 @@ from tokenbridge.config import GgufModelSpec, HfModelSpec, ModelSpec
 from tokenbridge.contracts import MODEL_CARD, ModelCard
 from tokenbridge.io import atomic_path, read_json, remembered_sha256, sha256_file, write_json
 
-if TYPE_CHECKING:  # transformers' modeling code costs about 3 s to import: processes that load no model skip it
+if TYPE_CHECKING:  # transformers' modeling code costs about 2 s to import: processes that load no model skip it
     from transformers import PreTrainedModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
