@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tokenbridge import tracking
+from tokenbridge.flows.common import free_port
 from tokenbridge.io import write_text
 from tokenbridge.stopping import Stopped
 
@@ -257,9 +257,7 @@ def test_a_stopped_stage_run_is_killed_and_a_run_whose_process_died_is_failed_by
 
 @pytest.mark.parametrize("variable", ["MLFLOW_TRACKING_URI", "PREFECT_API_URL"])
 def test_a_stage_whose_server_is_down_stops_at_once_naming_it_and_the_fix(tmp_path, variable):
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}" + ("/api" if variable == "PREFECT_API_URL" else "")
+    url = f"http://127.0.0.1:{free_port()}" + ("/api" if variable == "PREFECT_API_URL" else "")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "tokenbridge", "prepare"], cwd=tmp_path, capture_output=True,

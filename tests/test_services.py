@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,18 +23,14 @@ import pytest
 import yaml
 from project_commands import run, stages_run
 
+from tokenbridge.flows.common import free_port
+
 ROOT = Path(__file__).parents[1]
 SERVICES = ROOT / "infra" / "services.sh"
 FLOW, DEPLOYMENT, CRON = "tokenbridge-pipeline", "tokenbridge-scheduled", "0 3 * * *"
 RUN_TIMEOUT_S = 900
 
 pytestmark = [pytest.mark.integration, pytest.mark.from_tiny_pipeline]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +40,8 @@ def services():
     folder = Path(tempfile.mkdtemp(prefix="tokenbridge-services-"))
     folder.chmod(0o755)
     env = {**os.environ, "TOKENBRIDGE_SERVICES_DIR": str(folder / "state"),
-           "TOKENBRIDGE_POSTGRES_PORT": str(_free_port()), "TOKENBRIDGE_MLFLOW_PORT": str(_free_port()),
-           "TOKENBRIDGE_PREFECT_PORT": str(_free_port())}
+           "TOKENBRIDGE_POSTGRES_PORT": str(free_port()), "TOKENBRIDGE_MLFLOW_PORT": str(free_port()),
+           "TOKENBRIDGE_PREFECT_PORT": str(free_port())}
     try:
         exports = dict(re.findall(r"^export (\w+)=(\S+)$", run([str(SERVICES), "start"], ROOT, env), re.M))
         yield {**exports, "state": folder / "state"}

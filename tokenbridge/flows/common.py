@@ -151,6 +151,13 @@ def launch_processes(stage: str, argv: list[str]) -> None:
         os.execv(command[0], command)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, chosen by the OS (for a server this process starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def one_prefect_api() -> Iterator[None]:
     """One temporary Prefect API server for this process and every process it starts (they inherit its URL), rather
@@ -169,10 +176,7 @@ def one_prefect_api() -> Iterator[None]:
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = SubprocessASGIServer(port=port)
+    server = SubprocessASGIServer(port=free_port())
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
