@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,6 @@ from safetensors.torch import load_file
 from tokenbridge.config import HfModelSpec, PrepareParams, RuntimeParams
 from tokenbridge.contracts import ModelCard
 from tokenbridge.data.chat import Encoded
-from tokenbridge.flows.common import free_port
 from tokenbridge.io import read_jsonl, write_jsonl
 from tokenbridge.losses.base import LossSetup
 from tokenbridge.losses.registry import LOSSES, build_losses
@@ -264,6 +264,13 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(pairs, t
 # ------------------------------------------------------------------------------------------ FSDP2
 
 
+def _free_port() -> int:
+    """flows/common.free_port's probe, repeated: that module imports Prefect, which the GPU machine lacks."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_fsdp2_on_one_gpu_trains_like_the_unwrapped_student(pairs, tiny_params, tmp_path, precision):
     """A process group of one (NCCL) makes `parallel.parallelize` apply `fully_shard` for real."""
@@ -278,7 +285,7 @@ def test_fsdp2_on_one_gpu_trains_like_the_unwrapped_student(pairs, tiny_params, 
         return load_file(str(out / "model" / "model.safetensors"))
 
     plain = run("plain")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("cuda:nccl,cpu:gloo", rank=0, world_size=1)
     try:
         sharded = run("fsdp")
