@@ -29,6 +29,7 @@ ROOT = Path(__file__).parents[1]
 SERVICES = ROOT / "infra" / "services.sh"
 FLOW, DEPLOYMENT, CRON = "tokenbridge-pipeline", "tokenbridge-scheduled", "0 3 * * *"
 RUN_TIMEOUT_S = 900
+COMMAND_TIMEOUT_S = 300  # each command the tests run beside the servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.from_tiny_pipeline]
 
@@ -43,7 +44,8 @@ def services():
            "TOKENBRIDGE_POSTGRES_PORT": str(free_port()), "TOKENBRIDGE_MLFLOW_PORT": str(free_port()),
            "TOKENBRIDGE_PREFECT_PORT": str(free_port())}
     try:
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", run([str(SERVICES), "start"], ROOT, env), re.M))
+        started = run([str(SERVICES), "start"], ROOT, env, COMMAND_TIMEOUT_S)
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", started, re.M))
         yield {**exports, "state": folder / "state"}
     finally:
         subprocess.run([str(SERVICES), "stop"], cwd=ROOT, env=env, timeout=180, check=False)
@@ -59,7 +61,7 @@ def repo(tmp_path_factory, tiny_pipeline, services):
     params["profiles"]["tiny"]["distill"]["learning_rate"] = 5.0e-4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env.update(PREFECT_API_URL=services["PREFECT_API_URL"], MLFLOW_TRACKING_URI=services["MLFLOW_TRACKING_URI"])
-    run(["git", "commit", "-qam", "distill: learning rate 5e-4"], repo, env)
+    run(["git", "commit", "-qam", "distill: learning rate 5e-4"], repo, env, COMMAND_TIMEOUT_S)
     return repo, env
 
 
@@ -80,7 +82,7 @@ def deployment_run(repo, services):
             time.sleep(1)
         response.raise_for_status()
         output = run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", f"{FLOW}/{DEPLOYMENT}"],
-                      path, env)
+                     path, env, COMMAND_TIMEOUT_S)
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while (flow_run := api.get(f"/flow_runs/{flow_run_id}").json())["state"]["type"] not in (
@@ -152,9 +154,9 @@ def test_the_mlflow_server_holds_the_registered_model_and_its_aliases(deployment
 def test_a_deployment_on_a_work_pool_records_the_schedule_and_the_project_directory(repo, services):
     path, env = repo
     run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "tokenbridge", "--type", "process"],
-         path, env)
+        path, env, COMMAND_TIMEOUT_S)
     run([sys.executable, "-m", "tokenbridge", "pipeline", "--pool", "tokenbridge", "--name", "on-pool",
-          "--cron", CRON], path, env)
+         "--cron", CRON], path, env, COMMAND_TIMEOUT_S)
     with httpx.Client(base_url=services["PREFECT_API_URL"], timeout=30) as api:
         deployment = api.get(f"/deployments/name/{FLOW}/on-pool").json()
     assert deployment["work_pool_name"] == "tokenbridge"
