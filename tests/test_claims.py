@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from tokenbridge.contracts import HELDOUT
+from tokenbridge.evaluation.curve import is_curve_step
 from tokenbridge.io import write_json
 from tokenbridge.params import PipelineParams, resolve
-from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index, verdict
+from tokenbridge.reporting.claims import CLAIMS, MAX_CURVE_POINTS, Claim, render_claim, render_index, verdict
 from tokenbridge.training.history import history_csv
 
 ROOT = Path(__file__).parents[1]
@@ -55,6 +56,25 @@ def test_a_claims_pinned_params_hold_in_the_active_profile_whose_own_mappings_wo
         "pinned at the top level too"
     assert "ensemble" not in yaml.safe_load(params_path.read_text())["profiles"]["tiny"], \
         "a key the profile does not set stays out of it (dvc.yaml tracks the profile's keys as they are)"
+
+
+@pytest.mark.parametrize("name", [name for name, claim in CLAIMS.items() if claim.arms])
+def test_a_long_budget_scores_its_curve_at_most_ten_times_and_the_committed_budgets_keep_their_interval(name):
+    """Each curve point is a held-out scoring pass, so a long budget widens the interval (the same for every arm);
+    the budgets the committed pages ran (40 distill steps, 32 transfer steps) keep params.yaml's own, unset, so DVC's
+    run cache still restores their arms."""
+    claim, params = CLAIMS[name], resolve(yaml.safe_load((ROOT / "params.yaml").read_text()), "default")
+    stage = params.distill if claim.reads == "distill" else params.transfer
+    committed = 40 if claim.reads == "distill" else 32
+    assert claim.budget(committed, params) == (f"{claim.reads}.steps={committed}",)
+    assert claim.budget(622, params)[1] == f"{claim.reads}.heldout_every={claim.curve_every(622, params)}"
+    for steps in (committed, 136, 622, 5000):
+        total = steps + (params.transfer.embedding_steps if claim.reads == "transfer" else 0)
+        every = claim.curve_every(steps, params)
+        points = sum(is_curve_step(step, total, every) for step in range(1, total + 1))
+        assert points <= MAX_CURVE_POINTS + 1 and every >= stage.heldout_every
+    assert claim.curve_every(136, params.model_copy(update={claim.reads: stage.model_copy(
+        update={"heldout_every": 0})})) == 0, "no curve stays no curve"
 
 
 CLAIM = Claim("demo", "a paper", "A beats B and C.", claimed="a", rivals=("b", "c"), metric="bits_per_byte",

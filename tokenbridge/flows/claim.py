@@ -145,7 +145,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             facts["moved"] = f"the student, onto transfer.tokenizer {chosen.student_onto}"
         if chosen.arms:
             targets = EVALUATED if chosen.reads == "distill" else ["evaluate_transfer"]
-            budgets = {n: run_arms({arm: (*overrides, f"{chosen.budget_key}={n}")
+            budgets = {n: run_arms({arm: (*overrides, *chosen.budget(n, params))
                                     for arm, overrides in chosen.arms.items()}, seeds, f"claim-{name}", targets,
                                    distilled if chosen.reads == "distill" else _transferred, chosen.seed_key)
                        for n in budgets_asked}
@@ -171,6 +171,8 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
             "budget": budget, "steps (budgets)": f"{chosen.budget_key}: {budgets_asked}" if chosen.arms else "–",
             "seeds": f"{chosen.seed_key}: {seeds}" if chosen.arms else "–",
+            "heldout_every, by budget": {n: chosen.curve_every(n, params) for n in budgets_asked}
+            if chosen.arms else "–",
             **({"batch_size": params.distill.batch_size, "learning_rate": params.distill.learning_rate}
                if chosen.reads == "distill" else
                {"transfer": {key: getattr(params.transfer, key) for key in (
