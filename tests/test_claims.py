@@ -11,7 +11,7 @@ from tokenbridge.contracts import HELDOUT
 from tokenbridge.evaluation.curve import is_curve_step
 from tokenbridge.io import write_json
 from tokenbridge.params import PipelineParams, resolve
-from tokenbridge.reporting.claims import CLAIMS, MAX_CURVE_POINTS, Claim, render_claim, render_index, verdict
+from tokenbridge.reporting.claims import CLAIMS, Claim, render_claim, render_index, verdict
 from tokenbridge.training.history import history_csv
 
 ROOT = Path(__file__).parents[1]
@@ -63,17 +63,19 @@ def test_a_long_budget_scores_its_curve_at_most_ten_times_and_the_committed_budg
     """Each curve point is a held-out scoring pass, so a long budget widens the interval (the same for every arm);
     the budgets the committed pages ran (40 distill steps, 32 transfer steps) keep params.yaml's own, unset, so DVC's
     run cache still restores their arms."""
+    from tokenbridge.flows.claim import MAX_CURVE_POINTS, budget_overrides, curve_every
+
     claim, params = CLAIMS[name], resolve(yaml.safe_load((ROOT / "params.yaml").read_text()), "default")
     stage = params.distill if claim.reads == "distill" else params.transfer
     committed = 40 if claim.reads == "distill" else 32
-    assert claim.budget(committed, params) == (f"{claim.reads}.steps={committed}",)
-    assert claim.budget(622, params)[1] == f"{claim.reads}.heldout_every={claim.curve_every(622, params)}"
+    assert budget_overrides(claim, committed, params) == (f"{claim.reads}.steps={committed}",)
+    assert budget_overrides(claim, 622, params)[1] == f"{claim.reads}.heldout_every={curve_every(claim, 622, params)}"
     for steps in (committed, 136, 622, 5000):
         total = steps + (params.transfer.embedding_steps if claim.reads == "transfer" else 0)
-        every = claim.curve_every(steps, params)
+        every = curve_every(claim, steps, params)
         points = sum(is_curve_step(step, total, every) for step in range(1, total + 1))
         assert points <= MAX_CURVE_POINTS + 1 and every >= stage.heldout_every
-    assert claim.curve_every(136, params.model_copy(update={claim.reads: stage.model_copy(
+    assert curve_every(claim, 136, params.model_copy(update={claim.reads: stage.model_copy(
         update={"heldout_every": 0})})) == 0, "no curve stays no curve"
 
 

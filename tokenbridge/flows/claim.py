@@ -25,6 +25,7 @@ docs/results/claims.md; also the page of every other claim whose arms the sweep 
 
 from __future__ import annotations
 
+import math
 import shutil
 from operator import attrgetter
 from pathlib import Path
@@ -62,6 +63,10 @@ MOVED = "moved"  # the transfer source a transfer claim with arms moves: the stu
 # What a distillation claim's experiments bring up to date: the three evaluations (and distill, before them), not the
 # transfer, hypernetwork or report stages, which no arm changes.
 EVALUATED = [f"evaluate@{model}" for model in EVAL_MODELS]
+# A run's held-out learning curve gets at most this many points besides its last, whatever the budget: each point is a
+# scoring pass, and at transfer's default 4 steps a 136-step run onto bytes would have spent 35 points of about 100 s
+# each against 12 s per training step (Intel Xeon, 2 cores).
+MAX_CURVE_POINTS = 9
 
 
 def _pin(params_path: Path, values: dict[str, Any]) -> None:
@@ -105,6 +110,22 @@ def _student_moved(claim: Claim, params: PipelineParams, params_path: Path) -> N
                        "ensemble.members": [MOVED], "ensemble.weights": []})
 
 
+def curve_every(claim: Claim, steps: int, params: PipelineParams) -> int:
+    """`heldout_every` in an arm's run of `steps`: params.yaml's, widened where the run would otherwise get more than
+    MAX_CURVE_POINTS points (0 stays 0: no curve; the transfer stage counts its embedding steps too)."""
+    stage = params.distill if claim.reads == "distill" else params.transfer
+    total = steps + (params.transfer.embedding_steps if claim.reads == "transfer" else 0)
+    return max(stage.heldout_every, math.ceil(total / MAX_CURVE_POINTS)) if stage.heldout_every else 0
+
+
+def budget_overrides(claim: Claim, steps: int, params: PipelineParams) -> tuple[str, ...]:
+    """What gives every arm a budget of `steps`: the steps, and the curve's interval where it widens params.yaml's
+    (set only then: a stage's params section with an added key is a new run to DVC's run cache)."""
+    every = curve_every(claim, steps, params)
+    configured = (params.distill if claim.reads == "distill" else params.transfer).heldout_every
+    return f"{claim.budget_key}={steps}", *([f"{claim.reads}.heldout_every={every}"] if every != configured else [])
+
+
 def _evaluated(label: str) -> dict[str, Any]:
     """An evaluate_transfer label's scores with their per-example parts (for paired comparisons), read where the
     label was evaluated: a member the evaluate stage scored, there."""
@@ -145,7 +166,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             facts["moved"] = f"the student, onto transfer.tokenizer {chosen.student_onto}"
         if chosen.arms:
             targets = EVALUATED if chosen.reads == "distill" else ["evaluate_transfer"]
-            budgets = {n: run_arms({arm: (*overrides, *chosen.budget(n, params))
+            budgets = {n: run_arms({arm: (*overrides, *budget_overrides(chosen, n, params))
                                     for arm, overrides in chosen.arms.items()}, seeds, f"claim-{name}", targets,
                                    distilled if chosen.reads == "distill" else _transferred, chosen.seed_key)
                        for n in budgets_asked}
@@ -171,7 +192,7 @@ def claim(params_file: str = "params.yaml", name: str = "alm-distillation", seed
             "train examples": PreparedManifest.read(PREPARED_DIR / MANIFEST).splits.train.examples,
             "budget": budget, "steps (budgets)": f"{chosen.budget_key}: {budgets_asked}" if chosen.arms else "–",
             "seeds": f"{chosen.seed_key}: {seeds}" if chosen.arms else "–",
-            "heldout_every, by budget": {n: chosen.curve_every(n, params) for n in budgets_asked}
+            "heldout_every, by budget": {n: curve_every(chosen, n, params) for n in budgets_asked}
             if chosen.arms else "–",
             **({"batch_size": params.distill.batch_size, "learning_rate": params.distill.learning_rate}
                if chosen.reads == "distill" else

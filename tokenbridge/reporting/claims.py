@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from tokenbridge.contracts import SCORE_AND_INTERVAL, EvalMetrics, interval
 from tokenbridge.intervals import paired_bootstrap_interval
@@ -40,25 +40,12 @@ from tokenbridge.reporting.document import (
 from tokenbridge.reporting.plots import plot_learning_curves, plot_losses
 from tokenbridge.reporting.render import write_document
 
-if TYPE_CHECKING:
-    from tokenbridge.params import PipelineParams
-
 Verdict = Literal["reproduced", "not reproduced", "inside the noise"]
 # The student's scores every claim page shows beside the deciding metric.
 SHOWN = ("bits_per_byte", "teacher_answers_bits_per_byte", "original_answers_bits_per_byte", "chunk_gap_bits_per_byte",
          "own_answers_chunk_gap_bits_per_byte", "gsm_exact_match", "arithmetic.acc")
 UNTRAINED = ("student_before", "start")  # the reference each kind of claim trains from: student, moved model's init
 DSKD_ONLINE = ("distill.loss=dskd", "distill.teacher_mode=online")  # DSKD projects the live teacher's hidden states
-# A run's held-out learning curve gets at most this many points besides its last, whatever the budget: each point is a
-# scoring pass, and at transfer's default 4 steps a 136-step run onto bytes would have spent 35 points of about 100 s
-# each against 12 s per training step (Intel Xeon, 2 cores).
-MAX_CURVE_POINTS = 9
-
-
-def curve_interval(configured: int, total_steps: int) -> int:
-    """`heldout_every` for a run of `total_steps`: the configured interval, widened where the run would otherwise get
-    more than MAX_CURVE_POINTS points (0 stays 0: no curve)."""
-    return max(configured, math.ceil(total_steps / MAX_CURVE_POINTS)) if configured else 0
 
 
 @dataclass(frozen=True)
@@ -89,20 +76,6 @@ class Claim:
     @property
     def seed_key(self) -> str:
         return f"{self.reads}.seed"
-
-    def curve_every(self, steps: int, params: PipelineParams) -> int:
-        """The held-out curve's interval in a run of `steps` (`curve_interval`; the transfer stage counts its
-        embedding steps too)."""
-        if self.reads == "distill":
-            return curve_interval(params.distill.heldout_every, steps)
-        return curve_interval(params.transfer.heldout_every, params.transfer.embedding_steps + steps)
-
-    def budget(self, steps: int, params: PipelineParams) -> tuple[str, ...]:
-        """The overrides that give every arm a budget of `steps`: the steps, and the curve's interval where it widens
-        params.yaml's (set only then: a stage's params section with an added key is a new run to DVC's run cache)."""
-        configured = (params.distill if self.reads == "distill" else params.transfer).heldout_every
-        every = self.curve_every(steps, params)
-        return f"{self.budget_key}={steps}", *([f"{self.reads}.heldout_every={every}"] if every != configured else [])
 
 
 CLOSENESS = ("bits-per-byte on the teacher's own greedy answers (`teacher_answers_bits_per_byte`): how likely the "
