@@ -31,12 +31,15 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenbridge.config import RuntimeParams, TeacherTruncation  # noqa: E402
+from tokenbridge.data.chat import Encoded  # noqa: E402
 from tokenbridge.losses.base import LossSetup, TeacherView  # noqa: E402
 from tokenbridge.losses.registry import build_losses  # noqa: E402
 from tokenbridge.models import load_tokenizer  # noqa: E402
@@ -128,19 +131,35 @@ def measure(student_shape: str, loss: str, batch: Batch, runtime: Runtime, setup
     return out  # the student, its optimizer state and activations are freed here; the next measure starts clean
 
 
+@dataclass(frozen=True)
+class SyntheticBatch:
+    """One batch of synthetic text under the two small tokenizers (`shapes.tokenizer_dirs`), as a step trains on it."""
+
+    tokenizers: dict[str, PreTrainedTokenizerBase]
+    examples: dict[str, list[Encoded]]
+    batch: Batch
+    setup: LossSetup
+
+
+def synthetic_batch(scratch: Path, batch_size: int, tokens: int, device: torch.device) -> SyntheticBatch:
+    """`batch_size` examples of `tokens` student tokens, on `device`; the tokenizers and the loss cache in `scratch`."""
+    dirs = tokenizer_dirs(scratch)
+    tokenizers = {role: load_tokenizer(path) for role, path in dirs.items()}
+    examples = synthetic_examples(tokenizers, batch_size, tokens, seed=1)
+    word_starts = {role: boundary_mask(tokenizer, len(tokenizer)) for role, tokenizer in tokenizers.items()}
+    batch = make_batch(examples["student"], examples["teacher"], word_starts).to(device)
+    return SyntheticBatch(tokenizers, examples, batch, LossSetup(dirs["teacher"], dirs["student"], False,
+                                                                  scratch / "cache"))
+
+
 def run(quick: bool, device: str, precision: str | None, chunk_size: int) -> dict:
     plan = QUICK if quick else FULL
     runtime = Runtime.resolve(RuntimeParams(device=device, precision=precision or ("bf16-mixed" if (
         device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "fp32")))
     with tempfile.TemporaryDirectory() as scratch:
-        dirs = tokenizer_dirs(Path(scratch))
-        tokenizers = {role: load_tokenizer(path) for role, path in dirs.items()}
-        examples = synthetic_examples(tokenizers, plan["batch_size"], plan["tokens"], seed=1)
+        data = synthetic_batch(Path(scratch), plan["batch_size"], plan["tokens"], runtime.device)
+        tokenizers, examples, batch, setup = data.tokenizers, data.examples, data.batch, data.setup
         teacher_shape = SHAPES[plan["teacher"]]
-        word_starts = {"student": boundary_mask(tokenizers["student"], len(tokenizers["student"])),
-                       "teacher": boundary_mask(tokenizers["teacher"], len(tokenizers["teacher"]))}
-        batch = make_batch(examples["student"], examples["teacher"], word_starts).to(runtime.device)
-        setup = LossSetup(dirs["teacher"], dirs["student"], False, Path(scratch) / "cache")
         students = {name: {"ce": measure(name, "sft", batch, runtime, setup, tokenizers["student"], None, chunk_size,
                                          plan["warmup"], plan["steps"])} for name in plan["students"]}
         model = build_model(plan["teacher"], runtime.device, runtime.inference_dtype,

@@ -115,7 +115,8 @@ def test_the_gpu_checks_import_nothing_the_gpu_machine_lacks():
         f"sys.modules.update(dict.fromkeys({ABSENT_ON_DEVICE!r}))\n"
         "for path in sys.argv[1:]:\n"
         "    spec = importlib.util.spec_from_file_location(path.replace('/', '_')[:-3], path)\n"
-        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
     )
     completed = subprocess.run([sys.executable, "-c", script, *GPU_CHECK_MODULES], cwd=ROOT, capture_output=True,
                                text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)

@@ -4,7 +4,10 @@ stays fp32 unless asked."""
 
 from __future__ import annotations
 
+import json
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ import torch
 from tokenbridge.config import ParamsError, RuntimeParams
 from tokenbridge.params import load_params
 from tokenbridge.runtime import Runtime
+
+ROOT = Path(__file__).parents[1]
 
 # Flags as /proc/cpuinfo lists them (abridged to what matters).
 INTEL_SAPPHIRE_RAPIDS = frozenset("avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8".split())
@@ -56,9 +61,23 @@ def test_asking_for_cuda_without_it_fails_naming_the_fix():
 
 
 def test_a_bad_runtime_value_is_refused_at_load_with_its_path(tmp_path):
-    source = (Path(__file__).parents[1] / "params.yaml").read_text().replace("  precision: auto ",
-                                                                             "  precision: bf16 ", 1)
+    source = (ROOT / "params.yaml").read_text().replace("  precision: auto ", "  precision: bf16 ", 1)
     assert "precision: bf16 " in source
     (tmp_path / "params.yaml").write_text(source)
     with pytest.raises(ParamsError, match="runtime.precision"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_the_precision_bench_times_both_precisions_on_the_same_step_and_reports_their_ratio(tmp_path):
+    """bench/precision.py, the measurement that tells a user whether to ask for bf16-mixed on their CPU (a smoke
+    run on tiny shapes: its numbers mean nothing, its report's shape does)."""
+    out = tmp_path / "precision.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "precision.py"), "--device", "cpu", "--quick", "--steps", "1",
+                    "--json", str(out)], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    seconds = {precision: row["seconds_per_step"] for precision, row in result["steps"].items()}
+    assert set(seconds) == {"fp32", "bf16-mixed"} and all(value > 0 for value in seconds.values())
+    assert result["fp32_over_bf16_mixed"] == pytest.approx(seconds["fp32"] / seconds["bf16-mixed"])
+    assert result["steps"]["fp32"]["terms"].keys() == result["steps"]["bf16-mixed"]["terms"].keys() == {"sft"}
+    assert result["native_bf16"] is (Runtime.resolve(RuntimeParams(device="cpu")).inference_dtype == torch.bfloat16), \
+        "the bench names the runtime's own decision"
