@@ -200,6 +200,7 @@ def test_dvc_repro_killed_mid_distill_then_rerun_gives_the_same_student_and_a_cl
     _forget_finished_run(path, "distill")  # as after a first run killed: else DVC restores the fixture's run
     output = run(["dvc", "repro"], path, env)
     assert "distill" in stages_run(output), output
+    assert "checkpoint: resuming" in output, "the stage's own message (a print in its flow) reaches the terminal"
     assert model.read_bytes() == reference
     assert "Data and pipelines are up to date." in run(["dvc", "status"], path, env)
     from mlflow.tracking import MlflowClient

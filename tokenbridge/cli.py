@@ -22,7 +22,12 @@ FLOWS = ("models", "prepare", "teacher_logits", "distill", "teacher_answers", "e
 ENVIRONMENT_DEFAULTS = {
     "PREFECT_HOME": str(Path.cwd() / ".prefect"),  # the project folder dvc runs each stage in
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's own loggers say only what went wrong; a run's loggers say everything at INFO, since that is where a
+    # flow's prints go (log_prints): the stages' messages (a checkpoint resumed, a registry decision, what ran on
+    # which device), on the terminal with a timestamp and in the Prefect server's log of the run.
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
