@@ -37,8 +37,10 @@ def _handle(number: int, frame: FrameType | None) -> None:
     name = signal.Signals(number).name
     if _STATE["deferring"] and _STATE["requested"] is None:
         _STATE["requested"] = name
-        print(f"\n{name}: stopping after this step, with a checkpoint; send it again to stop at once",
-              file=sys.stderr, flush=True)
+        # Written, not printed: in a flow, print goes through Prefect's loggers, whose locks the interrupted code may
+        # hold (a handler runs in the main thread between its bytecodes).
+        sys.stderr.write(f"\n{name}: stopping after this step, with a checkpoint; send it again to stop at once\n")
+        sys.stderr.flush()
         return
     raise Stopped(name)
 
