@@ -113,17 +113,17 @@ def _student_moved(claim: Claim, params: PipelineParams, params_path: Path) -> N
 def curve_every(claim: Claim, steps: int, params: PipelineParams) -> int:
     """`heldout_every` in an arm's run of `steps`: params.yaml's, widened where the run would otherwise get more than
     MAX_CURVE_POINTS points (0 stays 0: no curve; the transfer stage counts its embedding steps too)."""
-    stage = params.distill if claim.reads == "distill" else params.transfer
+    configured = attrgetter(claim.curve_key)(params)
     total = steps + (params.transfer.embedding_steps if claim.reads == "transfer" else 0)
-    return max(stage.heldout_every, math.ceil(total / MAX_CURVE_POINTS)) if stage.heldout_every else 0
+    return max(configured, math.ceil(total / MAX_CURVE_POINTS)) if configured else 0
 
 
 def budget_overrides(claim: Claim, steps: int, params: PipelineParams) -> tuple[str, ...]:
     """What gives every arm a budget of `steps`: the steps, and the curve's interval where it widens params.yaml's
     (set only then: a stage's params section with an added key is a new run to DVC's run cache)."""
     every = curve_every(claim, steps, params)
-    configured = (params.distill if claim.reads == "distill" else params.transfer).heldout_every
-    return f"{claim.budget_key}={steps}", *([f"{claim.reads}.heldout_every={every}"] if every != configured else [])
+    widened = every != attrgetter(claim.curve_key)(params)
+    return f"{claim.budget_key}={steps}", *([f"{claim.curve_key}={every}"] if widened else [])
 
 
 def _evaluated(label: str) -> dict[str, Any]:

@@ -77,6 +77,11 @@ class Claim:
     def seed_key(self) -> str:
         return f"{self.reads}.seed"
 
+    @property
+    def curve_key(self) -> str:
+        """The interval of the held-out learning curve in the runs the arms change."""
+        return f"{self.reads}.heldout_every"
+
 
 CLOSENESS = ("bits-per-byte on the teacher's own greedy answers (`teacher_answers_bits_per_byte`): how likely the "
              "student finds what its teacher says, on held-out questions. It compares across tokenizers and is "
