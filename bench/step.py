@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenbridge.config import RuntimeParams, TeacherTruncation  # noqa: E402
 from tokenbridge.data.chat import Encoded  # noqa: E402
-from tokenbridge.losses.base import LossSetup, TeacherView  # noqa: E402
+from tokenbridge.losses.base import LossSetup  # noqa: E402
 from tokenbridge.losses.registry import build_losses  # noqa: E402
 from tokenbridge.models import load_tokenizer  # noqa: E402
 from tokenbridge.params import DistillParams  # noqa: E402
@@ -51,7 +51,7 @@ from tokenbridge.training.engine import Engine  # noqa: E402
 from tokenbridge.training.parallel import TrainingModule  # noqa: E402
 from tokenbridge.training.ranks import Ranks  # noqa: E402
 from tokenbridge.training.schedules import term_weights  # noqa: E402
-from tokenbridge.training.teachers import LiveTeacher, Teacher  # noqa: E402
+from tokenbridge.training.teachers import LiveTeacher, Teacher, unread_view  # noqa: E402
 from tokenbridge.training.views import student_forward  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,13 +85,6 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _no_teacher(batch: Batch) -> TeacherView:
-    """What the CE step's forward is handed: `sft` reads only the student, so no teacher runs."""
-    zeros = torch.zeros(batch.teacher_ids.shape, device=batch.teacher_ids.device)
-    return TeacherView(batch.teacher_ids, batch.teacher_attention, batch.teacher_loss_mask, zeros, zeros, 0,
-                       TeacherTruncation())
-
-
 def measure(student_shape: str, loss: str, batch: Batch, runtime: Runtime, setup: LossSetup, student_tokenizer,
             teacher: LiveTeacher | None, chunk_size: int, warmup: int, steps: int) -> dict:
     """Median seconds of `steps` engine steps after `warmup`, on a freshly built student (the same seed for
@@ -114,7 +107,9 @@ def measure(student_shape: str, loss: str, batch: Batch, runtime: Runtime, setup
     weights = term_weights(params, 0)
     step_seconds, view_seconds = [], []
     for step in range(warmup + steps):
-        view, seconds = _timed(device, teacher.view, batch) if teacher else (_no_teacher(batch), 0.0)
+        # the CE step's `sft` reads only the student: no teacher runs
+        unread = unread_view(batch, 0, TeacherTruncation())
+        view, seconds = _timed(device, teacher.view, batch) if teacher else (unread, 0.0)
         result, step_time = _timed(device, engine.step, [batch], [view], weights, params.learning_rate,
                                    f"{loss} step {step}")
         if step >= warmup:

@@ -14,6 +14,7 @@ from tokenbridge.contracts import PreparedManifest
 from tokenbridge.data.chat import Encoded
 from tokenbridge.io import read_jsonl
 from tokenbridge.losses.base import LossSetup
+from tokenbridge.losses.latents import HiddenStateTerm
 from tokenbridge.losses.registry import LOSSES, build_losses
 from tokenbridge.models import load_model, load_tokenizer
 from tokenbridge.models.gguf import default_cache_dir
@@ -22,7 +23,7 @@ from tokenbridge.stages.distill import train
 from tokenbridge.stored_logits import TeacherLogitsReader
 from tokenbridge.token_bytes import boundary_mask
 from tokenbridge.training.batching import batch_indices, make_batch, split
-from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
+from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher, signals_read
 from tokenbridge.training.views import student_forward
 
 
@@ -78,8 +79,8 @@ def test_gradmag_with_gradient_accumulation_is_refused_naming_the_fix(cross_toke
                combine="gradmag")
 
 
-def _views_and_batches(root, dirs, tiny_params, live: bool):
-    """Two micro-batches of the tiny pair's training data, with the teacher's view of each."""
+def _batches_and_teacher(root, dirs, tiny_params, live: bool):
+    """Two micro-batches of the tiny pair's training data, and the teacher (live or stored) that views them."""
     tokenizers = {role: load_tokenizer(dirs[role]) for role in ("student", "teacher")}
     word_starts = {role: boundary_mask(tokenizer, len(tokenizer)) for role, tokenizer in tokenizers.items()}
     students = [Encoded.from_json(r) for r in read_jsonl(root / "prepared" / "train.student.jsonl")]
@@ -95,7 +96,7 @@ def _views_and_batches(root, dirs, tiny_params, live: bool):
     for part in split(batch_indices(0, 6, len(students), 6, 1), 3):
         teacher_side, stored = teacher.examples(part)
         batches.append(make_batch([students[i] for i in part], teacher_side, word_starts, stored))
-    return batches, [teacher.view(batch) for batch in batches]
+    return batches, teacher
 
 
 @pytest.mark.parametrize("name", sorted(set(LOSSES)))
@@ -113,12 +114,41 @@ def test_a_losss_units_never_depend_on_the_students_values(cross_tokenizer_pair,
     tokenizer = load_tokenizer(dirs["student"])
     boundary = boundary_mask(tokenizer, student.get_output_embeddings().weight.shape[0])
     forward = student_forward(student, losses, len(tokenizer), boundary, 16)
-    batches, views = _views_and_batches(root, dirs, tiny_params, live=loss_class.needs_online_teacher)
-    for batch, view in zip(batches, views):
+    batches, teacher = _batches_and_teacher(root, dirs, tiny_params, live=loss_class.needs_online_teacher)
+    for batch in batches:
+        view = teacher.view(batch)
         with torch.no_grad():
             counted = [int(part.count) for part in forward(batch, view, [name], True)[name].parts]
             real = [int(part.count) for part in forward(batch, view, [name], False)[name].parts]
         assert counted == real and sum(real) > 0, f"{name}: counting pass {counted}, forward {real}"
+
+
+def test_a_step_that_reads_no_teacher_skips_its_forward_and_computes_the_same_loss(cross_tokenizer_pair,
+                                                                                   tiny_params):
+    """Next-token training alone (transfer's `sft` arm, distill at alpha 0) reads none of the teacher's signals, so
+    the live teacher's forward is skipped; any other weighted term (a distillation loss, the hidden-state term)
+    reads them."""
+    root, dirs = cross_tokenizer_pair
+    setup = LossSetup(dirs["teacher"], dirs["student"], False, default_cache_dir())
+    terms = {**build_losses(["alm", "sft"], tiny_params.distill, setup), "hidden_state": HiddenStateTerm()}
+    assert not signals_read(terms, {"sft": 1.0})
+    assert not signals_read(terms, {"alm": 0.0, "sft": 1.0, "hidden_state": 0.0})
+    assert signals_read(terms, {"alm": 0.1, "sft": 0.9})
+    assert signals_read(terms, {"sft": 1.0, "hidden_state": 0.5})
+
+    batches, teacher = _batches_and_teacher(root, dirs, tiny_params, live=True)
+    calls = []
+    teacher.teacher.model.get_input_embeddings().register_forward_hook(lambda module, args, output: calls.append(1))
+    unread, read = teacher.view(batches[0], False), teacher.view(batches[0])
+    assert (len(calls), unread.token_logprobs, unread.hidden) == (1, None, None)
+
+    student = load_model(dirs["student"], torch.float32)
+    tokenizer = load_tokenizer(dirs["student"])
+    boundary = boundary_mask(tokenizer, student.get_output_embeddings().weight.shape[0])
+    forward = student_forward(student, torch.nn.ModuleDict(terms), len(tokenizer), boundary, 16)
+    with torch.no_grad():
+        without, with_signals = (forward(batches[0], view, ["sft"], False)["sft"].parts[0] for view in (unread, read))
+    assert (float(without.value), int(without.count)) == (float(with_signals.value), int(with_signals.count))
 
 
 def test_a_compiled_student_trains_like_the_eager_one(cross_tokenizer_pair, tiny_params):

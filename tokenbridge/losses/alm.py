@@ -272,6 +272,7 @@ class AlmLoss(DistillLoss):
             teacher_chunks, student_chunks, counted = word_chunks(
                 teacher_chunks, student_chunks, alignment.teacher_word_start, alignment.student_word_start, counted)
         assert student.boundary_logprobs is not None  # computed: this loss declares needs_student_boundary
+        assert teacher.token_logprobs is not None and teacher.boundary_logprobs is not None  # read: reads_teacher()
         result = alm_loss(teacher.token_logprobs, teacher.boundary_logprobs, student.token_logprobs,
                           student.boundary_logprobs, teacher_chunks, student_chunks, counted, self.options)
         return LossOutput((Mean(result.loss, result.num_chunks),), {

@@ -51,8 +51,10 @@ class TeacherView:
     input_ids: torch.Tensor  # [B, L_T]
     attention_mask: torch.Tensor  # [B, L_T]
     loss_mask: torch.Tensor  # [B, L_T] bool, token convention
-    token_logprobs: torch.Tensor  # [B, L_T] rows (constants: no gradient reaches the teacher)
-    boundary_logprobs: torch.Tensor  # [B, L_T] rows
+    # The teacher's signals; None in a step no weighted term reads the teacher in (next-token training alone), whose
+    # teacher forward is skipped.
+    token_logprobs: torch.Tensor | None  # [B, L_T] rows (constants: no gradient reaches the teacher)
+    boundary_logprobs: torch.Tensor | None  # [B, L_T] rows
     vocab_size: int
     truncation: TeacherTruncation  # top-p, top-k and temperature applied to the teacher's distribution
     # Offline: the stored top-k, log-probs normalised over the full vocabulary at `stored_temperature`.

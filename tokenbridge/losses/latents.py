@@ -45,6 +45,11 @@ class HiddenStateTerm(torch.nn.Module):
 
     needs_student_boundary = False
 
+    @classmethod
+    def reads_teacher(cls) -> bool:
+        """True, as every registered loss but `sft` (DistillLoss.reads_teacher): its step runs the teacher."""
+        return True
+
     def forward(self, student: StudentView, teacher: TeacherView, alignment: Alignment) -> LossOutput:
         assert teacher.hidden is not None, "the hidden-state loss reads the live teacher's hidden states"
         return LossOutput((hidden_state_loss(teacher.hidden, student.hidden, alignment.teacher_chunks,

@@ -51,7 +51,7 @@ from tokenbridge.training.history import history_csv, median
 from tokenbridge.training.parallel import TrainingModule, gathered, parallelize, student_weights
 from tokenbridge.training.ranks import Ranks
 from tokenbridge.training.schedules import alpha_at, learning_rate, term_weights
-from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher
+from tokenbridge.training.teachers import LiveTeacher, StoredTeacher, Teacher, signals_read
 from tokenbridge.training.views import student_forward
 
 
@@ -142,10 +142,10 @@ def train(
                     teacher_side, stored = teacher.examples(part)
                     micro_batches.append(make_batch([students[i] for i in part], teacher_side, word_starts, stored))
             micro_batches = [batch.to(runtime.device) for batch in micro_batches]
-            views = [teacher.view(batch) for batch in micro_batches]
+            step_weights = term_weights(params, step, on_policy)
+            views = [teacher.view(batch, signals_read(built, step_weights)) for batch in micro_batches]
             rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
-            result = engine.step(micro_batches, views, term_weights(params, step, on_policy), rate,
-                                 f"distill step {step}")
+            result = engine.step(micro_batches, views, step_weights, rate, f"distill step {step}")
 
             seconds = time.perf_counter() - started
             metrics = {**result.metrics, **{f"{name}_loss": value for name, value in result.values.items()},

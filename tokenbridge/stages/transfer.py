@@ -41,7 +41,7 @@ from tokenbridge.data.chat import Encoded, encode_example
 from tokenbridge.evaluation.answers import write_greedy_answers
 from tokenbridge.evaluation.curve import heldout_columns, heldout_point, heldout_sets, is_curve_step
 from tokenbridge.io import atomic_path, fingerprint, read_jsonl, write_text
-from tokenbridge.losses.base import LossSetup
+from tokenbridge.losses.base import DistillLoss, LossSetup
 from tokenbridge.losses.latents import HiddenStateTerm
 from tokenbridge.losses.registry import build_losses
 from tokenbridge.models import (
@@ -65,7 +65,7 @@ from tokenbridge.training.history import history_csv, median
 from tokenbridge.training.parallel import TrainingModule
 from tokenbridge.training.ranks import Ranks
 from tokenbridge.training.schedules import learning_rate
-from tokenbridge.training.teachers import LiveTeacher, Teacher
+from tokenbridge.training.teachers import LiveTeacher, Teacher, signals_read
 from tokenbridge.training.views import student_forward
 
 BYTE = "byte"
@@ -162,9 +162,12 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
     boundaries = {"teacher": boundary_mask(teacher_tokenizer, output_embeddings(teacher.teacher.model).shape[0]),
                   "student": boundary_mask(student_tokenizer, output_embeddings(student).shape[0])}
     setup = LossSetup(source_dir, start_dir, same_tokenizer=False, cache_dir=default_cache_dir())
-    losses = torch.nn.ModuleDict({**build_losses([params.loss], params, setup), "hidden_state": HiddenStateTerm()})
+    terms: dict[str, DistillLoss | HiddenStateTerm] = {**build_losses([params.loss], params, setup),
+                                                       "hidden_state": HiddenStateTerm()}
+    losses = torch.nn.ModuleDict(terms)
     losses.to(runtime.device)
     weights = {params.loss: 1.0, "hidden_state": params.hidden_state_weight if byte_level else 0.0}
+    signals = signals_read(terms, weights)  # next-token training onto tokens (`sft`) skips the teacher's forward
 
     history: list[dict] = []
     phases = [("embeddings", params.embedding_steps, params.embedding_learning_rate),
@@ -199,8 +202,8 @@ def train_transfer(records: list[dict], source_dir: Path, start_dir: Path, out_d
                 micro_batches = [make_batch([students[i] for i in part], teacher.examples(part)[0], boundaries)
                                  .to(runtime.device) for part in split(indices, runtime.micro_batch_size)]
                 rate = learning_rate(phase_step, steps, peak, params.warmup_steps)
-                result = engine.step(micro_batches, [teacher.view(batch) for batch in micro_batches], weights, rate,
-                                     f"transfer step {step}")
+                result = engine.step(micro_batches, [teacher.view(batch, signals) for batch in micro_batches], weights,
+                                     rate, f"transfer step {step}")
                 history.append({"step": step + 1, "phase": phase, "loss": result.loss,
                                 f"{params.loss}_loss": result.values[params.loss],
                                 "hidden_state_loss": result.values.get("hidden_state", 0.0), "learning_rate": rate,

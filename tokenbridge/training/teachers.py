@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -77,7 +78,10 @@ class StoredTeacher:
         stored = [self.reader[index] for index in indices]
         return [stored_encoded(example) for example in stored], stored
 
-    def view(self, batch: Batch) -> TeacherView:
+    def view(self, batch: Batch, signals: bool = True) -> TeacherView:
+        """The batch's stored teacher data; without it when `signals` is False (see `signals_read`)."""
+        if not signals:
+            return unread_view(batch, self.vocab_size, self.truncation)
         return TeacherView(input_ids=batch.teacher_ids, attention_mask=batch.teacher_attention,
                            loss_mask=batch.teacher_loss_mask, vocab_size=self.vocab_size, truncation=self.truncation,
                            token_logprobs=batch.stored["token_logprobs"],
@@ -98,14 +102,38 @@ class LiveTeacher:
         return [self.encoded[index] for index in indices], None
 
     @torch.no_grad()
-    def view(self, batch: Batch) -> TeacherView:
+    def view(self, batch: Batch, signals: bool = True) -> TeacherView:
+        """The teacher's forward on the batch; skipped when `signals` is False (see `signals_read`)."""
+        if not signals:
+            return unread_view(batch, self.vocab_size, self.truncation)
         model = self.teacher.model
         head = output_head(model)
         hidden = hidden_states(model, batch.teacher_ids, batch.teacher_attention)
-        signals = next_token_stats(hidden, batch.teacher_ids, head, self.vocab_size, self.teacher.boundary,
-                                   self.temperature, self.chunk_size)
-        assert signals.boundary_logprobs is not None  # asked for: the teacher's boundary mask was given
+        stats = next_token_stats(hidden, batch.teacher_ids, head, self.vocab_size, self.teacher.boundary,
+                                 self.temperature, self.chunk_size)
+        assert stats.boundary_logprobs is not None  # asked for: the teacher's boundary mask was given
         return TeacherView(input_ids=batch.teacher_ids, attention_mask=batch.teacher_attention,
                            loss_mask=batch.teacher_loss_mask, vocab_size=self.vocab_size, truncation=self.truncation,
-                           token_logprobs=signals.token_logprobs, boundary_logprobs=signals.boundary_logprobs,
+                           token_logprobs=stats.token_logprobs, boundary_logprobs=stats.boundary_logprobs,
                            model=model, hidden=hidden, head=head)
+
+
+class Term(Protocol):
+    """A training term, as far as the teacher is concerned (DistillLoss, HiddenStateTerm)."""
+
+    @classmethod
+    def reads_teacher(cls) -> bool: ...
+
+
+def signals_read(terms: Mapping[str, Term], weights: Mapping[str, float]) -> bool:
+    """Whether a step with these term weights reads the teacher: some term weighted above 0 does. Only next-token
+    training (`sft`) does not, so the transfer stage's `sft` arm and distill's steps at alpha 0 skip the teacher's
+    forward (about a fifth of such a step: docs/transfer.md)."""
+    return any(weight > 0 and terms[name].reads_teacher() for name, weight in weights.items())
+
+
+def unread_view(batch: Batch, vocab_size: int, truncation: TeacherTruncation) -> TeacherView:
+    """The teacher side of a step no term reads the teacher in: its tokens, none of its signals."""
+    return TeacherView(input_ids=batch.teacher_ids, attention_mask=batch.teacher_attention,
+                       loss_mask=batch.teacher_loss_mask, vocab_size=vocab_size, truncation=truncation,
+                       token_logprobs=None, boundary_logprobs=None)
