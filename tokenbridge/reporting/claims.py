@@ -378,8 +378,9 @@ def render_claim(claim: Claim, budgets: Mapping[int, Mapping[str, Mapping[str, A
         plots[stem] = out_dir / "claims" / "plots" / f"{stem}.png"
         plot_learning_curves({arm: {steps: budgets[steps][arm] for steps in sorted(budgets)} for arm in results},
                              claim.metric, plots[stem])
-        blocks.append(Image(stem, f"The learning curve: {claim.metric} of each arm by training budget, with its "
-                                  "95 % interval."))
+        counted = "; the curve inside each run counts the embedding steps too" if claim.reads == "transfer" else ""
+        blocks.append(Image(stem, f"The learning curve: {claim.metric} of each arm by training budget "
+                                  f"(`{claim.budget_key}`{counted}), with its 95 % interval."))
     blocks += [Heading("Run"), key_values(context, ["fact", "value"])]
     write_document(out_dir / "claims", claim.name, f"Claim: {claim.name}", blocks, plots)
     return decision
