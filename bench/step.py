@@ -106,9 +106,8 @@ def measure(student_shape: str, loss: str, batch: Batch, runtime: Runtime, setup
                     params.max_grad_norm, params.combine, [student.get_output_embeddings().weight])
     weights = term_weights(params, 0)
     step_seconds, view_seconds = [], []
+    unread = unread_view(batch, 0, TeacherTruncation())  # the CE step's `sft` reads only the student: no teacher runs
     for step in range(warmup + steps):
-        # the CE step's `sft` reads only the student: no teacher runs
-        unread = unread_view(batch, 0, TeacherTruncation())
         view, seconds = _timed(device, teacher.view, batch) if teacher else (unread, 0.0)
         result, step_time = _timed(device, engine.step, [batch], [view], weights, params.learning_rate,
                                    f"{loss} step {step}")

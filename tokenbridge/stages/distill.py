@@ -143,7 +143,8 @@ def train(
                     micro_batches.append(make_batch([students[i] for i in part], teacher_side, word_starts, stored))
             micro_batches = [batch.to(runtime.device) for batch in micro_batches]
             step_weights = term_weights(params, step, on_policy)
-            views = [teacher.view(batch, signals_read(built, step_weights)) for batch in micro_batches]
+            signals = signals_read(built, step_weights)
+            views = [teacher.view(batch, signals) for batch in micro_batches]
             rate = learning_rate(step, params.steps, params.learning_rate, params.warmup_steps)
             result = engine.step(micro_batches, views, step_weights, rate, f"distill step {step}")
 
